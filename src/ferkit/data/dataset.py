@@ -1,0 +1,82 @@
+"""The in-memory dataset every loader returns: uint8 faces, class labels and the split of each row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from ferkit.data.labels import LabelSet
+
+SPLITS: tuple[str, ...] = ("Training", "PublicTest", "PrivateTest")
+# Friendly aliases accepted wherever a split is named.
+SPLIT_ALIASES: dict[str, str] = {
+    "train": "Training", "training": "Training",
+    "val": "PublicTest", "valid": "PublicTest", "validation": "PublicTest", "public": "PublicTest",
+    "publictest": "PublicTest",
+    "test": "PrivateTest", "private": "PrivateTest", "privatetest": "PrivateTest",
+}
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and, where it applies, the line."""
+
+
+def canonical_split(name: str) -> str:
+    """'val' -> 'PublicTest', 'test' -> 'PrivateTest', 'Training' -> 'Training'."""
+    if name in SPLITS:
+        return name
+    try:
+        return SPLIT_ALIASES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown split {name!r}; choose one of {list(SPLITS)} (or train/val/test)") from None
+
+
+@dataclass
+class FaceData:
+    """Faces and labels of one dataset (or one split of it).
+
+    images:      (N, H, W) uint8 grayscale faces.
+    labels:      (N,) int64 class index in `label_set` (hard label; the FER+ majority when soft labels exist).
+    usage:       (N,) str split name of each row ('Training', 'PublicTest', 'PrivateTest').
+    rows:        (N,) int64 0-based data-row index in the source file (joins FER+ labels, names errors).
+    soft_labels: optional (N, C) float32 label distribution (FER+ vote fractions).
+    skipped:     reason -> number of rows left out while loading (bad rows, classes outside the label set).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    usage: np.ndarray
+    rows: np.ndarray
+    label_set: LabelSet
+    source: str = ""
+    sha256: str = ""
+    soft_labels: np.ndarray | None = None
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def split(self, name: str) -> FaceData:
+        """Rows of one split ('Training', 'PublicTest', 'PrivateTest' or an alias such as 'val')."""
+        name = canonical_split(name)
+        return self.subset(self.usage == name)
+
+    def subset(self, index: np.ndarray) -> FaceData:
+        """Rows selected by a boolean mask or an integer index array."""
+        soft = None if self.soft_labels is None else self.soft_labels[index]
+        return replace(self, images=self.images[index], labels=self.labels[index], usage=self.usage[index],
+                       rows=self.rows[index], soft_labels=soft)
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=self.label_set.num_classes)
+
+    def summary(self) -> str:
+        parts = [f"{len(self)} faces {self.images.shape[1]}x{self.images.shape[2]} from {self.source or '?'}"]
+        for split in SPLITS:
+            n = int((self.usage == split).sum())
+            if n:
+                parts.append(f"{split}={n}")
+        if self.skipped:
+            parts.append("skipped: " + ", ".join(f"{n} {why}" for why, n in self.skipped.items()))
+        return "; ".join(parts)

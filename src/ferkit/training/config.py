@@ -1,0 +1,97 @@
+"""Training configuration: one flat dataclass, settable from flags or `key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ferkit.data.augment import AugmentConfig
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+SCHEDULES = ("none", "step", "plateau", "cosine", "onecycle")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "ferkit_vgg_s"
+    data: str = "fer2013.csv"
+    label_set: str = "fer7"
+    out_dir: str = "runs"
+    run_name: str = ""  # default: <model>-<timestamp>
+
+    epochs: int = 30
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0  # linear warm-up (cosine schedule)
+    step_every: int = 1000  # step schedule: multiply lr by `gamma` every this many optimizer steps
+    gamma: float = 0.98
+    plateau_factor: float = 0.75  # ReduceLROnPlateau on PublicTest accuracy
+    plateau_patience: int = 5
+    label_smoothing: float = 0.0
+    class_weights: str = "none"  # 'none' or 'balanced' (inverse class frequency)
+    early_stopping: int = 0  # stop after this many epochs without a better PublicTest accuracy; 0 = off
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    normalize: str = "dataset"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CPU, fp16 on CUDA) | fp32 | bf16 | fp16
+    channels_last: bool = True
+    threads: int = 0  # CPU threads; 0 = torch default
+    seed: int = 0
+    limit_train: int = 0  # use only the first N training faces (quick experiments, tests); 0 = all
+    save_every: int = 0  # also keep a weights snapshot every N optimizer steps (snapshot ensembles); 0 = off
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        aug = d.pop("augment", None)
+        cfg = cls(**d)
+        if aug is not None:
+            cfg.augment = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()})
+        return cfg
+
+    def override(self, assignments: list[str]) -> TrainConfig:
+        """Apply `key=value` strings; nested keys use dots (`augment.rotation=15`). Values parse as JSON."""
+        d = self.to_dict()
+        for item in assignments:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} is not of the form key=value")
+            key, raw = item.split("=", 1)
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw  # bare strings: model=resnet18
+            target = d
+            *parents, leaf = key.split(".")
+            for p in parents:
+                if not isinstance(target.get(p), dict):
+                    raise ValueError(f"unknown config key {key!r}")
+                target = target[p]
+            if leaf not in target:
+                raise ValueError(f"unknown config key {key!r}; known: {sorted(target)}")
+            target[leaf] = value
+        return TrainConfig.from_dict(d)
+
+    def validate(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r} not in {OPTIMIZERS}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r} not in {SCHEDULES}")
+        if self.class_weights not in ("none", "balanced"):
+            raise ValueError(f"class_weights {self.class_weights!r} must be 'none' or 'balanced'")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be at least 1")

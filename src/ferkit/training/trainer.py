@@ -1,0 +1,281 @@
+"""The training loop, readable top to bottom: data -> model -> optimizer -> epochs -> run directory.
+
+A run directory holds: config.json, metrics.csv, curves.png, best.safetensors (best PublicTest
+accuracy), last.safetensors, checkpoint.pt (everything needed to resume) and manifest.json.
+Selection uses PublicTest only; PrivateTest is never touched here (report it with `ferkit evaluate`).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ferkit.data import FaceData, load_dataset
+from ferkit.data.augment import augment, normalize, resize, to_float
+from ferkit.device import autocast, resolve_device, resolve_precision
+from ferkit.models import count_parameters, create_model
+from ferkit.models.predict import predict_proba
+from ferkit.models.weights import save_weights
+from ferkit.training.config import TrainConfig
+from ferkit.training.report import command_line, git_commit, hardware, library_versions, plot_curves, write_json
+
+METRIC_FIELDS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    best_val_acc: float
+    best_epoch: int
+    epochs_run: int
+    history: list[dict[str, float]]
+
+
+def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, data: FaceData | None = None,
+          stop_after_epochs: int | None = None) -> RunResult:
+    """Train `cfg.model` on the Training split, selecting on PublicTest.
+
+    resume: a run directory; continues from its checkpoint.pt with its saved config.
+    data: an already loaded dataset (tests, notebooks); by default `cfg.data` is loaded.
+    stop_after_epochs: end this call after that many epochs, as a kill would (tests of resume).
+    """
+    # ---- run directory and config ------------------------------------------------------------
+    state = None
+    if resume:
+        run_dir = Path(resume)
+        ckpt_path = run_dir / "checkpoint.pt"
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"cannot resume: {ckpt_path} does not exist")
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        cfg = TrainConfig.from_dict(_read_json(run_dir / "config.json"))
+    cfg.validate()
+    if not resume:
+        name = cfg.run_name or f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = Path(cfg.out_dir) / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", cfg.to_dict())
+
+    # ---- determinism and device --------------------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_precision(cfg.precision, device)
+    gen = torch.Generator().manual_seed(cfg.seed)  # drives shuffling and augmentation
+
+    # ---- data --------------------------------------------------------------------------------
+    data = data if data is not None else load_dataset(cfg.data, cfg.label_set)
+    train_set, val_set = data.split("Training"), data.split("PublicTest")
+    if cfg.limit_train:
+        train_set = train_set.subset(np.arange(min(cfg.limit_train, len(train_set))))
+    if len(train_set) == 0 or len(val_set) == 0:
+        raise ValueError(f"{cfg.data}: need Training and PublicTest rows, got {len(train_set)} and {len(val_set)}")
+    train_images = torch.from_numpy(train_set.images)
+    train_labels = torch.from_numpy(train_set.labels)
+    num_classes = data.label_set.num_classes
+
+    # ---- model, loss, optimizer, schedule ----------------------------------------------------
+    model = create_model(cfg.model, num_classes=num_classes, **cfg.model_kwargs).to(device)
+    input_size = model.input_size
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    class_weight = None
+    if cfg.class_weights == "balanced":
+        counts = np.bincount(train_set.labels, minlength=num_classes).clip(min=1)
+        class_weight = torch.tensor(len(train_set) / (num_classes * counts), dtype=torch.float32, device=device)
+    optimizer = _make_optimizer(cfg, model)
+    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    scheduler = _make_scheduler(cfg, optimizer, steps_per_epoch)
+
+    # ---- resume ------------------------------------------------------------------------------
+    start_epoch, step, best_acc, best_epoch, stale, elapsed = 0, 0, -1.0, 0, 0, 0.0
+    history: list[dict[str, float]] = []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        gen.set_state(state["generator"])
+        start_epoch, step = int(state["epoch"]), int(state["step"])
+        best_acc, best_epoch, stale = float(state["best_acc"]), int(state["best_epoch"]), int(state["stale"])
+        elapsed = float(state["elapsed"])
+        history = _read_metrics(run_dir / "metrics.csv")[:start_epoch]
+    commit = git_commit()  # the code this call runs; later commits during a long run must not be credited
+    weights_meta = {"model": cfg.model, "num_classes": num_classes, "classes": list(data.label_set.classes),
+                    "label_set": data.label_set.name, "input_size": input_size, "normalize": cfg.normalize,
+                    "model_kwargs": cfg.model_kwargs}
+
+    print(f"ferkit train: {cfg.model} ({count_parameters(model) / 1e6:.2f} M params) on {device}"
+          f" [{'fp32' if amp_dtype is None else str(amp_dtype).removeprefix('torch.')}]; "
+          f"{len(train_set)} train / {len(val_set)} PublicTest faces; run dir {run_dir}", flush=True)
+
+    # ---- epochs ------------------------------------------------------------------------------
+    epochs_this_call = 0
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        order = torch.randperm(len(train_set), generator=gen)
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                   disable=not cfg.progress, dynamic_ncols=True, leave=False)
+        for b in bar:
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            x = resize(to_float(train_images[idx]), input_size)
+            x = normalize(augment(x, cfg.augment, gen), cfg.normalize)
+            x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            y = train_labels[idx].to(device, non_blocking=True)
+            with autocast(device, amp_dtype):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, weight=class_weight, label_smoothing=cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            if scheduler is not None and cfg.schedule != "plateau":
+                scheduler.step()
+            loss_sum += loss.item() * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            if cfg.save_every and step % cfg.save_every == 0:
+                (run_dir / "snapshots").mkdir(exist_ok=True)
+                save_weights(model, run_dir / "snapshots" / f"step{step:07d}.safetensors",
+                             weights_meta | {"step": step})
+        bar.close()
+
+        # Validation on PublicTest (model selection only).
+        probs = predict_proba(model, val_set.images, input_size=input_size, norm=cfg.normalize, dtype=amp_dtype)
+        val_acc = float((probs.argmax(1) == val_set.labels).mean())
+        val_loss = float(-np.log(probs[np.arange(len(probs)), val_set.labels].clip(1e-12)).mean())
+        if cfg.schedule == "plateau":
+            scheduler.step(val_acc)
+        seconds = time.perf_counter() - t0
+        elapsed += seconds
+        row = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
+               "train_loss": loss_sum / seen, "train_acc": correct / seen,
+               "val_loss": val_loss, "val_acc": val_acc, "seconds": seconds}
+        history.append(row)
+        improved = val_acc > best_acc
+        if improved:
+            best_acc, best_epoch, stale = val_acc, epoch + 1, 0
+            save_weights(model, run_dir / "best.safetensors", weights_meta | {"epoch": epoch + 1,
+                                                                               "public_test_acc": val_acc})
+        else:
+            stale += 1
+        print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}  "
+              f"PublicTest acc {val_acc:.4f}{' *' if improved else ''}  lr {row['lr']:.2e}  {seconds:.0f}s",
+              flush=True)
+
+        # Persist: last weights, metrics, curves, manifest, then the resume checkpoint (atomically).
+        save_weights(model, run_dir / "last.safetensors", weights_meta | {"epoch": epoch + 1})
+        _write_metrics(run_dir / "metrics.csv", history)
+        plot_curves(history, run_dir / "curves.png", title=f"{cfg.model} ({run_dir.name})")
+        _write_manifest(run_dir, cfg, data, commit, best_acc, best_epoch, epoch + 1, elapsed, device)
+        _save_checkpoint(run_dir / "checkpoint.pt", {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else {},
+            "torch_rng": torch.get_rng_state(), "generator": gen.get_state(), "epoch": epoch + 1, "step": step,
+            "best_acc": best_acc, "best_epoch": best_epoch, "stale": stale, "elapsed": elapsed})
+
+        epochs_this_call += 1
+        if cfg.early_stopping and stale >= cfg.early_stopping:
+            print(f"early stopping: no better PublicTest accuracy for {stale} epochs", flush=True)
+            break
+        if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
+            break
+
+    print(f"best PublicTest accuracy {best_acc:.4f} at epoch {best_epoch}; weights: {run_dir / 'best.safetensors'}",
+          flush=True)
+    return RunResult(run_dir, best_acc, best_epoch, len(history), history)
+
+
+def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = model.parameters()
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """Per-step schedules (step, cosine, onecycle) and per-epoch ReduceLROnPlateau on PublicTest accuracy."""
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "none":
+        return None
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cfg.gamma ** (s // cfg.step_every))
+    if cfg.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.plateau_factor,
+                                                          patience=cfg.plateau_patience)
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def cosine(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+
+
+def _write_manifest(run_dir: Path, cfg: TrainConfig, data: FaceData, commit: str, best_acc: float, best_epoch: int,
+                    epochs_done: int, elapsed: float, device: torch.device) -> None:
+    manifest_path = run_dir / "manifest.json"
+    previous = _read_json(manifest_path) if manifest_path.is_file() else {}
+    commands = previous.get("commands", [])
+    commits = previous.get("git_commits", [])
+    if command_line() not in commands:
+        commands.append(command_line())  # a resumed run lists the original and the resume command
+    if commit not in commits:
+        commits.append(commit)
+    write_json(manifest_path, {
+        "command": commands[0] if commands else command_line(), "commands": commands,
+        "config": cfg.to_dict(), "data": {"path": data.source, "sha256": data.sha256, "summary": data.summary()},
+        "git_commit": commits[0], "git_commits": commits, "versions": library_versions(), "hardware": hardware(), "device": str(device),
+        "epochs_done": epochs_done, "best_epoch": best_epoch, "best_public_test_acc": best_acc,
+        "train_seconds": round(elapsed, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+
+
+def _write_metrics(path: Path, history: list[dict[str, float]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+        w.writeheader()
+        w.writerows(history)
+    os.replace(tmp, path)
+
+
+def _read_metrics(path: Path) -> list[dict[str, float]]:
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(Path(path).read_text())
