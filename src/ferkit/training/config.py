@@ -18,6 +18,7 @@ class TrainConfig:
     model: str = "ferkit_vgg_s"
     data: str = "fer2013.csv"
     label_set: str = "fer7"
+    skip_bad_rows: bool = False  # leave out (and count) malformed CSV rows instead of stopping
     out_dir: str = "runs"
     run_name: str = ""  # default: <model>-<timestamp>
 

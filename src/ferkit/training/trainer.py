@@ -74,7 +74,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, data: FaceD
     gen = torch.Generator().manual_seed(cfg.seed)  # drives shuffling and augmentation
 
     # ---- data --------------------------------------------------------------------------------
-    data = data if data is not None else load_dataset(cfg.data, cfg.label_set)
+    data = data if data is not None else load_dataset(cfg.data, cfg.label_set, skip_bad_rows=cfg.skip_bad_rows)
     train_set, val_set = data.split("Training"), data.split("PublicTest")
     if cfg.limit_train:
         train_set = train_set.subset(np.arange(min(cfg.limit_train, len(train_set))))
@@ -87,6 +87,10 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, data: FaceD
     # ---- model, loss, optimizer, schedule ----------------------------------------------------
     model = create_model(cfg.model, num_classes=num_classes, **cfg.model_kwargs).to(device)
     input_size = model.input_size
+    if hasattr(model, "fit_preprocessing") and state is None:
+        # Models with a data-fitted input stage (e.g. PCA) fit it once on the un-augmented training faces;
+        # the fitted buffers live in the state dict, so resume and saved weights carry them.
+        model.fit_preprocessing(normalize(resize(to_float(train_images), input_size), cfg.normalize).to(device))
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     class_weight = None
