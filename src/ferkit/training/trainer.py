@@ -40,10 +40,11 @@ class RunResult:
     history: list[dict[str, float]]
 
 
-def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, data: FaceData | None = None,
+def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = None, data: FaceData | None = None,
           stop_after_epochs: int | None = None) -> RunResult:
     """Train `cfg.model` on the Training split, selecting on PublicTest.
 
+    cfg: the run's configuration (ignored when resuming: the run directory's config.json is used).
     resume: a run directory; continues from its checkpoint.pt with its saved config.
     data: an already loaded dataset (tests, notebooks); by default `cfg.data` is loaded.
     stop_after_epochs: end this call after that many epochs, as a kill would (tests of resume).
@@ -56,7 +57,11 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, data: FaceD
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"cannot resume: {ckpt_path} does not exist")
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        progress = cfg.progress if cfg is not None else True
         cfg = TrainConfig.from_dict(_read_json(run_dir / "config.json"))
+        cfg.progress = progress
+    if cfg is None:
+        raise ValueError("train() needs a TrainConfig or a run directory to resume")
     cfg.validate()
     if not resume:
         name = cfg.run_name or f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -259,7 +264,8 @@ def _write_manifest(run_dir: Path, cfg: TrainConfig, data: FaceData, commit: str
     write_json(manifest_path, {
         "command": commands[0] if commands else command_line(), "commands": commands,
         "config": cfg.to_dict(), "data": {"path": data.source, "sha256": data.sha256, "summary": data.summary()},
-        "git_commit": commits[0], "git_commits": commits, "versions": library_versions(), "hardware": hardware(), "device": str(device),
+        "git_commit": commits[0], "git_commits": commits, "versions": library_versions(), "hardware": hardware(),
+        "device": str(device),
         "epochs_done": epochs_done, "best_epoch": best_epoch, "best_public_test_acc": best_acc,
         "train_seconds": round(elapsed, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })

@@ -1,0 +1,74 @@
+"""mini-Xception (Arriaga, Valdenegro-Toro & Plöger 2017), the emotion model behind the `fer` package.
+
+Stem: two 3x3 'valid' conv (8 filters) -> BN -> ReLU. Then four residual modules of 16/32/64/128 channels,
+each: [depthwise-separable 3x3 -> BN -> ReLU -> depthwise-separable 3x3 -> BN -> 3x3 stride-2 max pool]
+added to a [1x1 stride-2 conv -> BN] shortcut. Finally a 3x3 conv to the classes and global average
+pooling (no dense layer); ~58 k params. The original runs at 64x64 (the `fer` package's weights);
+ferkit feeds it the native 48x48 faces: 48 -> 44 (stem) -> 22 -> 11 -> 6 -> 3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ferkit.models.registry import register_model
+
+
+class SeparableConv2d(nn.Sequential):
+    """Keras SeparableConv2D: per-channel (depthwise) k x k conv, then 1x1 pointwise conv; no bias."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int = 3) -> None:
+        super().__init__(nn.Conv2d(cin, cin, kernel_size, padding=kernel_size // 2, groups=cin, bias=False),
+                         nn.Conv2d(cin, cout, 1, bias=False))
+
+
+class XceptionModule(nn.Module):
+    """Residual module: two separable convs + stride-2 max pool, plus a strided 1x1 projection shortcut."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.residual = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=2, bias=False), nn.BatchNorm2d(cout))
+        self.body = nn.Sequential(
+            SeparableConv2d(cin, cout), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            SeparableConv2d(cout, cout), nn.BatchNorm2d(cout),
+            nn.MaxPool2d(3, stride=2, padding=1),  # Keras 'same' pooling: ceil(n / 2), like the shortcut
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + self.residual(x)
+
+
+class MiniXception(nn.Module):
+    def __init__(self, num_classes: int = 7, widths: Sequence[int] = (16, 32, 64, 128), stem: int = 8,
+                 in_chans: int = 1) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, stem, 3, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True),
+            nn.Conv2d(stem, stem, 3, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True),
+        )
+        modules: list[nn.Module] = []
+        c = stem
+        for w in widths:
+            modules.append(XceptionModule(c, w))
+            c = w
+        self.blocks = nn.Sequential(*modules)
+        self.head = nn.Sequential(nn.Conv2d(c, num_classes, 3, padding=1), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+@register_model(
+    "mini_xception",
+    source="Arriaga, Valdenegro-Toro & Plöger 2017, 'Real-time Convolutional Neural Networks for Emotion and "
+           "Gender Classification' (arXiv:1710.07557); code oarriaga/face_classification, "
+           "used by the `fer` package",
+    reported="66 % (fer package / Arriaga et al. 2017)",
+)
+def mini_xception(num_classes: int = 7, **kwargs) -> nn.Module:
+    """mini-Xception: 2-conv stem, 4 residual separable-conv modules (16/32/64/128), conv to classes + GAP."""
+    return MiniXception(num_classes, **kwargs)

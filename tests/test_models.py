@@ -1,0 +1,141 @@
+"""Model zoo: every registered architecture builds, runs forward and backward, and reports its cost; the
+registry rejects unknown and duplicate names; tan_pca's fitted PCA stage survives a state-dict round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ferkit.models import count_flops, create_model, get_spec, list_models, register_model, registry
+from ferkit.models.weights import load_model, save_weights
+
+NAMES = list_models()
+EXPECTED = {"bokanyi_shallow", "bokanyi_deep", "agrawal_mittal", "mini_xception", "resnet18", "resnet34",
+            "sixclass_cnn4", "sixclass_cnn5", "tan_mlp", "tan_default", "tan_improved", "tan_dropout",
+            "tan_more_dropout", "tan_swish", "tan_pca"} | {f"frivas_cnn{i}" for i in range(1, 7)}
+
+
+def batch(name: str, n: int = 2, seed: int = 0) -> torch.Tensor:
+    size = get_spec(name).input_size
+    return torch.randn(n, 1, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_zoo_registers_every_published_architecture() -> None:
+    assert EXPECTED <= set(NAMES)
+    assert get_spec("agrawal_mittal").input_size == 64
+    assert get_spec("sixclass_cnn4").default_classes == get_spec("sixclass_cnn5").default_classes == 6
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_output_shape(name: str) -> None:
+    spec = get_spec(name)
+    for num_classes in (None, 6):
+        torch.manual_seed(0)
+        model = create_model(name, num_classes=num_classes).eval()
+        assert model.input_size == spec.input_size
+        with torch.no_grad():
+            out = model(batch(name))
+        assert out.shape == (2, num_classes or spec.default_classes)
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_training_step(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(name).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    y = torch.tensor([0, 1])
+    loss = F.cross_entropy(model(batch(name)), y)
+    assert torch.isfinite(loss)
+    optimizer.zero_grad()
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"parameters without gradient: {missing}"
+    optimizer.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_count_flops(name: str) -> None:
+    model = create_model(name)
+    assert count_flops(model, get_spec(name).input_size) > 0
+    assert model.training  # count_flops restores the mode
+
+
+def test_unknown_model_names_it() -> None:
+    with pytest.raises(ValueError, match="nope"):
+        create_model("nope")
+
+
+def test_duplicate_registration_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # leave the real registry untouched
+
+    def builder(num_classes: int = 7) -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.Linear(48 * 48, num_classes))
+
+    register_model("test_dummy", source="test", reported="-")(builder)
+    with pytest.raises(ValueError, match="test_dummy"):
+        register_model("test_dummy", source="test", reported="-")(builder)
+    with pytest.raises(ValueError, match="resnet18"):
+        register_model("resnet18", source="test", reported="-")(builder)
+
+
+def test_architecture_geometry() -> None:
+    am = create_model("agrawal_mittal")
+    assert am.final_kernel == 7  # 64 -> 32 -> 16 -> 8 -> 7, then the 7x7 conv covers the whole map
+    convs = [m for m in am.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32] * 6 + [16] * 6 + [8] * 3 + [7]
+    assert all(c.kernel_size == (8, 8) for c in convs[:-1])
+    assert not any(isinstance(m, (nn.Linear, nn.MaxPool2d, nn.AvgPool2d)) for m in am.modules())
+    f6 = create_model("frivas_cnn6")
+    assert f6.classifier[1].in_features == 128 * 4 * 4  # 48 -> 46 -> 23 -> 21 -> 10 -> 8 -> 4
+    assert create_model("frivas_cnn3").classifier[1].in_features == 256 * 6 * 6
+
+
+def low_rank_faces(n: int = 40, rank: int = 5, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(rank, 48 * 48, generator=g)
+    x = torch.randn(n, rank, generator=g) @ basis + 0.01 * torch.randn(n, 48 * 48, generator=g)
+    return x.view(n, 1, 48, 48)
+
+
+def test_tan_pca_fit_and_state_dict_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model("tan_pca")
+    fresh = create_model("tan_pca")
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    x = low_rank_faces()
+    k = model.fit_preprocessing(x)
+    assert 1 <= k <= 5 and int(model.pca_k) == k  # 98 % of the variance lives in the 5 planted directions
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes  # fixed shapes, whatever k is
+
+    # The projection is idempotent and keeps the planted structure.
+    faces = x[:4]
+    projected = model.project(faces)
+    assert torch.allclose(model.project(projected), projected, atol=1e-3)
+    assert (projected - faces).norm() < 0.05 * faces.norm()
+
+    model.eval()
+    fresh.eval()
+    with torch.no_grad():
+        expected = model(faces)
+        assert not torch.allclose(fresh(faces), expected)
+        fresh.load_state_dict(model.state_dict())
+        assert torch.equal(fresh(faces), expected)
+
+    path = tmp_path / "tan_pca.safetensors"
+    save_weights(model, path, {"model": "tan_pca", "num_classes": 7})
+    loaded, _ = load_model(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(faces), expected)
+
+
+def test_tan_pca_subsamples_rows() -> None:
+    model = create_model("tan_pca", max_rows=8)
+    k = model.fit_preprocessing(low_rank_faces(n=30))
+    assert 1 <= k <= 8
+    assert model.pca_components[8:].abs().sum() == 0  # only 8 rows went into the SVD
