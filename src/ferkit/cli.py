@@ -114,6 +114,107 @@ def models(
                    f"{spec.reported} — {spec.source}")
 
 
+EVALUATE_EPILOG = """
+Examples:
+
+  ferkit evaluate --data fer2013.csv.gz          (shipped model, PrivateTest)
+
+  ferkit evaluate --weights runs/ferkit_vgg_s-20261123-101500/best.safetensors \\
+      --data fer2013.csv.gz --split test --tta tencrop --out eval/vgg_s
+
+  ferkit evaluate --weights best.safetensors --data fer2013.csv.gz \\
+      --split val --json > val.json
+
+  ferkit evaluate --weights best.safetensors --data fer2013.csv.gz \\
+      --save-probs test_probs.npz
+
+The data is loaded with the label set stored in the weights (fer7 or fer6).
+--json prints only one JSON object on stdout (accuracy, per_class,
+confusion_matrix, macro_avg, weighted_avg, ...). --out writes
+confusion_matrix.png, confusion_matrix_normalized.png, errors.png, report.txt
+and metrics.json. --save-probs writes an .npz with probs (N, C), labels, rows
+(source row indices), classes and split, for ensembling and calibration.
+"""
+
+
+@app.command(epilog=EVALUATE_EPILOG)
+def evaluate(
+    data: Annotated[str, typer.Option(help="FER2013 CSV (.csv or .csv.gz) or image-folder root.")],
+    weights: Annotated[Path | None, typer.Option(
+        help="Weights file (.safetensors) written by ferkit; default: the shipped model.")] = None,
+    split: Annotated[str, typer.Option(
+        help="Training | PublicTest | PrivateTest (or train / val / test).")] = "PrivateTest",
+    tta: Annotated[str, typer.Option(help="Test-time augmentation: none | flip | tencrop.")] = "none",
+    json_output: Annotated[bool, typer.Option("--json", help="Print only a JSON object on stdout.")] = False,
+    save_probs: Annotated[Path | None, typer.Option(
+        help="Write class probabilities, labels and row indices to this .npz file.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Directory for the confusion-matrix and error PNGs, report.txt and metrics.json.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    precision: Annotated[str, typer.Option(
+        help="auto (bf16 CPU / mixed CUDA) | fp32 | bf16 | fp16.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Faces per forward pass.")] = 256,
+    skip_bad_rows: Annotated[bool, typer.Option(
+        help="Leave out malformed CSV rows instead of failing.")] = False,
+) -> None:
+    """Score a trained model on one split: accuracy, per-class precision/recall/F1, confusion matrix."""
+    import json
+
+    from ferkit.data import DataError, canonical_split, load_dataset
+    from ferkit.evaluation import evaluate as run_evaluation
+    from ferkit.evaluation import format_confusion, format_report, format_summary, write_artifacts
+    from ferkit.evaluation import save_probs as write_probs
+    from ferkit.models.predict import TTA_MODES
+    from ferkit.models.weights import default_weights_path, load_model
+
+    if tta not in TTA_MODES:
+        _fail(f"unknown --tta {tta!r}; choose one of {', '.join(TTA_MODES)}")
+    if batch_size < 1:
+        _fail(f"--batch-size must be positive, got {batch_size}")
+    try:
+        split = canonical_split(split)
+    except ValueError as e:
+        _fail(str(e))
+    if not Path(data).exists():
+        _fail(f"data file {data!r} not found "
+              "(pass --data PATH to fer2013.csv, fer2013.csv.gz or an image folder)")
+    weights_path = weights if weights is not None else default_weights_path()
+    if not weights_path.is_file():
+        if weights is None:
+            _fail(f"no --weights given and the shipped default weights {weights_path} do not exist yet; "
+                  "pass --weights PATH (e.g. runs/<name>/best.safetensors from `ferkit train`)")
+        _fail(f"weights file {str(weights_path)!r} not found")
+    try:
+        model, meta = load_model(weights_path)
+    except Exception as e:  # corrupt or foreign file: safetensors raises its own error type
+        _fail(f"cannot load weights {str(weights_path)!r}: {e}")
+    try:
+        dataset = load_dataset(data, meta.get("label_set") or "fer7", skip_bad_rows=skip_bad_rows)
+        result = run_evaluation(model, meta, dataset, split, tta=tta, batch_size=batch_size, device=device,
+                                precision=precision, weights_path=weights_path)
+        result.extra["weights"] = str(weights_path)
+        artifacts = {}
+        if save_probs is not None:
+            artifacts["probs"] = str(write_probs(result, save_probs))
+        if out is not None:
+            images = dataset.split(split).images
+            artifacts.update({k: str(v) for k, v in write_artifacts(result, images, out).items()})
+    except (DataError, ValueError, FileNotFoundError, OSError) as e:
+        _fail(str(e))
+    if artifacts:
+        result.extra["artifacts"] = artifacts
+    if json_output:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+        return
+    typer.echo(format_summary(result))
+    typer.echo(format_report(result.report))
+    typer.echo(format_confusion(result))
+    if dataset.skipped:
+        typer.echo("skipped while loading: " + ", ".join(f"{n} {why}" for why, n in dataset.skipped.items()))
+    for name, path in artifacts.items():
+        typer.echo(f"wrote {name}: {path}")
+
+
 def _json(value: object) -> str:
     import json
 

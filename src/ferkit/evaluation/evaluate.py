@@ -1,0 +1,230 @@
+"""Evaluate a trained model on one split: accuracy, per-class report, confusion matrix, saved probabilities.
+
+    model, meta = load_model("runs/x/best.safetensors")
+    data = load_dataset("fer2013.csv.gz", meta["label_set"])
+    result = evaluate(model, meta, data, "PrivateTest", tta="flip")
+    print(result.accuracy); write_artifacts(result, data.split("PrivateTest").images, "eval/")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ferkit.data import FaceData, canonical_split, file_sha256
+from ferkit.data.labels import LabelSet
+from ferkit.device import resolve_device, resolve_precision
+from ferkit.evaluation.metrics import confusion_matrix, format_report, report_from_confusion
+from ferkit.evaluation.plots import plot_confusion_matrix, plot_error_gallery
+from ferkit.models.predict import TTA_MODES, predict_proba
+
+ARTIFACTS = (
+    "confusion_matrix.png", "confusion_matrix_normalized.png", "errors.png", "report.txt", "metrics.json",
+)
+
+
+@dataclass
+class EvaluationResult:
+    """Everything one evaluation produced; `to_json()` is the machine-readable summary.
+
+    probs: (N, C) float32 class probabilities; labels: (N,) true class; rows: (N,) source row index.
+    """
+
+    accuracy: float
+    report: dict[str, Any]
+    confusion_matrix: np.ndarray
+    probs: np.ndarray
+    labels: np.ndarray
+    rows: np.ndarray
+    split: str
+    tta: str
+    classes: list[str]
+    model_name: str = ""
+    label_set: str = ""
+    weights_sha256: str = ""
+    data_sha256: str = ""
+    data_source: str = ""
+    device: str = "cpu"
+    precision: str = "fp32"
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return int(len(self.labels))
+
+    @property
+    def predictions(self) -> np.ndarray:
+        return self.probs.argmax(axis=1) if len(self.probs) else np.zeros(0, dtype=np.int64)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict: accuracy, per_class, confusion_matrix, macro/weighted averages and provenance."""
+        out: dict[str, Any] = {
+            "model": self.model_name,
+            "label_set": self.label_set,
+            "classes": list(self.classes),
+            "split": self.split,
+            "tta": self.tta,
+            "num_samples": self.num_samples,
+            "accuracy": self.accuracy,
+            "macro_avg": self.report["macro_avg"],
+            "weighted_avg": self.report["weighted_avg"],
+            "per_class": self.report["per_class"],
+            "confusion_matrix": self.confusion_matrix.astype(int).tolist(),
+            "weights_sha256": self.weights_sha256 or None,
+            "data": self.data_source or None,
+            "data_sha256": self.data_sha256 or None,
+            "device": self.device,
+            "precision": self.precision,
+            "seconds": round(self.seconds, 3),
+        }
+        return out | self.extra
+
+
+def check_label_set(meta: dict[str, Any], label_set: LabelSet) -> None:
+    """Raise ValueError unless the model (its weights metadata) predicts exactly the data's classes."""
+    want_name = meta.get("label_set")
+    want_classes = meta.get("classes")
+    want_n = meta.get("num_classes")
+    mismatch = ((want_name and want_name != label_set.name)
+                or (want_classes is not None and tuple(want_classes) != tuple(label_set.classes))
+                or (want_n is not None and int(want_n) != label_set.num_classes))
+    if mismatch:
+        raise ValueError(
+            f"label-set mismatch: the model predicts {want_name or '?'} {list(want_classes or [])} "
+            f"but the data was loaded as {label_set.name} {list(label_set.classes)}; "
+            f"load the data with the model's label set (load_dataset(path, {want_name!r}))")
+
+
+def evaluate(model: nn.Module, meta: dict[str, Any], data: FaceData, split: str = "PrivateTest",
+             tta: str = "none", batch_size: int = 256, device: str | torch.device = "auto",
+             precision: str = "auto", weights_path: str | os.PathLike | None = None) -> EvaluationResult:
+    """Run `model` on one split of `data` and score it.
+
+    meta: the weights metadata from `load_model` (classes, label_set, input_size, normalize, model).
+    split: 'Training', 'PublicTest', 'PrivateTest' or an alias ('train', 'val', 'test').
+    tta: 'none', 'flip' (average with the mirror image) or 'tencrop'.
+    device: 'auto' | 'cpu' | 'cuda[:N]'; the model is moved there. precision: 'auto' (bf16 autocast on CPU,
+    bf16/fp16 on CUDA) | 'fp32' | 'bf16' | 'fp16'.
+    weights_path: the weights file, only to record its sha256.
+    """
+    if tta not in TTA_MODES:
+        raise ValueError(f"unknown TTA mode {tta!r}; choose one of {list(TTA_MODES)}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be positive, got {batch_size}")
+    check_label_set(meta, data.label_set)
+    split = canonical_split(split)
+    part = data.split(split)
+    if len(part) == 0:
+        raise ValueError(f"{data.source or 'data'}: no {split} rows to evaluate ({data.summary()})")
+    dev = resolve_device(str(device))
+    dtype = resolve_precision(precision, dev)
+    input_size = int(meta.get("input_size") or getattr(model, "input_size", 48))
+    norm = str(meta.get("normalize", "dataset"))
+    classes = list(data.label_set.classes)
+
+    model = model.to(dev)
+    t0 = time.perf_counter()
+    probs = predict_proba(model, part.images, input_size=input_size, norm=norm, tta=tta,
+                          batch_size=batch_size, dtype=dtype)
+    seconds = time.perf_counter() - t0
+    if probs.shape != (len(part), len(classes)):
+        raise ValueError(f"model output has shape {probs.shape}, expected ({len(part)}, {len(classes)})")
+    labels = part.labels.astype(np.int64)
+    cm = confusion_matrix(labels, probs.argmax(axis=1), len(classes))
+    report = report_from_confusion(cm, classes)
+    return EvaluationResult(
+        accuracy=report["accuracy"], report=report, confusion_matrix=cm, probs=probs, labels=labels,
+        rows=part.rows.astype(np.int64), split=split, tta=tta, classes=classes,
+        model_name=str(meta.get("model") or getattr(model, "ferkit_name", "")), label_set=data.label_set.name,
+        weights_sha256=file_sha256(weights_path) if weights_path else "", data_sha256=data.sha256,
+        data_source=data.source, device=str(dev),
+        precision="fp32" if dtype is None else str(dtype).removeprefix("torch."), seconds=seconds,
+    )
+
+
+def save_probs(result: EvaluationResult, path: str | os.PathLike) -> Path:
+    """Write probs (N, C) float32, labels, rows (source row indices), classes, split and tta to an .npz.
+
+    The file is written at exactly `path` (no '.npz' is appended) and atomically.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, probs=result.probs.astype(np.float32), labels=result.labels.astype(np.int64),
+                 rows=result.rows.astype(np.int64), classes=np.asarray(result.classes, dtype=str),
+                 split=np.asarray(result.split), tta=np.asarray(result.tta),
+                 model=np.asarray(result.model_name))
+    os.replace(tmp, path)
+    return path
+
+
+def load_probs(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a `save_probs` file.
+
+    Returns {'probs', 'labels', 'rows'} as arrays, 'classes' as a list and 'split', 'tta', 'model' as strings.
+    """
+    with np.load(path, allow_pickle=False) as z:
+        out: dict[str, Any] = {"probs": z["probs"], "labels": z["labels"], "rows": z["rows"],
+                               "classes": [str(c) for c in z["classes"]], "split": str(z["split"])}
+        for key in ("tta", "model"):
+            out[key] = str(z[key]) if key in z.files else ""
+    return out
+
+
+def format_summary(result: EvaluationResult) -> str:
+    """A few human-readable lines: what was evaluated and the headline numbers."""
+    speed = f", {result.num_samples / result.seconds:.0f} faces/s" if result.seconds > 0 else ""
+    lines = [
+        f"model      {result.model_name or '?'} ({result.label_set}: {', '.join(result.classes)})",
+        f"data       {result.data_source or '?'} — split {result.split}, {result.num_samples} faces",
+        f"inference  tta={result.tta}, {result.device} {result.precision}, {result.seconds:.1f}s{speed}",
+        f"accuracy   {result.accuracy:.4f}   macro F1 {result.report['macro_avg']['f1']:.4f}   "
+        f"weighted F1 {result.report['weighted_avg']['f1']:.4f}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def format_confusion(result: EvaluationResult) -> str:
+    """The confusion matrix as a text table (rows: true, columns: predicted)."""
+    names = result.classes
+    corner = "true \\ predicted"
+    label_w = max(len(corner), *(len(n) for n in names)) + 1
+    w = max(max(len(n) for n in names), len(str(int(result.confusion_matrix.max(initial=0))))) + 2
+    lines = [corner.ljust(label_w) + "".join(n.rjust(w) for n in names)]
+    for name, row in zip(names, result.confusion_matrix, strict=True):
+        lines.append(name.ljust(label_w) + "".join(str(int(v)).rjust(w) for v in row))
+    return "\n".join(lines) + "\n"
+
+
+def write_artifacts(result: EvaluationResult, images: np.ndarray,
+                    out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write confusion_matrix.png, confusion_matrix_normalized.png, errors.png, report.txt and metrics.json.
+
+    images: the evaluated split's uint8 faces, in the same order as `result.labels`.
+    Returns artifact name -> path.
+    """
+    if len(images) != result.num_samples:
+        raise ValueError(f"got {len(images)} images for {result.num_samples} evaluated faces")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / name for name in ARTIFACTS}
+    title = f"{result.model_name or 'model'} — {result.split} (tta={result.tta}, acc {result.accuracy:.4f})"
+    cm, names = result.confusion_matrix, result.classes
+    plot_confusion_matrix(cm, names, paths["confusion_matrix.png"], normalize=False, title=f"counts: {title}")
+    plot_confusion_matrix(cm, names, paths["confusion_matrix_normalized.png"], normalize=True,
+                          title=f"row-normalized: {title}")
+    plot_error_gallery(images, result.labels, result.predictions, result.probs, names, paths["errors.png"])
+    paths["report.txt"].write_text(format_summary(result) + "\n" + format_report(result.report) + "\n"
+                                   + format_confusion(result))
+    paths["metrics.json"].write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    return paths
