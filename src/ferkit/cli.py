@@ -215,6 +215,54 @@ def evaluate(
         typer.echo(f"wrote {name}: {path}")
 
 
+REPRODUCE_EPILOG = """
+Examples:
+
+  ferkit reproduce --list                                   (every system, its recipe and published number)
+
+  ferkit reproduce frivas_cnn3 --data fer2013.csv.gz         (train, evaluate, update results/seeds.csv)
+
+  ferkit reproduce khaireddin_vgg --data fer2013.csv.gz epochs=40    (override a recipe setting)
+
+Rerunning a system whose run directory (runs/repro-<system>) holds a checkpoint resumes it.
+Results: results/seeds.csv, results/predictions/<system>.npz, results/runs/<system>/.
+"""
+
+
+@app.command(epilog=REPRODUCE_EPILOG)
+def reproduce(
+    system: Annotated[str | None, typer.Argument(help="System name (see --list).")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="Extra config overrides, key=value.")] = None,
+    data: Annotated[str, typer.Option(help="FER2013 CSV (.csv or .csv.gz).")] = "fer2013.csv.gz",
+    runs: Annotated[Path, typer.Option(help="Parent directory of the run directories.")] = Path("runs"),
+    results: Annotated[Path, typer.Option(help="Where seeds.csv, predictions/ and runs/ are written.")] = Path(
+        "results"),
+    list_systems: Annotated[bool, typer.Option("--list", help="List the systems and their recipes.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Retrain a published FER2013 system with its recipe and record its measured accuracy."""
+    from ferkit.data import DataError
+    from ferkit.reproduce import RECIPES
+    from ferkit.reproduce import reproduce as run_reproduce
+
+    if list_systems or system is None:
+        for r in RECIPES.values():
+            typer.echo(f"{r.name:<22} reported {r.reported:.3f}  {r.system}")
+            typer.echo(f"{'':<22} {' '.join(r.overrides)}" + (f"  tta={r.tta}" if r.tta != "none" else ""))
+            if r.notes:
+                typer.echo(f"{'':<22} note: {r.notes}")
+        return
+    if not Path(data).exists():
+        _fail(f"data file {data!r} not found (pass --data PATH to fer2013.csv or fer2013.csv.gz)")
+    try:
+        row = run_reproduce(system, data, runs_dir=runs, results_dir=results, extra=list(overrides or []),
+                            progress=progress)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo(f"{system}: PublicTest {row['public_test']}  PrivateTest {row['private_test']}  "
+               f"(reported {row['reported']}); row written to {results / 'seeds.csv'}")
+
+
 def _json(value: object) -> str:
     import json
 

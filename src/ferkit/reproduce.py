@@ -1,0 +1,171 @@
+"""Reproduce the published FER2013 systems: each recipe is data (a model plus TrainConfig overrides).
+
+`reproduce(name, data)` trains the recipe (resuming its run directory if one exists), evaluates the
+best-on-PublicTest weights on PublicTest and PrivateTest with `ferkit.evaluation.evaluate` (the
+code behind `ferkit evaluate`), and records everything a reviewer needs under `results/`:
+  results/seeds.csv                      one row per system (the table in docs/results.md)
+  results/predictions/<name>.npz         class probabilities on both test splits (for ensembles)
+  results/runs/<name>/                   manifest.json, config.json, metrics.csv, curves.png
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ferkit.data import load_dataset
+from ferkit.evaluation import evaluate
+from ferkit.models.weights import load_model
+from ferkit.training import TrainConfig, train
+from ferkit.training.report import hardware
+
+SEEDS_COLUMNS = ("system", "registry_name", "classes", "reported", "public_test", "private_test", "epochs",
+                 "train_minutes", "hardware", "command")
+
+# Augmentation the papers either describe as "flips and shifts" or do not describe at all; recipes
+# that name stronger augmentation override it.
+LIGHT_AUGMENT = ("augment.crop_scale=[1,1]", "augment.crop_ratio=[1,1]", "augment.rotation=0",
+                 "augment.translate=0.1", "augment.hflip=0.5", "augment.erasing=0")
+NO_AUGMENT = ("augment.crop_scale=[1,1]", "augment.crop_ratio=[1,1]", "augment.rotation=0",
+              "augment.translate=0", "augment.hflip=0", "augment.erasing=0")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str  # row key in results/seeds.csv; usually the registry name
+    system: str  # who published it, in words
+    model: str  # registry name
+    reported: float  # headline published accuracy (fraction); the target to meet within 1.5 points
+    overrides: tuple[str, ...]  # TrainConfig key=value settings
+    notes: str = ""  # choices made where the publication is silent
+    tta: str = "none"  # test-time augmentation used when evaluating, as published
+
+
+_BOKANYI = ("optimizer=sgd", "lr=0.01", "momentum=0.9", "weight_decay=1e-7", "schedule=none", "batch_size=128",
+            "epochs=80", "early_stopping=10", *LIGHT_AUGMENT)
+_FRIVAS = ("optimizer=adam", "lr=0.001", "weight_decay=0", "schedule=step", "step_every=1000", "gamma=0.98",
+           "batch_size=128", "epochs=50", *LIGHT_AUGMENT)
+_TAN = ("batch_size=64", "weight_decay=0", "schedule=none", *NO_AUGMENT)
+_SIXCLASS = ("label_set=fer6", "optimizer=adam", "lr=0.001", "weight_decay=0", "schedule=none", "batch_size=64",
+             "epochs=30", "save_every=1000", *LIGHT_AUGMENT)
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in [
+    Recipe("bokanyi_shallow", "Bokányi & Mészégető shallow CNN", "bokanyi_shallow", 0.606, _BOKANYI,
+           "Optimizer not stated: SGD momentum 0.9; early stopping patience 10 on PublicTest; flips+shifts."),
+    Recipe("bokanyi_deep", "Bokányi & Mészégető deep CNN", "bokanyi_deep", 0.665, _BOKANYI,
+           "As the shallow CNN."),
+    Recipe("agrawal_mittal", "Agrawal & Mittal 2020 CNN (Bokányi reconstruction)", "agrawal_mittal", 0.6336,
+           ("optimizer=adam", "lr=0.001", "weight_decay=0", "schedule=cosine", "batch_size=64", "epochs=40",
+            "augment.erasing=0"),
+           "64x64 input (faces upscaled); 'data augmentation': random resized crop, flip, rotation, shifts."),
+    *[Recipe(f"frivas_cnn{i}", f"F-Riv model {i}", f"frivas_cnn{i}", rep, _FRIVAS,
+             "Adam 1e-3 x0.98 every 1,000 steps, batch 128, 50 epochs as published; flips+shifts.")
+      for i, rep in zip(range(1, 7), (0.635, 0.651, 0.67, 0.648, 0.652, 0.66), strict=True)],
+    Recipe("frivas_cnn1_balanced", "F-Riv model 1 with balanced class weights", "frivas_cnn1", 0.635,
+           (*_FRIVAS, "class_weights=balanced"), "Published: 'did not increase accuracy' (target: model 1)."),
+    Recipe("tan_mlp", "Tan et al. MLP (300 hidden)", "tan_mlp", 0.25,
+           (*_TAN, "optimizer=sgd", "lr=0.01", "momentum=0", "nesterov=false", "epochs=20")),
+    Recipe("tan_default", "Tan et al. Keras CNN 'default'", "tan_default", 0.463,
+           (*_TAN, "optimizer=rmsprop", "lr=1e-4", "momentum=0", "epochs=20")),
+    Recipe("tan_improved", "Tan et al. 'improved' (deeper, BN, Adam)", "tan_improved", 0.513,
+           (*_TAN, "optimizer=adam", "lr=1e-3", "epochs=20")),
+    Recipe("tan_dropout", "Tan et al. 'dropout' (50 epochs)", "tan_dropout", 0.568,
+           (*_TAN, "optimizer=adam", "lr=1e-3", "epochs=50")),
+    Recipe("tan_more_dropout", "Tan et al. 'more dropout'", "tan_more_dropout", 0.581,
+           (*_TAN, "optimizer=adam", "lr=1e-3", "epochs=50")),
+    Recipe("tan_swish", "Tan et al. 'more dropout' with swish", "tan_swish", 0.537,
+           (*_TAN, "optimizer=adam", "lr=1e-3", "epochs=50")),
+    Recipe("tan_pca", "Tan et al. PCA-98 % preprocessing (90 epochs)", "tan_pca", 0.57,
+           (*_TAN, "optimizer=adam", "lr=1e-3", "epochs=90")),
+    Recipe("sixclass_cnn4", "6-class 4-layer CNN (no disgust, no dropout)", "sixclass_cnn4", 0.62, _SIXCLASS,
+           "Optimizer not stated: Adam 1e-3, batch 64, 30 epochs; snapshot every 1,000 steps for ensembles."),
+    Recipe("sixclass_cnn5", "6-class 5-layer CNN (30 % dropout)", "sixclass_cnn5", 0.636, _SIXCLASS,
+           "As the 4-layer CNN."),
+    Recipe("khaireddin_vgg", "Khaireddin & Chen 2021 VGG", "khaireddin_vgg", 0.7328,
+           ("optimizer=sgd", "lr=0.01", "momentum=0.9", "nesterov=true", "weight_decay=1e-4", "schedule=plateau",
+            "plateau_factor=0.75", "plateau_patience=5", "batch_size=64", "epochs=300",
+            "augment.crop_scale=[0.8,1.2]", "augment.rotation=10", "augment.translate=0.2",
+            "augment.erasing=0.5"),
+           "40x40 input; ten-crop TTA at evaluation as published.", tta="tencrop"),
+]}
+
+
+def recipe_command(name: str, extra: list[str] | None = None) -> str:
+    return " ".join(["ferkit reproduce", name, "--data fer2013.csv.gz", *(extra or [])])
+
+
+def reproduce(name: str, data: str | os.PathLike, *, runs_dir: str | os.PathLike = "runs",
+              results_dir: str | os.PathLike = "results", extra: list[str] | None = None,
+              progress: bool = True) -> dict[str, str]:
+    """Train (or resume) recipe `name`, evaluate it on both test splits, and record the results row."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown system {name!r}; known: {', '.join(RECIPES)}")
+    recipe = RECIPES[name]
+    run_dir = Path(runs_dir) / f"repro-{name}"
+    extra = list(extra or [])
+    overrides_file = run_dir / "reproduce_overrides.json"
+    if (run_dir / "checkpoint.pt").is_file():
+        # Resume; the recorded command must be the one that started the run, so the overrides must agree.
+        started_with = json.loads(overrides_file.read_text()) if overrides_file.is_file() else []
+        if extra and extra != started_with:
+            raise ValueError(f"{run_dir} was started with overrides {started_with}; pass the same ones to resume "
+                             f"or delete that directory to start over")
+        extra = started_with
+        result = train(TrainConfig(progress=progress), resume=run_dir)
+    else:
+        cfg = TrainConfig(data=str(data), out_dir=str(runs_dir), run_name=run_dir.name, model=recipe.model,
+                          progress=progress).override([*recipe.overrides, *extra])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        overrides_file.write_text(json.dumps(extra))
+        result = train(cfg)
+
+    model, meta = load_model(result.run_dir / "best.safetensors")
+    dataset = load_dataset(str(data), meta["label_set"])
+    scores = {split: evaluate(model, meta, dataset, split, tta=recipe.tta, weights_path=run_dir / "best.safetensors")
+              for split in ("PublicTest", "PrivateTest")}
+
+    results = Path(results_dir)
+    (results / "predictions").mkdir(parents=True, exist_ok=True)
+    pub, priv = scores["PublicTest"], scores["PrivateTest"]
+    np.savez_compressed(results / "predictions" / f"{name}.npz", classes=np.array(pub.classes), model=recipe.model,
+                        tta=recipe.tta, public_probs=pub.probs.astype(np.float16), public_labels=pub.labels,
+                        public_rows=pub.rows, private_probs=priv.probs.astype(np.float16),
+                        private_labels=priv.labels, private_rows=priv.rows)
+    record = results / "runs" / name
+    record.mkdir(parents=True, exist_ok=True)
+    for f in ("manifest.json", "config.json", "metrics.csv", "curves.png"):
+        shutil.copy2(run_dir / f, record / f)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    (record / "evaluation.json").write_text(json.dumps({s: r.to_json() for s, r in scores.items()}, indent=2) + "\n")
+    hw = hardware()
+    row = {"system": recipe.system, "registry_name": recipe.model, "classes": str(len(pub.classes)),
+           "reported": f"{recipe.reported:.4f}", "public_test": f"{pub.accuracy:.4f}",
+           "private_test": f"{priv.accuracy:.4f}", "epochs": str(manifest["epochs_done"]),
+           "train_minutes": f"{manifest['train_seconds'] / 60:.1f}",
+           "hardware": hw.get("cuda") or f"{hw.get('cpu', 'cpu')} x{hw['torch_threads']} threads",
+           "command": recipe_command(name, extra)}
+    upsert_row(results / "seeds.csv", name, row)
+    return row
+
+
+def upsert_row(path: Path, name: str, row: dict[str, str]) -> None:
+    """Replace (or add) the row for `name`, keeping the rows in recipe order; written atomically."""
+    rows: dict[str, dict[str, str]] = {}
+    if path.is_file():
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                rows[r.get("name") or r["registry_name"]] = r
+    rows[name] = {"name": name, **row}
+    order = [n for n in RECIPES if n in rows] + [n for n in rows if n not in RECIPES]
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=("name", *SEEDS_COLUMNS))
+        w.writeheader()
+        w.writerows(rows[n] for n in order)
+    os.replace(tmp, path)

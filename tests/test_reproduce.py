@@ -1,0 +1,60 @@
+"""Reproduction recipes: every recipe is valid, and one tiny end-to-end run records its results row."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ferkit.cli import app
+from ferkit.models import list_models
+from ferkit.reproduce import RECIPES, SEEDS_COLUMNS, reproduce
+from ferkit.training import TrainConfig
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_builds_a_valid_config(name: str) -> None:
+    recipe = RECIPES[name]
+    cfg = TrainConfig(model=recipe.model).override(list(recipe.overrides))
+    cfg.validate()
+    assert recipe.model in list_models()
+    assert 0 < recipe.reported < 1
+
+
+def test_reproduce_writes_row_predictions_and_manifest(tiny_csv: Path, tmp_path: Path) -> None:
+    row = reproduce("sixclass_cnn4", tiny_csv, runs_dir=tmp_path / "runs", results_dir=tmp_path / "results",
+                    extra=["epochs=1", "precision=fp32"], progress=False)
+    results = tmp_path / "results"
+    with open(results / "seeds.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and set(SEEDS_COLUMNS) <= set(rows[0])
+    assert rows[0]["registry_name"] == "sixclass_cnn4" and rows[0]["classes"] == "6"
+    assert rows[0]["command"].startswith("ferkit reproduce sixclass_cnn4") and "epochs=1" in rows[0]["command"]
+    pred = np.load(results / "predictions" / "sixclass_cnn4.npz")
+    # The 6-class label set drops disgust: 35 PublicTest faces of which 5 are disgust.
+    assert pred["public_probs"].shape == (30, 6) and pred["private_probs"].shape == (30, 6)
+    acc = float((pred["private_probs"].argmax(1) == pred["private_labels"]).mean())
+    assert abs(acc - float(row["private_test"])) < 1e-3
+    for f in ("manifest.json", "config.json", "metrics.csv", "curves.png", "evaluation.json"):
+        assert (results / "runs" / "sixclass_cnn4" / f).is_file()
+
+    # Running it again resumes the finished run (no new epochs) and replaces the row instead of adding one;
+    # the recorded command keeps the overrides the run was started with.
+    reproduce("sixclass_cnn4", tiny_csv, runs_dir=tmp_path / "runs", results_dir=results, progress=False)
+    with open(results / "seeds.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and "epochs=1" in rows[0]["command"]
+    with pytest.raises(ValueError, match="started with overrides"):
+        reproduce("sixclass_cnn4", tiny_csv, runs_dir=tmp_path / "runs", results_dir=results, extra=["epochs=2"],
+                  progress=False)
+
+
+def test_cli_reproduce_list_and_unknown_system(tiny_csv: Path) -> None:
+    runner = CliRunner()
+    listed = runner.invoke(app, ["reproduce", "--list"])
+    assert listed.exit_code == 0 and "khaireddin_vgg" in listed.output
+    bad = runner.invoke(app, ["reproduce", "nope", "--data", str(tiny_csv)])
+    assert bad.exit_code == 2 and "unknown system" in bad.output
