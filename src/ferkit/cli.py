@@ -96,6 +96,7 @@ Examples:
 def models(
     pattern: Annotated[str, typer.Argument(help="Shell-style name filter.")] = "*",
     flops: Annotated[bool, typer.Option(help="Count FLOPs per image (slower).")] = True,
+    markdown: Annotated[bool, typer.Option(help="Print a Markdown table (as in the README).")] = False,
 ) -> None:
     """List the registered models with parameter counts, FLOPs per image, source and published accuracy."""
     from ferkit.models import count_flops, count_parameters, create_model, get_spec, list_models
@@ -103,6 +104,15 @@ def models(
     names = list_models(pattern)
     if not names:
         _fail(f"no model matches {pattern!r}")
+    if markdown:
+        typer.echo("| registry name | input | params | MFLOPs/image | published accuracy | source |")
+        typer.echo("|---|---|---|---|---|---|")
+        for n in names:
+            spec = get_spec(n)
+            m = create_model(n)
+            typer.echo(f"| `{n}` | {spec.input_size} | {count_parameters(m) / 1e6:.2f} M | "
+                       f"{count_flops(m, spec.input_size) / 1e6:.0f} | {spec.reported} | {spec.source} |")
+        return
     header = f"{'name':<24} {'input':>5} {'params':>9} {'MFLOPs':>8}  published accuracy — source"
     typer.echo(header)
     typer.echo("-" * len(header))

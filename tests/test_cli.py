@@ -1,0 +1,65 @@
+"""CLI smoke tests: train, models, --help, and clean errors (exit 2, no traceback) for user mistakes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ferkit.cli import app
+
+runner = CliRunner()
+
+
+def test_train_then_evaluate_the_run(tiny_csv: Path, tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    trained = runner.invoke(app, ["train", "--data", str(tiny_csv), "--model", "sixclass_cnn4", "--epochs", "1",
+                                  "--batch-size", "16", "--out", str(out), "--name", "smoke", "--no-progress",
+                                  "augment.rotation=5", "precision=fp32"])
+    assert trained.exit_code == 0, trained.output
+    config = json.loads((out / "smoke" / "config.json").read_text())
+    assert config["augment"]["rotation"] == 5 and config["epochs"] == 1
+    evaluated = runner.invoke(app, ["evaluate", "--weights", str(out / "smoke" / "best.safetensors"),
+                                    "--data", str(tiny_csv), "--split", "test", "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["num_samples"] == 35
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "missing.csv"], "missing.csv"),
+    (["--model", "nope"], "unknown model"),
+    (["epochs"], "key=value"),
+    (["--optimizer", "lion"], "optimizer"),
+])
+def test_train_user_errors_exit_2_without_traceback(tiny_csv: Path, tmp_path: Path, args: list[str],
+                                                    message: str) -> None:
+    base = ["train", "--data", str(tiny_csv), "--out", str(tmp_path), "--epochs", "1", "--no-progress"]
+    result = runner.invoke(app, base + args)
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_train_bad_csv_names_the_line(tmp_path: Path, cache_dir: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("emotion,pixels,Usage\n3," + " ".join(["1"] * 10) + ",Training\n")
+    result = runner.invoke(app, ["train", "--data", str(bad), "--out", str(tmp_path), "--no-progress"])
+    assert result.exit_code == 2 and "bad.csv, line 2" in result.output
+
+
+def test_models_lists_every_registered_model() -> None:
+    from ferkit.models import list_models
+
+    result = runner.invoke(app, ["models", "--no-flops"])
+    assert result.exit_code == 0
+    for name in list_models():
+        assert name in result.output
+    md = runner.invoke(app, ["models", "frivas*", "--markdown"])
+    assert md.exit_code == 0 and md.output.count("| `frivas_cnn") == 6
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "models", "reproduce"])
+def test_help_has_examples(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0 and "Examples" in result.output
