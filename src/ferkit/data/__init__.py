@@ -2,10 +2,13 @@
 
 from ferkit.data.dataset import SPLITS, DataError, FaceData, canonical_split
 from ferkit.data.fer2013 import file_sha256, load_fer2013_csv
+from ferkit.data.ferplus import FerPlusLabels, attach_ferplus, load_ferplus_labels
+from ferkit.data.folders import load_image_folder
 from ferkit.data.labels import FER2013_NAMES, LABEL_SETS, LabelSet, get_label_set
 
-__all__ = ["FER2013_NAMES", "LABEL_SETS", "SPLITS", "DataError", "FaceData", "LabelSet", "canonical_split",
-           "file_sha256", "get_label_set", "load_dataset", "load_fer2013_csv"]
+__all__ = ["FER2013_NAMES", "LABEL_SETS", "SPLITS", "DataError", "FaceData", "FerPlusLabels", "LabelSet",
+           "attach_ferplus", "canonical_split", "file_sha256", "get_label_set", "load_dataset",
+           "load_fer2013_csv", "load_ferplus_labels", "load_image_folder"]
 
 
 def load_dataset(path: str, label_set: str | LabelSet = "fer7", *, skip_bad_rows: bool = False) -> FaceData:
@@ -14,7 +17,5 @@ def load_dataset(path: str, label_set: str | LabelSet = "fer7", *, skip_bad_rows
 
     p = Path(path)
     if p.is_dir():
-        from ferkit.data.folders import load_image_folder
-
         return load_image_folder(p, label_set)
     return load_fer2013_csv(p, label_set, skip_bad_rows=skip_bad_rows)

@@ -42,7 +42,9 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     """(B, H, W) or (B, 1, H, W) uint8 -> (B, 1, H, W) float32 in [0, 1]."""
     if images.dim() == 3:
         images = images.unsqueeze(1)
-    return images.float().div_(255.0)
+    # Out of place: with a float input, `.float()` is the input itself and an in-place divide would
+    # rescale the caller's tensor.
+    return images.div(255.0).float()
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -1,0 +1,184 @@
+"""FER+ relabelling (Microsoft FERPlus `fer2013new.csv`): crowd votes for every FER2013 row.
+
+The file has one row per FER2013 data row, in the same order, with the votes of 10 annotators over
+`neutral, happiness, surprise, sadness, anger, disgust, fear, contempt, unknown, NF` (NF = not a face).
+FER+ joins FER2013 **by row position** (image names drift and repeat), so `attach_ferplus` uses
+`FaceData.rows` and checks that the row counts and every row's Usage agree.
+
+Majority label: the column with the most votes, ties going to the leftmost column in file order (the
+rule behind the counts in the data README). Soft labels: the vote fractions over the label set's classes.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from ferkit.data.dataset import SPLITS, DataError, FaceData
+from ferkit.data.fer2013 import file_sha256
+from ferkit.data.labels import LabelSet, get_label_set
+
+VOTE_COLUMNS: tuple[str, ...] = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear",
+                                 "contempt", "unknown", "NF")
+REQUIRED_COLUMNS: tuple[str, ...] = ("Usage", "Image name", *VOTE_COLUMNS)
+# FER+ emotion column -> FER2013 class name; contempt, unknown and NF have no FER2013 class.
+FERPLUS_TO_FER2013: dict[str, str] = {
+    "neutral": "neutral", "happiness": "happy", "surprise": "surprise", "sadness": "sad", "anger": "angry",
+    "disgust": "disgust", "fear": "fear",
+}
+MODES = ("majority", "soft")
+
+
+@dataclass
+class FerPlusLabels:
+    """The contents of `fer2013new.csv`, one entry per FER2013 data row.
+
+    usage:       (N,) str split of each row.
+    image_names: (N,) str FER+ image name ('' for the rows FER+ marks as not a face).
+    votes:       (N, 10) int64 votes, columns in `columns` order (the file's order).
+    """
+
+    usage: np.ndarray
+    image_names: np.ndarray
+    votes: np.ndarray
+    columns: tuple[str, ...]
+    source: str = ""
+    sha256: str = ""
+
+    def __len__(self) -> int:
+        return len(self.usage)
+
+    def is_face(self) -> np.ndarray:
+        """False where FER+ says the row is not a face: NF == 10 votes, or no image name."""
+        nf = self.votes[:, self.columns.index("NF")]
+        return (nf < 10) & (self.image_names != "")
+
+    def majority(self) -> np.ndarray:
+        """(N,) column index of the most-voted column; ties go to the leftmost column."""
+        return np.argmax(self.votes, axis=1)
+
+
+def load_ferplus_labels(path: str | os.PathLike) -> FerPlusLabels:
+    """Read and validate `fer2013new.csv`; problems raise `DataError` naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from e
+    reader = csv.reader(io.StringIO(text))
+    header = [h.strip() for h in next(reader, [])]
+    if not any(header):
+        raise DataError(f"{path}: empty file (expected a header line {','.join(REQUIRED_COLUMNS)})")
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise DataError(f"{path}, line 1: missing column(s) {missing} in header {header}")
+    col = {c: header.index(c) for c in REQUIRED_COLUMNS}
+    columns = tuple(sorted(VOTE_COLUMNS, key=col.__getitem__))  # the file's order decides ties
+
+    usage: list[str] = []
+    names: list[str] = []
+    votes: list[list[int]] = []
+    for fields in reader:
+        line_no = reader.line_num
+        if not fields or not any(f.strip() for f in fields):
+            continue
+        if len(fields) != len(header):
+            raise DataError(f"{path}, line {line_no}: expected {len(header)} comma-separated fields, "
+                            f"got {len(fields)}")
+        use = fields[col["Usage"]].strip()
+        if use not in SPLITS:
+            raise DataError(f"{path}, line {line_no}: unknown Usage {use!r}; expected one of {list(SPLITS)}")
+        row = []
+        for c in columns:
+            v = fields[col[c]].strip()
+            if not (v.isascii() and v.isdigit()):
+                raise DataError(f"{path}, line {line_no}: {c} votes {v!r} is not a vote count (integer >= 0)")
+            row.append(int(v))
+        usage.append(use)
+        names.append(fields[col["Image name"]].strip())
+        votes.append(row)
+    if not votes:
+        raise DataError(f"{path}: no data rows after the header")
+    return FerPlusLabels(usage=np.asarray(usage), image_names=np.asarray(names),
+                         votes=np.asarray(votes, dtype=np.int64), columns=columns, source=str(path),
+                         sha256=file_sha256(path))
+
+
+def attach_ferplus(
+    data: FaceData,
+    ferplus_path: str | os.PathLike | FerPlusLabels,
+    mode: str = "majority",
+    label_set: str | LabelSet | None = None,
+) -> FaceData:
+    """Replace FER2013 labels by FER+ labels, joining by row position (`data.rows`).
+
+    `data` must be the complete load of the FER2013 CSV the FER+ file describes (attach first, split
+    after): the FER+ row count must equal the CSV's row count (`len(data)` plus every row counted in
+    `data.skipped`), and each row's Usage must agree. Rows are dropped, and counted in `skipped`, when
+    FER+ says they are not a face, or their majority is contempt, unknown, NF or a class outside the label
+    set. mode 'majority': `labels` = the majority class. mode 'soft': additionally `soft_labels` = vote
+    fractions over the label set's classes (renormalized), with `labels` their argmax (the majority).
+    `label_set` defaults to `data.label_set`; pass one to relabel into another set (e.g. load 'fer7',
+    attach with 'fer6', so rows FER2013 called disgust can still be used when FER+ disagrees).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown FER+ mode {mode!r}; choose one of {list(MODES)}")
+    labels = get_label_set(label_set if label_set is not None else data.label_set)
+    fp = ferplus_path if isinstance(ferplus_path, FerPlusLabels) else load_ferplus_labels(ferplus_path)
+    where = fp.source or "FER+ labels"
+    if data.source and Path(data.source).is_dir():
+        raise DataError(f"{data.source}: FER+ labels join FER2013 CSV rows by position, and an image folder "
+                        f"has no FER2013 row order; load the FER2013 CSV instead")
+    source_rows = len(data) + sum(data.skipped.values())
+    if len(fp) != source_rows or (len(data) and int(data.rows.max()) >= len(fp)):
+        raise DataError(
+            f"{where} has {len(fp)} data rows but {data.source or 'the data'} has {source_rows} "
+            f"({len(data)} loaded + {sum(data.skipped.values())} skipped); FER+ joins FER2013 by row "
+            f"position, so they must describe the same file (attach FER+ to the complete CSV before splitting)")
+    rows = data.rows
+    mismatch = np.flatnonzero(fp.usage[rows] != data.usage)
+    if len(mismatch):
+        i = int(mismatch[0])
+        raise DataError(
+            f"{where}, line {int(rows[i]) + 2}: Usage {str(fp.usage[rows[i]])!r} but {data.source or 'the data'} "
+            f"row {int(rows[i])} is {str(data.usage[i])!r} ({len(mismatch)} rows disagree); the files do not line up")
+
+    votes = fp.votes[rows]
+    majority = fp.majority()[rows]
+    class_of_column = np.array([labels.classes.index(FERPLUS_TO_FER2013[c])
+                                if FERPLUS_TO_FER2013.get(c) in labels.classes else -1 for c in fp.columns])
+    face = fp.is_face()[rows] & (votes.sum(axis=1) > 0)
+    cls = class_of_column[majority]
+    keep = face & (cls >= 0)
+
+    skipped = dict(data.skipped)
+    reasons: Counter[str] = Counter()
+    reasons["not a face (FER+ NF=10 or no image name)"] = int((~face).sum())
+    for j, c in enumerate(fp.columns):
+        n = int((face & (cls < 0) & (majority == j)).sum())
+        if c in FERPLUS_TO_FER2013:
+            reasons[f"FER+ majority {c} outside label set {labels.name}"] = n
+        else:
+            reasons[f"FER+ majority {c}"] = n
+    skipped.update({why: n for why, n in reasons.items() if n})
+
+    soft = None
+    if mode == "soft":
+        in_set = class_of_column >= 0
+        kept_votes = votes[keep][:, in_set].astype(np.float64)
+        soft = np.zeros((len(kept_votes), labels.num_classes), dtype=np.float64)
+        soft[:, class_of_column[in_set]] = kept_votes
+        soft = (soft / soft.sum(axis=1, keepdims=True)).astype(np.float32)
+    out = data.subset(keep)
+    tag = hashlib.sha256(f"{data.sha256}+ferplus:{fp.sha256}:{mode}:{labels.name}".encode()).hexdigest()
+    return replace(out, labels=cls[keep].astype(np.int64), label_set=labels, soft_labels=soft, skipped=skipped,
+                   source=f"{data.source} + FER+ {fp.source} ({mode})", sha256=tag)
