@@ -58,3 +58,21 @@ def test_cli_reproduce_list_and_unknown_system(tiny_csv: Path) -> None:
     assert listed.exit_code == 0 and "khaireddin_vgg" in listed.output
     bad = runner.invoke(app, ["reproduce", "nope", "--data", str(tiny_csv)])
     assert bad.exit_code == 2 and "unknown system" in bad.output
+
+
+def test_report_refreshes_only_the_table_and_draws_the_figure(tmp_path: Path) -> None:
+    from ferkit.reproduce import TABLE_END, TABLE_START, upsert_row, write_report
+
+    results = tmp_path / "results"
+    results.mkdir()
+    row = {"system": "F-Riv model 3", "registry_name": "frivas_cnn3", "classes": "7", "reported": "0.6700",
+           "public_test": "0.6600", "private_test": "0.6500", "epochs": "50", "train_minutes": "90.0",
+           "hardware": "cpu", "command": "ferkit reproduce frivas_cnn3 --data fer2013.csv.gz"}
+    upsert_row(results / "seeds.csv", "frivas_cnn3", row)
+    doc = tmp_path / "results.md"
+    doc.write_text(f"# Results\n\nintro stays\n\n{TABLE_START}\nold table\n{TABLE_END}\n\nnotes stay\n")
+    write_report(results, doc, tmp_path / "fig.png", shipped=("ferkit_vgg_s", 0.68))
+    text = doc.read_text()
+    assert "intro stays" in text and "notes stay" in text and "old table" not in text
+    assert "| F-Riv model 3 | `frivas_cnn3` | 7 | 67.0% | 66.00% | **65.00%** | -2.0 ⚠ |" in text
+    assert (tmp_path / "fig.png").stat().st_size > 1000

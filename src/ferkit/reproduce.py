@@ -169,3 +169,71 @@ def upsert_row(path: Path, name: str, row: dict[str, str]) -> None:
         w.writeheader()
         w.writerows(rows[n] for n in order)
     os.replace(tmp, path)
+
+
+TABLE_START, TABLE_END = "<!-- seeds-table:start -->", "<!-- seeds-table:end -->"
+FER_PACKAGE_ACCURACY = 0.66  # the `fer` package's published accuracy (its README), drawn as a reference line
+
+
+def read_rows(path: str | os.PathLike) -> list[dict[str, str]]:
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def render_table(rows: list[dict[str, str]]) -> str:
+    """Markdown table of results rows; PrivateTest is the headline, the gap is measured minus reported."""
+    lines = ["| system | registry name | classes | reported | PublicTest | PrivateTest | gap (points) | epochs "
+             "| train min | hardware |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        gap = (float(r["private_test"]) - float(r["reported"])) * 100
+        mark = "" if gap >= -1.5 else " ⚠"
+        lines.append(f"| {r['system']} | `{r['registry_name']}` | {r['classes']} | {float(r['reported']):.1%} | "
+                     f"{float(r['public_test']):.2%} | **{float(r['private_test']):.2%}** | {gap:+.1f}{mark} | "
+                     f"{r['epochs']} | {r['train_minutes']} | {r['hardware']} |")
+    return "\n".join(lines)
+
+
+def write_report(results_dir: str | os.PathLike = "results", doc: str | os.PathLike = "docs/results.md",
+                 figure: str | os.PathLike = "docs/results.png", shipped: tuple[str, float] | None = None) -> None:
+    """Refresh the table between the markers in `doc` (notes around it are kept) and the comparison figure."""
+    rows = read_rows(Path(results_dir) / "seeds.csv")
+    doc = Path(doc)
+    text = doc.read_text() if doc.is_file() else f"# Results\n\n{TABLE_START}\n{TABLE_END}\n"
+    if TABLE_START not in text or TABLE_END not in text:
+        raise ValueError(f"{doc} lacks the markers {TABLE_START} / {TABLE_END}")
+    head, rest = text.split(TABLE_START, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    doc.write_text(f"{head}{TABLE_START}\n{render_table(rows)}\n{TABLE_END}{tail}")
+    if rows:
+        plot_comparison(rows, figure, shipped)
+
+
+def plot_comparison(rows: list[dict[str, str]], path: str | os.PathLike,
+                    shipped: tuple[str, float] | None = None) -> None:
+    """Horizontal bars: reported vs measured PrivateTest accuracy per system, with reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r.get("name") or r["registry_name"] for r in rows]
+    y = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.6))
+    ax.barh(y - 0.2, [float(r["reported"]) for r in rows], height=0.4, label="reported", color="#bbbbbb")
+    ax.barh(y + 0.2, [float(r["private_test"]) for r in rows], height=0.4, label="measured (PrivateTest)",
+            color="#3b75af")
+    ax.axvline(FER_PACKAGE_ACCURACY, color="#c44e52", ls="--", lw=1, label="`fer` package (66 %)")
+    if shipped:
+        ax.axvline(shipped[1], color="#55a868", ls="-", lw=1.5, label=f"shipped {shipped[0]} ({shipped[1]:.1%})")
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xlabel("accuracy")
+    ax.set_xlim(0.2, 0.8)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("FER2013: published vs re-measured with ferkit")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
