@@ -248,12 +248,19 @@ def reproduce(
     results: Annotated[Path, typer.Option(help="Where seeds.csv, predictions/ and runs/ are written.")] = Path(
         "results"),
     list_systems: Annotated[bool, typer.Option("--list", help="List the systems and their recipes.")] = False,
+    report: Annotated[bool, typer.Option(
+        "--report", help="Only refresh docs/results.md's table and docs/results.png from results/seeds.csv.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Retrain a published FER2013 system with its recipe and record its measured accuracy."""
     from ferkit.data import DataError
-    from ferkit.reproduce import RECIPES
+    from ferkit.reproduce import RECIPES, write_report
     from ferkit.reproduce import reproduce as run_reproduce
+
+    if report:
+        write_report(results)
+        typer.echo("refreshed docs/results.md and docs/results.png")
+        return
 
     if list_systems or system is None:
         for r in RECIPES.values():
@@ -271,6 +278,180 @@ def reproduce(
         _fail(str(e))
     typer.echo(f"{system}: PublicTest {row['public_test']}  PrivateTest {row['private_test']}  "
                f"(reported {row['reported']}); row written to {results / 'seeds.csv'}")
+    if Path("docs/results.md").is_file():
+        write_report(results)
+
+
+ENSEMBLE_EPILOG = """
+Examples:
+
+  ferkit ensemble --from-predictions results/predictions/*.npz
+
+  ferkit ensemble --from-predictions results/predictions/*.npz \\
+      --method accuracy_weighted --json
+
+  ferkit ensemble --weights runs/a/best.safetensors runs/b/best.safetensors \\
+      --data fer2013.csv.gz --method greedy --tta flip \\
+      --save ensemble.safetensors
+
+  ferkit ensemble --snapshots runs/sixclass_cnn4-20261123-101500 \\
+      --last 9 --data fer2013.csv.gz --method mean --plot snapshots.png
+
+  ferkit evaluate --weights ensemble.safetensors --data fer2013.csv.gz
+
+Methods: mean (average of the members' probabilities); accuracy_weighted
+(weights = each member's PublicTest accuracy / their sum); class_weighted
+(member m's class-c column scaled by its PublicTest precision for class c,
+then renormalized); vote (majority of argmax votes, ties broken by summed
+probability); greedy (forward selection, with replacement, of the members
+whose average is most accurate on PublicTest); all (a table of every
+method, the default). Weights are always fitted on PublicTest; PrivateTest
+is the held-out score.
+
+--from-predictions reads results/predictions/*.npz (from `ferkit
+reproduce`) and runs no model. --weights / --snapshots run every member on
+both test splits of --data (--snapshots: a run trained with --save-every
+N). Files after the options join the --from-predictions or --weights list,
+so shell globs work. --save writes one .safetensors file holding the
+members and the fitted weights; `ferkit evaluate --weights` accepts it.
+"""
+
+
+@app.command(epilog=ENSEMBLE_EPILOG)
+def ensemble(
+    files: Annotated[list[Path] | None, typer.Argument(
+        help="More member files (.npz predictions or .safetensors weights).")] = None,
+    from_predictions: Annotated[list[Path] | None, typer.Option(
+        "--from-predictions", help="Prediction files results/predictions/<name>.npz (no model runs).")] = None,
+    weights: Annotated[list[Path] | None, typer.Option(help="Members' weights files (.safetensors).")] = None,
+    snapshots: Annotated[Path | None, typer.Option(
+        help="Run directory whose snapshots (train with --save-every N) are the members.")] = None,
+    last: Annotated[int, typer.Option(help="With --snapshots: use the last N snapshots.")] = 9,
+    data: Annotated[str | None, typer.Option(
+        help="FER2013 CSV (.csv or .csv.gz) to run the members on (--weights / --snapshots).")] = None,
+    method: Annotated[str, typer.Option(
+        help="mean | accuracy_weighted | class_weighted | vote | greedy | all.")] = "all",
+    tta: Annotated[str, typer.Option(
+        help="Test-time augmentation when running models: none | flip | tencrop.")] = "none",
+    max_members: Annotated[int | None, typer.Option(
+        help="greedy: selection steps, repeats included (default: the number of members).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print only a JSON object on stdout.")] = False,
+    save: Annotated[Path | None, typer.Option(
+        help="Write the fitted ensemble (members + weights) to this .safetensors file; needs one --method.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a members-vs-ensembles bar chart (PNG).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 CPU / mixed CUDA) | fp32 | bf16 | fp16.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Faces per forward pass.")] = 256,
+) -> None:
+    """Combine models or saved predictions: fit ensemble weights on PublicTest, report PrivateTest."""
+    import json
+
+    from ferkit.data import DataError
+    from ferkit.ensembles import (
+        METHODS,
+        canonical_method,
+        evaluate_methods,
+        format_table,
+        load_prediction_files,
+        plot_members_vs_ensemble,
+        predict_members,
+        save_ensemble,
+        snapshot_members,
+    )
+    from ferkit.models.predict import TTA_MODES
+    from ferkit.models.weights import read_metadata
+
+    methods: list[str] = []
+    try:
+        methods = list(METHODS) if method.strip().lower() == "all" else [canonical_method(method)]
+    except ValueError as e:
+        _fail(f"{e} (or all)")
+    if tta not in TTA_MODES:
+        _fail(f"unknown --tta {tta!r}; choose one of {', '.join(TTA_MODES)}")
+    if batch_size < 1:
+        _fail(f"--batch-size must be positive, got {batch_size}")
+    if max_members is not None and max_members < 1:
+        _fail(f"--max-members must be positive, got {max_members}")
+    extra = list(files or [])
+    modes = [flag for flag, given in (("--from-predictions", from_predictions), ("--weights", weights),
+                                      ("--snapshots", snapshots)) if given]
+    if len(modes) > 1:
+        _fail(f"give only one of {', '.join(modes)}")
+    if not modes:
+        if not extra:
+            _fail("no members: pass --from-predictions FILES..., --weights FILES... or --snapshots RUN_DIR")
+        modes = ["--from-predictions" if all(p.suffix == ".npz" for p in extra) else "--weights"]
+    mode = modes[0]
+    paths: list[Path] = []
+    if mode == "--snapshots":
+        if extra:
+            _fail(f"unexpected files with --snapshots: {', '.join(map(str, extra))}")
+        if last < 1:
+            _fail(f"--last must be positive, got {last}")
+        try:
+            paths = snapshot_members(snapshots, last)
+        except (FileNotFoundError, ValueError) as e:
+            _fail(str(e))
+    else:
+        paths = list(from_predictions or weights or []) + extra
+    for p in paths:
+        if not p.is_file():
+            _fail(f"member file {str(p)!r} not found")
+    if len(paths) < 2:
+        _fail(f"an ensemble needs at least two members, got {len(paths)}")
+    if save is not None and len(methods) != 1:
+        _fail("--save needs a single --method (not all)")
+
+    if mode == "--from-predictions":
+        if save is not None:
+            _fail("--save needs the members' weights (--weights or --snapshots); prediction files hold no model")
+        if tta != "none":
+            _fail("--tta applies when running models; each prediction file already records the TTA it used")
+        if data is not None:
+            _fail("--data is not used with --from-predictions (the files already hold both test splits)")
+        try:
+            members = load_prediction_files(paths)
+        except (ValueError, FileNotFoundError) as e:
+            _fail(str(e))
+    else:
+        if data is None:
+            _fail(f"{mode} runs the members: pass --data PATH to fer2013.csv or fer2013.csv.gz")
+        if not Path(data).exists():
+            _fail(f"data file {data!r} not found (pass --data PATH to fer2013.csv or fer2013.csv.gz)")
+        for p in paths:
+            try:
+                read_metadata(p)
+            except Exception as e:  # corrupt or foreign file: safetensors raises its own error type
+                _fail(f"cannot load weights {str(p)!r}: {e}")
+        try:
+            members = predict_members(paths, data, tta=tta, batch_size=batch_size, device=device,
+                                      precision=precision)
+        except (DataError, ValueError, FileNotFoundError, OSError) as e:
+            _fail(str(e))
+    try:
+        report = evaluate_methods(members, methods, max_members=max_members)
+    except ValueError as e:
+        _fail(str(e))
+    artifacts: dict[str, str] = {}
+    try:
+        if save is not None:
+            row = report.ensembles[0]
+            save_ensemble(save, paths, report.weights[methods[0]], tta=tta,
+                          extra={"fitted_on": "PublicTest", "public_accuracy": row["public_accuracy"],
+                                 "private_accuracy": row["private_accuracy"], "data": str(data),
+                                 "member_files": [str(p) for p in paths]})
+            artifacts["ensemble"] = str(save)
+        if plot is not None:
+            plot_members_vs_ensemble(report.rows(), plot)
+            artifacts["plot"] = str(plot)
+    except (ValueError, OSError) as e:
+        _fail(str(e))
+    if json_output:
+        typer.echo(json.dumps(report.to_json() | ({"artifacts": artifacts} if artifacts else {}), indent=2))
+        return
+    typer.echo(format_table(report))
+    for name, path in artifacts.items():
+        typer.echo(f"wrote {name}: {path}")
 
 
 def _json(value: object) -> str:

@@ -53,6 +53,10 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     meta = read_metadata(path)
+    if meta.get("ensemble"):  # a saved ensemble (ferkit.ensembles.artifact) loads as one model
+        from ferkit.ensembles.artifact import load_ensemble
+
+        return load_ensemble(path, device)
     if "model" not in meta:
         raise ValueError(f"{path} has no ferkit metadata (was it written by ferkit?)")
     model = create_model(meta["model"], num_classes=meta["num_classes"], **meta.get("model_kwargs", {}))

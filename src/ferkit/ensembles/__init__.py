@@ -1,0 +1,39 @@
+"""Decision-level ensembles: combine members' class probabilities (fitted on PublicTest, reported on PrivateTest).
+
+combine      pure-numpy combiners, fit_ensemble / apply_ensemble, greedy forward selection
+predictions  ensembles of saved results/predictions/*.npz files (no model runs), the methods table
+members      members from weights files or a run's snapshots (runs the models on both test splits)
+artifact     one .safetensors file holding a whole ensemble, loadable like a single model
+plots        members-vs-ensembles bar chart
+"""
+
+from ferkit.ensembles.artifact import EnsembleModel, is_ensemble_file, load_ensemble, save_ensemble
+from ferkit.ensembles.combine import (
+    METHODS,
+    EnsembleWeights,
+    accuracy_weighted,
+    apply_ensemble,
+    canonical_method,
+    class_weighted,
+    fit_ensemble,
+    greedy_selection,
+    majority_vote,
+    mean,
+    member_accuracies,
+    per_class_precision,
+)
+from ferkit.ensembles.members import predict_members, snapshot_members
+from ferkit.ensembles.plots import plot_members_vs_ensemble
+from ferkit.ensembles.predictions import (
+    EnsembleReport,
+    MemberSet,
+    evaluate_methods,
+    format_table,
+    load_prediction_files,
+)
+
+__all__ = ["METHODS", "EnsembleModel", "EnsembleReport", "EnsembleWeights", "MemberSet", "accuracy_weighted",
+           "apply_ensemble", "canonical_method", "class_weighted", "evaluate_methods", "fit_ensemble",
+           "format_table", "greedy_selection", "is_ensemble_file", "load_ensemble", "load_prediction_files",
+           "majority_vote", "mean", "member_accuracies", "per_class_precision", "plot_members_vs_ensemble",
+           "predict_members", "save_ensemble", "snapshot_members"]

@@ -1,0 +1,190 @@
+"""A saved ensemble: one .safetensors file that loads and runs like a single model.
+
+File layout: every member's tensors under a prefix (`m0.features.0.weight`, `m1....`), and JSON metadata
+(the "ferkit" key, as in ferkit.models.weights) with:
+  ensemble: true, format: 1, method, weights (the fitted EnsembleWeights), tta (the TTA the weights were
+  fitted with), members (each member's own weights metadata), and the single-model keys every ferkit tool
+  reads: model ("ensemble:<method>"), num_classes, classes, label_set, input_size, normalize.
+
+Inputs: all members must share classes, input size and normalization (ValueError otherwise); the ensemble
+does not resize internally, so it is fed exactly as each member would be.
+
+`load_ensemble(path)` (and `ferkit.models.weights.load_model(path)`, which delegates here) returns an
+`EnsembleModel`: an nn.Module whose forward returns the LOG of the combined probabilities, because ferkit
+treats model outputs as logits and applies softmax; softmax(log p) == p, so `predict_proba`, `evaluate`
+and TTA (which averages softmax outputs over views) work unchanged. Store and pass the same `tta` the weights
+were fitted with (meta["tta"]) for the numbers to match the fitted ensemble.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ferkit.ensembles.combine import EnsembleWeights, vote_tie_eps
+from ferkit.models.registry import create_model, get_spec
+from ferkit.models.weights import read_metadata
+
+ENSEMBLE_FORMAT = 1
+SHARED_KEYS = ("classes", "num_classes", "label_set", "input_size", "normalize")
+
+Member = str | os.PathLike | tuple[nn.Module, dict[str, Any]]
+
+
+class EnsembleModel(nn.Module):
+    """Runs every member on the same input and combines their softmax outputs; forward returns log-probabilities.
+
+    softmax(forward(x)) equals `apply_ensemble(weights, member probabilities)` (up to float32 rounding).
+    """
+
+    def __init__(self, members: Sequence[nn.Module], weights: EnsembleWeights, input_size: int = 48,
+                 tta: str = "none") -> None:
+        super().__init__()
+        if len(members) != weights.num_members:
+            raise ValueError(f"{len(members)} member models for weights fitted on {weights.num_members} members")
+        self.members = nn.ModuleList(members)
+        self.ensemble_weights = weights
+        self.input_size = int(input_size)
+        self.tta = tta
+        self.ferkit_name = f"ensemble:{weights.method}"
+        self.register_buffer("member_weights", torch.as_tensor(weights.member_weights, dtype=torch.float64),
+                             persistent=False)
+        cw = weights.class_weights if weights.class_weights is not None else weights.member_weights[:, None]
+        self.register_buffer("class_weights", torch.as_tensor(cw, dtype=torch.float64), persistent=False)
+
+    def member_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, B, C) float64 softmax probabilities of each member."""
+        return torch.stack([m(x).double().softmax(-1) for m in self.members])
+
+    def combine(self, probs: torch.Tensor) -> torch.Tensor:
+        """The torch twin of combine.apply_ensemble on (M, B, C) probabilities -> (B, C)."""
+        w = self.member_weights.to(probs.device)
+        wn = w / w.sum()
+        mean = torch.einsum("m,mbc->bc", wn, probs)
+        combiner = self.ensemble_weights.combiner
+        if combiner in ("mean", "accuracy_weighted"):
+            return mean
+        if combiner == "class_weighted":
+            scores = torch.einsum("mc,mbc->bc", self.class_weights.to(probs.device), probs)
+            total = scores.sum(-1, keepdim=True)
+            return torch.where(total > 0, scores / total.clamp_min(torch.finfo(scores.dtype).tiny), mean)
+        if combiner == "vote":
+            eps = vote_tie_eps(self.ensemble_weights.member_weights)
+            votes = torch.einsum("m,mbc->bc", wn, F.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype))
+            return (votes + eps * mean) / (1.0 + eps)
+        raise ValueError(f"unknown combiner {combiner!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.member_probs(x)
+        with torch.autocast(device_type=probs.device.type, enabled=False):  # combine in float64, not bf16/fp16
+            combined = self.combine(probs)
+        return combined.clamp_min(1e-30).log().float()
+
+
+def _member_state_and_meta(member: Member) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    if isinstance(member, tuple):
+        model, meta = member
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        return state, dict(meta), f"member model {meta.get('model', '?')}"
+    path = Path(member)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    return load_file(str(path)), read_metadata(path), str(path)
+
+
+def _complete_meta(meta: dict[str, Any], source: str) -> dict[str, Any]:
+    if meta.get("ensemble"):
+        raise ValueError(f"{source} is itself an ensemble; nested ensembles are not supported")
+    if "model" not in meta or "num_classes" not in meta:
+        raise ValueError(f"{source} has no ferkit metadata (model, num_classes); was it written by ferkit?")
+    meta = dict(meta)
+    meta.setdefault("input_size", get_spec(meta["model"]).input_size)
+    meta.setdefault("normalize", "dataset")
+    return meta
+
+
+def save_ensemble(path: str | os.PathLike, members: Sequence[Member], weights: EnsembleWeights, *,
+                  tta: str = "none", prune: bool = True, half: bool = False,
+                  extra: dict[str, Any] | None = None) -> Path:
+    """Write one .safetensors file holding every member and the fitted weights (atomically).
+
+    members: weights files, or (model, meta) pairs, in the order the weights were fitted on.
+    prune: leave out members with zero weight (e.g. those greedy selection did not choose).
+    half: store float tensors as fp16. extra: more metadata (e.g. the PublicTest/PrivateTest scores).
+    """
+    if len(members) != weights.num_members:
+        raise ValueError(f"{len(members)} members given for weights fitted on {weights.num_members} members")
+    if prune:
+        keep = weights.used_members()
+        members = [members[i] for i in keep]
+        weights = weights.subset(keep)
+    if not members:
+        raise ValueError("the ensemble has no member with a non-zero weight")
+    state: dict[str, torch.Tensor] = {}
+    metas: list[dict[str, Any]] = []
+    sources: list[str] = []
+    for i, member in enumerate(members):
+        tensors, meta, source = _member_state_and_meta(member)
+        meta = _complete_meta(meta, source)
+        if metas:
+            for key in SHARED_KEYS:
+                if meta.get(key) != metas[0].get(key):
+                    raise ValueError(f"{source}: {key} {meta.get(key)!r} differs from {sources[0]}'s "
+                                     f"{metas[0].get(key)!r}; ensemble members must share classes, input size "
+                                     "and normalization")
+        for k, v in tensors.items():
+            v = v.contiguous()
+            state[f"m{i}.{k}"] = v.half() if half and v.is_floating_point() else v
+        metas.append(meta)
+        sources.append(source)
+    first = metas[0]
+    meta_out: dict[str, Any] = {
+        "ensemble": True, "format": ENSEMBLE_FORMAT, "model": f"ensemble:{weights.method}",
+        **{k: first.get(k) for k in SHARED_KEYS}, "method": weights.method, "tta": tta,
+        "weights": weights.to_json(), "num_members": len(metas), "members": metas,
+    } | (extra or {})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file(state, str(tmp), metadata={"ferkit": json.dumps(meta_out)})
+    os.replace(tmp, path)
+    return path
+
+
+def is_ensemble_file(path: str | os.PathLike) -> bool:
+    try:
+        return bool(read_metadata(path).get("ensemble"))
+    except Exception:  # not a safetensors file
+        return False
+
+
+def load_ensemble(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[EnsembleModel, dict]:
+    """Rebuild a `save_ensemble` file as an EnsembleModel in eval mode; returns (model, meta)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ensemble file {path} does not exist")
+    meta = read_metadata(path)
+    if not meta.get("ensemble"):
+        raise ValueError(f"{path} is not a ferkit ensemble (load single models with ferkit.models.weights.load_model)")
+    if int(meta.get("format", 0)) > ENSEMBLE_FORMAT:
+        raise ValueError(f"{path} uses ensemble format {meta['format']}; this ferkit reads up to {ENSEMBLE_FORMAT}")
+    state = load_file(str(path))
+    models = []
+    for i, mmeta in enumerate(meta["members"]):
+        model = create_model(mmeta["model"], num_classes=mmeta["num_classes"], **mmeta.get("model_kwargs", {}))
+        prefix = f"m{i}."
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+        model.load_state_dict({k: v.to(dtypes.get(k, v.dtype)) for k, v in sub.items()})
+        models.append(model)
+    weights = EnsembleWeights.from_json(meta["weights"])
+    ensemble = EnsembleModel(models, weights, input_size=int(meta["input_size"]), tta=str(meta.get("tta", "none")))
+    return ensemble.to(device).eval(), meta

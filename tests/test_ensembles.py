@@ -1,0 +1,469 @@
+"""Ensembles: every method on hand-computed examples, greedy selection, no PrivateTest leakage into fitting,
+prediction files (and their mismatch errors), the saved-ensemble round trip, snapshot ensembles, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ferkit.cli import app
+from ferkit.data import load_dataset
+from ferkit.data.labels import LABEL_SETS
+from ferkit.ensembles import (
+    METHODS,
+    EnsembleModel,
+    EnsembleWeights,
+    accuracy_weighted,
+    apply_ensemble,
+    canonical_method,
+    class_weighted,
+    evaluate_methods,
+    fit_ensemble,
+    format_table,
+    greedy_selection,
+    load_ensemble,
+    load_prediction_files,
+    majority_vote,
+    mean,
+    member_accuracies,
+    per_class_precision,
+    plot_members_vs_ensemble,
+    predict_members,
+    save_ensemble,
+    snapshot_members,
+)
+from ferkit.ensembles import predictions as predictions_module
+from ferkit.evaluation import evaluate
+from ferkit.models import create_model
+from ferkit.models.predict import predict_proba
+from ferkit.models.weights import load_model, save_weights
+from ferkit.training import TrainConfig, train
+
+runner = CliRunner()
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# ---- a hand-worked 2-member, 2-class example ----------------------------------------------------------------
+# PublicTest (fitting): labels 0 0 1 1.
+#   A predicts 0 0 1 0 -> accuracy 3/4; precision: class 0 = 2/3 (3 predicted, 2 right), class 1 = 1/1.
+#   B predicts 1 0 0 0 -> accuracy 1/4; precision: class 0 = 1/3, class 1 = 0/1.
+PUB_LABELS = np.array([0, 0, 1, 1])
+PUB = np.array([
+    [[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]],  # A
+    [[0.4, 0.6], [0.7, 0.3], [0.6, 0.4], [0.8, 0.2]],  # B
+])
+# PrivateTest (reporting): labels 1 0.
+PRIV_LABELS = np.array([1, 0])
+PRIV = np.array([
+    [[0.3, 0.7], [0.6, 0.4]],  # A
+    [[0.9, 0.1], [0.3, 0.7]],  # B
+])
+# mean:              face 0 [0.60, 0.40] -> 0 (wrong), face 1 [0.45, 0.55] -> 1 (wrong): accuracy 0
+# accuracy_weighted: w = (0.75, 0.25) / 1.0; face 0 [0.45, 0.55] -> 1, face 1 [0.525, 0.475] -> 0: accuracy 1
+# class_weighted:    W = [[2/3, 1], [1/3, 0]]; face 0 S = [2/3*.3 + 1/3*.9, .7] = [.5, .7] -> [5/12, 7/12];
+#                    face 1 S = [2/3*.6 + 1/3*.3, .4] = [.5, .4] -> [5/9, 4/9]: accuracy 1
+MEAN_PRIV = [[0.6, 0.4], [0.45, 0.55]]
+ACC_PRIV = [[0.45, 0.55], [0.525, 0.475]]
+CLASS_PRIV = [[5 / 12, 7 / 12], [5 / 9, 4 / 9]]
+
+
+def test_mean_by_hand() -> None:
+    assert mean(PRIV) == pytest.approx(np.array(MEAN_PRIV))
+    w = fit_ensemble("mean", PUB, PUB_LABELS)
+    assert w.member_weights == pytest.approx([0.5, 0.5])
+    assert apply_ensemble(w, PRIV) == pytest.approx(np.array(MEAN_PRIV))
+
+
+def test_accuracy_weighted_by_hand() -> None:
+    assert member_accuracies(PUB, PUB_LABELS) == pytest.approx([0.75, 0.25])
+    w = fit_ensemble("accuracy_weighted", PUB, PUB_LABELS)
+    assert w.member_weights == pytest.approx([0.75, 0.25])
+    assert apply_ensemble(w, PRIV) == pytest.approx(np.array(ACC_PRIV))
+    assert accuracy_weighted(PRIV, [0.75, 0.25]) == pytest.approx(np.array(ACC_PRIV))
+    assert accuracy_weighted(PRIV, [0.6, 0.2]) == pytest.approx(np.array(ACC_PRIV))  # only ratios matter
+    assert accuracy_weighted(PRIV, [0.0, 0.0]) == pytest.approx(np.array(MEAN_PRIV))  # all zero -> uniform
+    # Public accuracy of the fitted ensemble: faces 0-2 right, face 3 [0.65, 0.35] wrong.
+    assert w.public_accuracy == pytest.approx(0.75)
+
+
+def test_class_weighted_by_hand() -> None:
+    assert per_class_precision(PUB, PUB_LABELS) == pytest.approx(np.array([[2 / 3, 1.0], [1 / 3, 0.0]]))
+    w = fit_ensemble("class_weighted", PUB, PUB_LABELS)
+    assert w.class_weights == pytest.approx(np.array([[2 / 3, 1.0], [1 / 3, 0.0]]))
+    assert apply_ensemble(w, PRIV) == pytest.approx(np.array(CLASS_PRIV))
+    # A face whose weighted scores are all zero falls back to the plain mean.
+    out = class_weighted([[[1.0, 0.0]], [[0.5, 0.5]]], [[0.0, 1.0], [0.0, 0.0]])
+    assert out == pytest.approx(np.array([[0.75, 0.25]]))
+
+
+def test_majority_vote_by_hand() -> None:
+    probs = np.array([
+        [[0.5, 0.3, 0.2], [0.6, 0.4, 0.0]],  # A votes 0, 0
+        [[0.4, 0.35, 0.25], [0.1, 0.9, 0.0]],  # B votes 0, 1
+        [[0.1, 0.1, 0.8], [0.3, 0.3, 0.4]],  # C votes 2, 2
+    ])
+    out = majority_vote(probs)
+    # Face 0: votes 2/3 for class 0 although the mean prefers class 2 (0.4167 > 0.3333).
+    # Face 1: a three-way tie, broken by the summed probability: class 1 (1.6) beats 0 (1.0) and 2 (0.4).
+    assert list(out.argmax(1)) == [0, 1]
+    assert list(mean(probs).argmax(1)) == [2, 1]
+    eps = 1e-3  # min(1e-3, 0.5 / 3 votes)
+    votes = np.array([[2 / 3, 0, 1 / 3], [1 / 3, 1 / 3, 1 / 3]])
+    summed = np.array([[1 / 3, 0.25, 1.25 / 3], [1 / 3, 1.6 / 3, 0.4 / 3]])
+    assert out == pytest.approx((votes + eps * summed) / (1 + eps))
+    assert out.sum(1) == pytest.approx([1.0, 1.0])
+    w = fit_ensemble("majority_vote", probs, np.array([0, 1]))
+    assert w.method == "vote" and w.member_weights == pytest.approx([1, 1, 1])
+    assert apply_ensemble(w, probs) == pytest.approx(out)
+
+
+def test_greedy_selection_known_answer() -> None:
+    # All faces are class 0; each entry is P(class 0).
+    #   A right on faces 0-3 (4/6), B right on faces 2-5 (4/6), C right on faces 0-4 (5/6, the best single).
+    # Step 1 picks C. Step 2: C+B is right everywhere (face 5: (0.4 + 0.9) / 2), C+A and C+C stay at 5/6.
+    # Nothing beats 6/6, so the shortest best prefix [C, B] is kept.
+    p0 = np.array([[0.9, 0.9, 0.9, 0.9, 0.45, 0.45],
+                   [0.45, 0.45, 0.9, 0.9, 0.9, 0.9],
+                   [0.9, 0.9, 0.9, 0.9, 0.9, 0.4]])
+    probs = np.stack([p0, 1 - p0], axis=-1)
+    labels = np.zeros(6, dtype=int)
+    w = greedy_selection(probs, labels, "mean")
+    assert w.method == "greedy" and w.combiner == "mean"
+    assert w.selected == (2, 1)
+    assert w.member_weights == pytest.approx([0.0, 0.5, 0.5])
+    assert w.public_accuracy == 1.0
+    assert fit_ensemble("greedy", probs, labels).selected == (2, 1)
+    # Capped at one member: the best single member.
+    assert greedy_selection(probs, labels, max_members=1).selected == (2,)
+    # Without replacement nobody is chosen twice, even with many steps.
+    no_rep = greedy_selection(probs, labels, "vote", max_members=10, replacement=False)
+    assert len(set(no_rep.selected)) == len(no_rep.selected)
+
+
+def test_greedy_with_replacement_counts_become_weights() -> None:
+    # All faces are class 0; each entry is P(class 0).
+    p0 = np.array([[0.99, 0.2, 0.99, 0.95],   # A: right on 0, 2, 3 (3/4)
+                   [0.2, 0.2, 0.2, 0.2],      # B: never right
+                   [0.9, 0.7, 0.9, 0.45]])    # C: right on 0, 1, 2 (3/4, lower NLL than A)
+    probs = np.stack([p0, 1 - p0], axis=-1)
+    labels = np.zeros(4, dtype=int)
+    # Step 1: A and C tie at 3/4; C has the lower NLL. Step 2: C+A (3/4, face 1 at 0.45) beats C+C on NLL.
+    # Step 3: C again: weights 2/3, 1/3 get face 1 right ((1.4 + 0.2) / 3 = 0.533) and face 3 (0.617): 4/4.
+    w = greedy_selection(probs, labels, "mean", max_members=3)
+    assert w.selected == (2, 0, 2)
+    assert w.member_weights == pytest.approx([1 / 3, 0.0, 2 / 3])
+    assert w.public_accuracy == 1.0
+    assert (apply_ensemble(w, probs).argmax(1) == 0).all()
+    # Without replacement the best prefix of C, A, B is C alone.
+    no_rep = greedy_selection(probs, labels, "mean", max_members=3, replacement=False)
+    assert no_rep.selected == (2,) and no_rep.public_accuracy == 0.75
+
+
+def test_method_names_and_weights_json_round_trip() -> None:
+    assert canonical_method("majority_vote") == "vote" and canonical_method("Accuracy-Weighted") == "accuracy_weighted"
+    with pytest.raises(ValueError, match="unknown ensemble method"):
+        canonical_method("stacking")
+    for method in METHODS:
+        w = fit_ensemble(method, PUB, PUB_LABELS)
+        again = EnsembleWeights.from_json(json.loads(json.dumps(w.to_json())))
+        assert apply_ensemble(again, PRIV) == pytest.approx(apply_ensemble(w, PRIV))
+
+
+def test_shape_errors() -> None:
+    with pytest.raises(ValueError, match="members, faces, classes"):
+        fit_ensemble("mean", PUB[0], PUB_LABELS)
+    with pytest.raises(ValueError, match="labels"):
+        fit_ensemble("accuracy_weighted", PUB, PUB_LABELS[:3])
+    with pytest.raises(ValueError, match="fitted for 2 members"):
+        apply_ensemble(fit_ensemble("mean", PUB, PUB_LABELS), PRIV[:1])
+
+
+# ---- fitting never sees PrivateTest -------------------------------------------------------------------------
+
+
+def random_members(seed: int = 0, m: int = 4, n: int = 60, c: int = 3):
+    rng = np.random.default_rng(seed)
+
+    def split() -> predictions_module.SplitProbs:
+        logits = rng.normal(size=(m, n, c))
+        labels = rng.integers(0, c, n)
+        logits[:, np.arange(n), labels] += rng.uniform(0, 2, size=(m, 1))  # members of different skill
+        p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+        return predictions_module.SplitProbs(p, labels, np.arange(n))
+
+    return predictions_module.MemberSet(names=[f"m{i}" for i in range(m)], classes=list("abc"), public=split(),
+                                        private=split())
+
+
+def test_corrupted_private_labels_and_probs_give_identical_weights() -> None:
+    members = random_members()
+    clean = evaluate_methods(members)
+    members.private.labels = (members.private.labels + 1) % 3
+    members.private.probs = members.private.probs[:, :, ::-1].copy()
+    corrupted = evaluate_methods(members)
+    for method in METHODS:
+        assert corrupted.weights[method].to_json() == clean.weights[method].to_json(), method
+    for a, b in zip(clean.ensembles, corrupted.ensembles, strict=True):
+        assert a["public_accuracy"] == b["public_accuracy"]
+
+
+def test_only_public_arrays_reach_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    members = random_members(1)
+    seen = []
+    real_fit = predictions_module.fit_ensemble
+
+    def spy(method, public_probs, public_labels, **kw):
+        seen.append((public_probs, public_labels))
+        return real_fit(method, public_probs, public_labels, **kw)
+
+    monkeypatch.setattr(predictions_module, "fit_ensemble", spy)
+    evaluate_methods(members)
+    assert len(seen) == len(METHODS)
+    for probs, labels in seen:
+        assert probs is members.public.probs and labels is members.public.labels
+
+
+# ---- prediction files ---------------------------------------------------------------------------------------
+
+
+def write_predictions(path: Path, pub: np.ndarray, pub_labels, priv: np.ndarray, priv_labels,
+                      classes=("a", "b"), pub_rows=None, priv_rows=None) -> Path:
+    """A file as `ferkit reproduce` writes it (probabilities stored as float16)."""
+    np.savez_compressed(path, classes=np.array(classes), model="toy", tta="none",
+                        public_probs=np.asarray(pub, np.float16), public_labels=np.asarray(pub_labels),
+                        public_rows=np.arange(len(pub)) if pub_rows is None else np.asarray(pub_rows),
+                        private_probs=np.asarray(priv, np.float16), private_labels=np.asarray(priv_labels),
+                        private_rows=np.arange(100, 100 + len(priv)) if priv_rows is None else np.asarray(priv_rows))
+    return path
+
+
+@pytest.fixture
+def prediction_files(tmp_path: Path) -> list[Path]:
+    d = tmp_path / "predictions"
+    d.mkdir()
+    return [write_predictions(d / f"{name}.npz", PUB[i], PUB_LABELS, PRIV[i], PRIV_LABELS)
+            for i, name in enumerate(("alpha", "beta"))]
+
+
+def test_prediction_files_every_method(prediction_files: list[Path]) -> None:
+    members = load_prediction_files(prediction_files)
+    assert members.names == ["alpha", "beta"] and members.classes == ["a", "b"]
+    assert members.public.probs.shape == (2, 4, 2) and members.private.probs.shape == (2, 2, 2)
+    report = evaluate_methods(members)
+    by = {r["method"]: r for r in report.ensembles}
+    assert set(by) == set(METHODS)
+    assert by["mean"]["private_accuracy"] == 0.0 and by["mean"]["public_accuracy"] == 0.75
+    assert by["accuracy_weighted"]["private_accuracy"] == 1.0
+    assert by["class_weighted"]["private_accuracy"] == 1.0
+    assert by["accuracy_weighted"]["member_weights"] == pytest.approx({"alpha": 0.75, "beta": 0.25})
+    assert report.best_member["name"] == "alpha" and report.best_member["private_accuracy"] == 1.0
+    text = format_table(report)
+    for word in ("alpha", "beta", "best", "greedy(mean)", "class_weighted", "PrivateTest"):
+        assert word in text
+
+
+def test_prediction_file_mismatches_name_the_file(tmp_path: Path, prediction_files: list[Path]) -> None:
+    good = prediction_files[0]
+    cases = {
+        "classes": write_predictions(tmp_path / "classes.npz", PUB[1], PUB_LABELS, PRIV[1], PRIV_LABELS,
+                                     classes=("a", "c")),
+        "rows": write_predictions(tmp_path / "rows.npz", PUB[1], PUB_LABELS, PRIV[1], PRIV_LABELS,
+                                  pub_rows=[0, 1, 2, 7]),
+        "labels": write_predictions(tmp_path / "labels.npz", PUB[1], [0, 0, 1, 0], PRIV[1], PRIV_LABELS),
+        "faces": write_predictions(tmp_path / "faces.npz", PUB[1][:3], PUB_LABELS[:3], PRIV[1], PRIV_LABELS,
+                                   pub_rows=[0, 1, 2]),
+    }
+    for what, path in cases.items():
+        with pytest.raises(ValueError, match=str(path.name)) as err:
+            load_prediction_files([good, path])
+        assert what in str(err.value) or "rows" in str(err.value), what
+    one_split = tmp_path / "one_split.npz"
+    np.savez(one_split, probs=PUB[0], labels=PUB_LABELS, rows=np.arange(4), classes=np.array(["a", "b"]),
+             split=np.array("PublicTest"))
+    with pytest.raises(ValueError, match="one_split.npz.*both test"):
+        load_prediction_files([good, one_split])
+    junk = tmp_path / "junk.npz"
+    junk.write_text("not a zip")
+    with pytest.raises(ValueError, match="junk.npz"):
+        load_prediction_files([good, junk])
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        load_prediction_files([good, tmp_path / "missing.npz"])
+
+
+def test_cli_from_predictions_json(prediction_files: list[Path]) -> None:
+    # As the shell expands results/predictions/*.npz: the first file follows the option, the rest are arguments.
+    result = runner.invoke(app, ["ensemble", "--from-predictions", *map(str, prediction_files),
+                                 "--method", "accuracy_weighted", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert [e["method"] for e in out["ensembles"]] == ["accuracy_weighted"]
+    ens = out["ensembles"][0]
+    assert ens["public_accuracy"] == 0.75 and ens["private_accuracy"] == 1.0
+    assert ens["member_weights"] == pytest.approx({"alpha": 0.75, "beta": 0.25})
+    assert [m["name"] for m in out["members"]] == ["alpha", "beta"]
+    assert out["fitted_on"] == "PublicTest" and out["num_private"] == 2
+
+
+def test_cli_method_all_table_and_plot(prediction_files: list[Path], tmp_path: Path) -> None:
+    png = tmp_path / "members.png"
+    result = runner.invoke(app, ["ensemble", *map(str, prediction_files), "--method", "all", "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    for name in ("mean", "accuracy_weighted", "class_weighted", "vote", "greedy(mean)", "best", "alpha"):
+        assert name in result.stdout, name
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "stacking"], "unknown ensemble method"),
+    (["--save", "x.safetensors", "--method", "mean"], "--save needs the members' weights"),
+    (["--save", "x.safetensors"], "single --method"),
+    (["--tta", "flip"], "--tta"),
+    (["--max-members", "0"], "--max-members"),
+])
+def test_cli_user_errors_exit_2(prediction_files: list[Path], args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["ensemble", "--from-predictions", *map(str, prediction_files), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_cli_member_errors_exit_2(prediction_files: list[Path], tmp_path: Path) -> None:
+    bad = write_predictions(tmp_path / "other_classes.npz", PUB[1], PUB_LABELS, PRIV[1], PRIV_LABELS,
+                            classes=("x", "y"))
+    for args, message in ([[str(prediction_files[0]), str(bad)], "other_classes.npz"],
+                          [[str(prediction_files[0])], "at least two members"],
+                          [[str(prediction_files[0]), str(tmp_path / "gone.npz")], "gone.npz"],
+                          [[], "no members"],
+                          [["--weights", str(tmp_path / "w.safetensors"), "--snapshots", str(tmp_path)], "only one"]):
+        result = runner.invoke(app, ["ensemble", *args])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+
+
+# ---- saved ensembles ----------------------------------------------------------------------------------------
+
+FER6 = LABEL_SETS["fer6"]
+
+
+def member_meta(**kw) -> dict:
+    return {"model": "sixclass_cnn4", "num_classes": 6, "classes": list(FER6.classes), "label_set": "fer6",
+            "input_size": 48, "normalize": "dataset", "model_kwargs": {}} | kw
+
+
+@pytest.fixture
+def two_members(tmp_path: Path) -> list[Path]:
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = create_model("sixclass_cnn4", num_classes=6)
+        path = tmp_path / f"member{seed}.safetensors"
+        save_weights(model, path, member_meta())
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_saved_ensemble_round_trip(two_members: list[Path], tmp_path: Path, method: str) -> None:
+    rng = np.random.default_rng(0)
+    faces = rng.integers(0, 256, size=(12, 48, 48), dtype=np.uint8)
+    labels = rng.integers(0, 6, 12)
+    member_probs = np.stack([predict_proba(load_model(p)[0], faces, input_size=48) for p in two_members])
+    weights = fit_ensemble(method, member_probs, labels)
+    out = save_ensemble(tmp_path / "ens.safetensors", two_members, weights, tta="flip")
+    ens, meta = load_ensemble(out)
+    assert isinstance(ens, EnsembleModel) and meta["ensemble"] and meta["tta"] == "flip"
+    assert meta["method"] == weights.method and meta["classes"] == list(FER6.classes)
+    assert [m["model"] for m in meta["members"]] == ["sixclass_cnn4"] * len(weights.used_members())
+    expected = apply_ensemble(weights, member_probs)
+    got = predict_proba(ens, faces, input_size=48)
+    assert got == pytest.approx(expected, abs=1e-5)
+    # The forward pass returns log-probabilities, so ferkit's softmax recovers the combined probabilities.
+    with torch.no_grad():
+        log_probs = ens(torch.randn(3, 1, 48, 48))
+    assert torch.allclose(torch.exp(log_probs).sum(-1), torch.ones(3), atol=1e-5)
+    # load_model loads an ensemble file transparently.
+    same, meta2 = load_model(out)
+    assert isinstance(same, EnsembleModel) and meta2 == meta
+
+
+def test_saved_ensemble_evaluates_like_a_model(two_members: list[Path], tiny_csv: Path, tmp_path: Path) -> None:
+    data = load_dataset(str(tiny_csv), "fer6")
+    members = predict_members(two_members, data, device="cpu", precision="fp32")
+    weights = fit_ensemble("accuracy_weighted", members.public.probs, members.public.labels)
+    path = save_ensemble(tmp_path / "ens.safetensors", two_members, weights)
+    model, meta = load_model(path)
+    result = evaluate(model, meta, data, "PrivateTest", device="cpu", precision="fp32")
+    expected = apply_ensemble(weights, members.private.probs)
+    assert result.probs == pytest.approx(expected, abs=1e-5)
+    assert result.model_name == "ensemble:accuracy_weighted"
+
+
+def test_greedy_ensemble_saves_only_chosen_members(two_members: list[Path], tmp_path: Path) -> None:
+    weights = EnsembleWeights("greedy", "mean", np.array([0.0, 1.0]), selected=(1,))
+    ens, meta = load_ensemble(save_ensemble(tmp_path / "g.safetensors", two_members, weights))
+    assert len(ens.members) == 1 and meta["weights"]["member_weights"] == [1.0]
+    faces = np.random.default_rng(1).integers(0, 256, size=(4, 48, 48), dtype=np.uint8)
+    alone = predict_proba(load_model(two_members[1])[0], faces, input_size=48)
+    assert predict_proba(ens, faces, input_size=48) == pytest.approx(alone, abs=1e-5)
+
+
+def test_members_must_share_preprocessing(two_members: list[Path], tmp_path: Path) -> None:
+    model, _ = load_model(two_members[0])
+    weights = EnsembleWeights("mean", "mean", np.array([0.5, 0.5]))
+    with pytest.raises(ValueError, match="normalize"):
+        save_ensemble(tmp_path / "x.safetensors", [two_members[0], (model, member_meta(normalize="imagenet"))],
+                      weights)
+    with pytest.raises(ValueError, match="classes"):
+        save_ensemble(tmp_path / "x.safetensors", [two_members[0], (model, member_meta(classes=list("abcdef")))],
+                      weights)
+    nested = save_ensemble(tmp_path / "ok.safetensors", two_members, weights)
+    with pytest.raises(ValueError, match="nested"):
+        save_ensemble(tmp_path / "y.safetensors", [two_members[0], nested], weights)
+
+
+# ---- snapshot ensembles -------------------------------------------------------------------------------------
+
+
+def test_snapshot_ensemble_from_a_tiny_run(tiny_csv: Path, tmp_path: Path) -> None:
+    # fer6 drops the 10 disgust faces: 60 training faces, batch 16 -> 4 steps; save_every=2 keeps steps 2 and 4.
+    cfg = TrainConfig(model="sixclass_cnn4", data=str(tiny_csv), label_set="fer6", epochs=1, batch_size=16,
+                      save_every=2, precision="fp32", progress=False, out_dir=str(tmp_path / "runs"),
+                      run_name="snap", device="cpu")
+    run = train(cfg).run_dir
+    snaps = snapshot_members(run, last_k=9)
+    assert [p.name for p in snaps] == ["step0000002.safetensors", "step0000004.safetensors"]
+    assert snapshot_members(run, last_k=1) == snaps[-1:]
+    with pytest.raises(FileNotFoundError, match="save_every"):
+        snapshot_members(tmp_path)
+    members = predict_members(snaps, tiny_csv, device="cpu", precision="fp32")
+    assert members.names == ["step0000002", "step0000004"] and members.public.probs.shape == (2, 30, 6)
+    report = evaluate_methods(members, ["mean", "greedy"])
+    assert [r["method"] for r in report.ensembles] == ["mean", "greedy"]
+
+    saved = tmp_path / "snap_ens.safetensors"
+    png = tmp_path / "snap.png"
+    result = runner.invoke(app, ["ensemble", "--snapshots", str(run), "--last", "2", "--data", str(tiny_csv),
+                                 "--method", "mean", "--precision", "fp32", "--device", "cpu", "--save", str(saved),
+                                 "--plot", str(png), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    mean_private = out["ensembles"][0]["private_accuracy"]
+    assert mean_private == pytest.approx(report.ensembles[0]["private_accuracy"])
+    assert out["artifacts"]["ensemble"] == str(saved) and png.read_bytes()[:8] == PNG_MAGIC
+    evaluated = runner.invoke(app, ["evaluate", "--weights", str(saved), "--data", str(tiny_csv), "--json",
+                                    "--precision", "fp32", "--device", "cpu"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["accuracy"] == pytest.approx(mean_private)
+    missing = runner.invoke(app, ["ensemble", "--snapshots", str(run)])
+    assert missing.exit_code == 2 and "--data" in missing.output
+
+
+def test_plot_members_vs_ensemble(tmp_path: Path) -> None:
+    rows = [{"kind": "member", "name": "a", "public_accuracy": 0.5, "private_accuracy": 0.55},
+            {"kind": "member", "name": "b", "public_accuracy": 0.6, "private_accuracy": 0.58},
+            {"kind": "ensemble", "name": "mean", "public_accuracy": 0.65, "private_accuracy": 0.63}]
+    plot_members_vs_ensemble(rows, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == PNG_MAGIC
