@@ -454,6 +454,151 @@ def ensemble(
         typer.echo(f"wrote {name}: {path}")
 
 
+PREDICT_EPILOG = """
+Examples:
+
+  ferkit predict                                   (the bundled sample photo; writes ferkit-demo.jpg)
+
+  ferkit predict photo.jpg group.png               (a table of faces and emotions)
+
+  ferkit predict photos/ --json results.json --csv results.csv --annotate annotated/
+
+  ferkit predict clip.mp4 --every 15               (every 15th frame, with timestamps)
+
+  ferkit predict crops/ --detector none            (images that are already face crops)
+
+  ferkit predict photo.jpg --weights runs/ferkit_vgg_s-20261123-101500/best.safetensors --tta flip
+
+  ferkit predict photo.jpg --json -                (only JSON, on stdout)
+
+Folders are searched recursively for images (.jpg .png .bmp .gif .tif .webp ...) and videos
+(.mp4 .avi .mov .mkv .webm ...). Detectors: retinaface (CNN, default), haar (OpenCV cascade, fast),
+none (the whole image is the face). Each face is cropped like FER2013's faces (tight, upright,
+grayscale, 48x48) before classification. A file that cannot be read (corrupt, truncated, empty, not
+an image, over the 50-megapixel guard) or has no face becomes an error entry in the table, JSON and CSV;
+the other files are still processed and the exit code is 1 (2 for a usage error).
+"""
+
+
+def _recognizer(weights: Path | None, detector: str, tta: str, device: str, min_face_score: float = 0.0):
+    from ferkit.inference import Recognizer
+    from ferkit.models.predict import TTA_MODES
+    from ferkit.models.weights import default_weights_path
+
+    if tta not in TTA_MODES:
+        _fail(f"unknown --tta {tta!r}; choose one of {', '.join(TTA_MODES)}")
+    if weights is None and not default_weights_path().is_file():
+        _fail(f"no --weights given and the shipped default weights {default_weights_path()} do not exist yet; "
+              "pass --weights PATH (e.g. runs/<name>/best.safetensors from `ferkit train`)")
+    if weights is not None and not weights.is_file():
+        _fail(f"weights file {str(weights)!r} not found")
+    try:
+        return Recognizer(model=weights or "default", detector=detector, device=device, tta=tta,
+                          min_face_score=min_face_score)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(str(e))
+    except Exception as e:  # corrupt or foreign weights file: safetensors raises its own error type
+        _fail(f"cannot load weights {str(weights)!r}: {e}")
+
+
+def _run_predict(rec, paths: list[Path], json_out: str | None, csv_out: Path | None, annotate: Path | None,
+                 annotate_file: Path | None, every: int, progress: bool) -> None:
+    import sys
+
+    from ferkit.inference import batch
+
+    if every < 1:
+        _fail(f"--every must be at least 1, got {every}")
+    try:
+        entries, skipped = batch.run(rec, paths, every=every, annotate_dir=annotate, progress=progress,
+                                     annotate_file=annotate_file)
+    except OSError as e:
+        _fail(f"cannot write output: {e}")
+    info = {"model": rec.meta.get("model"), "weights": str(rec.weights_path),
+            "detector": getattr(rec.detector, "name", str(rec.detector)), "tta": rec.tta,
+            "classes": rec.classes}
+    stats = batch.summary(entries)
+    note = (f"{stats['files']} file(s), {stats['faces']} face(s), {stats['errors']} error(s)"
+            + (f"; {skipped} non-image file(s) in folders skipped" if skipped else ""))
+    try:
+        if json_out == "-":
+            batch.write_json(entries, sys.stdout, info)
+            typer.echo(note, err=True)
+        else:
+            if entries:
+                typer.echo(batch.format_table(entries))
+            typer.echo(note)
+            if json_out:
+                batch.write_json(entries, json_out, info)
+                typer.echo(f"wrote JSON: {json_out}")
+        if csv_out is not None:
+            batch.write_csv(entries, csv_out, rec.classes)
+            if json_out != "-":
+                typer.echo(f"wrote CSV: {csv_out}")
+    except OSError as e:
+        _fail(f"cannot write output: {e}")
+    written = [e.annotated for e in entries if e.annotated]
+    if written and json_out != "-":
+        typer.echo(f"wrote annotated image: {written[0]}" if annotate_file is not None
+                   else f"wrote {len(written)} annotated image(s) to {annotate}")
+    if stats["errors"]:
+        raise typer.Exit(1)
+
+
+@app.command(epilog=PREDICT_EPILOG)
+def predict(
+    paths: Annotated[list[Path] | None, typer.Argument(
+        help="Images, folders (searched recursively) or videos; none: the bundled sample photo.")] = None,
+    json_out: Annotated[str | None, typer.Option(
+        "--json", help="Write the results as JSON to this file ('-': print only JSON on stdout).")] = None,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="Write one row per face to this CSV file.")] = None,
+    annotate: Annotated[Path | None, typer.Option(
+        help="Write annotated copies (boxes, dominant emotion, probability bars) into this folder.")] = None,
+    every: Annotated[int, typer.Option(help="Videos: analyse every N-th frame.")] = 10,
+    detector: Annotated[str, typer.Option(help="Face detector: retinaface | haar | none.")] = "retinaface",
+    weights: Annotated[Path | None, typer.Option(
+        help="Weights file (.safetensors) written by ferkit; default: the shipped model.")] = None,
+    tta: Annotated[str, typer.Option(help="Test-time augmentation: none | flip | tencrop.")] = "none",
+    min_face_score: Annotated[float, typer.Option(help="Ignore faces the detector is less sure of.")] = 0.0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Detect faces in images, folders and videos and classify their emotions."""
+    from ferkit.inference.image_io import sample_image_path
+
+    rec = _recognizer(weights, detector, tta, device, min_face_score)
+    annotate_file = None
+    if not paths:
+        paths = [sample_image_path()]
+        annotate_file = None if annotate is not None else Path("ferkit-demo.jpg")
+    _run_predict(rec, list(paths), json_out, csv_out, annotate, annotate_file, every, progress)
+
+
+@app.command(epilog="""
+Examples:
+
+  ferkit demo                                  (writes ferkit-demo.jpg here)
+
+  ferkit demo --out /tmp/demo.jpg --detector haar
+
+The sample photo is NASA's public-domain portrait of astronaut Eileen Collins (from scikit-image's
+sample data); see ferkit/assets/README.md.
+""")
+def demo(
+    out: Annotated[Path, typer.Option(help="Where to write the annotated photo.")] = Path("ferkit-demo.jpg"),
+    detector: Annotated[str, typer.Option(help="Face detector: retinaface | haar | none.")] = "retinaface",
+    weights: Annotated[Path | None, typer.Option(
+        help="Weights file (.safetensors) written by ferkit; default: the shipped model.")] = None,
+    tta: Annotated[str, typer.Option(help="Test-time augmentation: none | flip | tencrop.")] = "none",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+) -> None:
+    """Run the recognizer on the bundled sample photo and write the annotated result."""
+    from ferkit.inference.image_io import sample_image_path
+
+    rec = _recognizer(weights, detector, tta, device)
+    _run_predict(rec, [sample_image_path()], None, None, None, out, 1, False)
+
+
 def _json(value: object) -> str:
     import json
 

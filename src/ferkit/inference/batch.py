@@ -1,0 +1,272 @@
+"""Run a Recognizer over many inputs (images, folders, videos) for `ferkit predict`.
+
+Every input becomes one or more `Entry` records: one per image, one per sampled video frame. A failure
+(unreadable file, decompression bomb, no face, a video that does not open) becomes an entry with `error`
+set, naming the file and the reason, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import cv2
+import numpy as np
+
+from ferkit.inference.image_io import ImageError, is_image_path, is_video_path, sample_image_path
+
+
+@dataclass
+class Entry:
+    file: str
+    frame: int | None = None  # video frame index (0-based), None for images
+    time: float | None = None  # video timestamp in seconds
+    faces: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+    annotated: str | None = None  # path of the annotated image, when written
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"file": self.file}
+        if self.frame is not None:
+            d["frame"] = self.frame
+            d["time"] = None if self.time is None else round(self.time, 3)
+        d["faces"] = self.faces
+        d["error"] = self.error
+        if self.annotated:
+            d["annotated"] = self.annotated
+        return d
+
+
+@dataclass
+class Input:
+    path: Path
+    display: str  # how the file is named in output
+    rel: Path  # path relative to the folder it was found in (for annotated file names)
+
+
+def collect_inputs(paths: Iterable[str | os.PathLike]) -> tuple[list[Input], list[Entry], int]:
+    """(inputs, error entries for paths that do not exist, number of non-media files skipped in folders).
+
+    Folders are searched recursively for image and video files (by extension), in sorted order; files
+    named directly are always tried, whatever their extension.
+    """
+    inputs: list[Input] = []
+    errors: list[Entry] = []
+    skipped = 0
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            for f in sorted(q for q in path.rglob("*") if q.is_file()):
+                if is_image_path(f) or is_video_path(f):
+                    inputs.append(Input(f, str(f), f.relative_to(path)))
+                else:
+                    skipped += 1
+        elif path.exists():
+            display = f"{path.name} (bundled sample)" if path == sample_image_path() else str(path)
+            inputs.append(Input(path, display, Path(path.name)))
+        else:
+            errors.append(Entry(str(path), error="file or folder not found"))
+    return inputs, errors, skipped
+
+
+class Annotator:
+    """Writes annotated images under `out_dir` with unique names."""
+
+    def __init__(self, out_dir: Path, single_file: Path | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.single_file = single_file  # write the (one) annotated image to exactly this path
+        self.used: set[Path] = set()
+
+    def target(self, rel: Path, suffix: str = "") -> Path:
+        if self.single_file is not None:
+            return self.single_file
+        base = self.out_dir / rel.parent / (rel.stem + suffix)
+        out, n = base.with_suffix(".jpg"), 2
+        while out in self.used:
+            out, n = base.with_name(f"{base.name}-{n}").with_suffix(".jpg"), n + 1
+        self.used.add(out)
+        return out
+
+    def write(self, rgb: np.ndarray, faces: list[dict[str, Any]], target: Path) -> str:
+        from ferkit.inference.annotate import annotate
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ok, buf = cv2.imencode(".jpg", annotate(rgb, faces), [cv2.IMWRITE_JPEG_QUALITY, 92])
+        if not ok:
+            raise OSError(f"cannot encode annotated image for {target}")
+        target.write_bytes(buf.tobytes())
+        return str(target)
+
+
+def process_image(rec: Any, item: Input, annotator: Annotator | None = None) -> Entry:
+    entry = Entry(item.display)
+    try:
+        rgb, dets, faces = rec.detect_faces(item.path)
+    except ImageError as e:
+        entry.error = e.reason
+        return entry
+    except (MemoryError, RuntimeError, cv2.error) as e:  # one bad file must not end a batch run
+        entry.error = f"failed: {type(e).__name__}: {e}"
+        return entry
+    entry.faces = rec.describe(dets, faces)
+    if not entry.faces:
+        entry.error = f"no face found (detector: {_detector_name(rec)})"
+    if annotator is not None:
+        entry.annotated = annotator.write(rgb, entry.faces, annotator.target(item.rel))
+    return entry
+
+
+def _detector_name(rec: Any) -> str:
+    return getattr(rec.detector, "name", type(rec.detector).__name__)
+
+
+def process_video(rec: Any, item: Input, every: int, annotator: Annotator | None = None,
+                  progress: bool = False) -> Iterator[Entry]:
+    """One entry per `every`-th frame (0, every, 2*every, ...), with its timestamp in seconds."""
+    from tqdm.auto import tqdm
+
+    cap = cv2.VideoCapture(str(item.path))
+    try:
+        if not cap.isOpened():
+            yield Entry(item.display, error="cannot open as a video (unsupported codec, corrupt or not a video)")
+            return
+        fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
+        fps = fps if math.isfinite(fps) and 0 < fps < 1000 else 0.0
+        total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        bar = tqdm(total=math.ceil(total / every) if total > 0 else None, desc=item.path.name, unit="frame",
+                   leave=False, disable=None if progress else True)
+        index, sampled, with_faces = 0, 0, 0
+        while True:
+            if index % every == 0:
+                ok, frame = cap.read()
+                if not ok:
+                    break
+                ts = index / fps if fps else (cap.get(cv2.CAP_PROP_POS_MSEC) or 0.0) / 1000.0
+                entry = Entry(item.display, frame=index, time=ts)
+                try:
+                    rgb, dets, faces = rec.detect_faces(frame, color="bgr")
+                    entry.faces = rec.describe(dets, faces)
+                    if annotator is not None:
+                        target = annotator.target(item.rel.parent / item.rel.stem / f"frame_{index:06d}")
+                        entry.annotated = annotator.write(rgb, entry.faces, target)
+                except ImageError as e:
+                    entry.error = f"frame {index}: {e.reason}"
+                except (MemoryError, RuntimeError, cv2.error) as e:
+                    entry.error = f"frame {index}: failed: {type(e).__name__}: {e}"
+                sampled += 1
+                with_faces += bool(entry.faces)
+                bar.update(1)
+                yield entry
+            elif not cap.grab():  # skipped frames are only demuxed, not decoded
+                break
+            index += 1
+        bar.close()
+        if sampled == 0:
+            yield Entry(item.display, error="no frames could be read (empty, corrupt or unsupported video)")
+        elif with_faces == 0:
+            yield Entry(item.display, error=f"no face found in any of the {sampled} sampled frames "
+                                            f"(detector: {_detector_name(rec)})")
+    finally:
+        cap.release()
+
+
+def run(rec: Any, paths: Iterable[str | os.PathLike], every: int = 10, annotate_dir: str | os.PathLike | None = None,
+        progress: bool = True, annotate_file: str | os.PathLike | None = None) -> tuple[list[Entry], int]:
+    """(entries, files skipped in folders) for all `paths`; see `collect_inputs`.
+
+    `annotate_dir`: write annotated copies there. `annotate_file`: write the annotated image of a
+    single-image run to exactly this path (used by `ferkit demo`).
+    """
+    from tqdm.auto import tqdm
+
+    if every < 1:
+        raise ValueError(f"every must be at least 1, got {every}")
+    inputs, entries, skipped = collect_inputs(paths)
+    annotator = None
+    if annotate_file is not None:
+        annotator = Annotator(Path(annotate_file).parent, single_file=Path(annotate_file))
+    elif annotate_dir is not None:
+        annotator = Annotator(Path(annotate_dir))
+    for item in tqdm(inputs, desc="predict", unit="file", disable=None if progress else True):
+        if is_video_path(item.path):
+            entries.extend(process_video(rec, item, every, annotator, progress))
+        else:
+            entries.append(process_image(rec, item, annotator))
+    return entries, skipped
+
+
+# -- output -----------------------------------------------------------------------------------------------
+
+def write_json(entries: list[Entry], out: str | os.PathLike | TextIO, info: dict[str, Any]) -> None:
+    doc = {**info, "results": [e.to_json() for e in entries],
+           "summary": summary(entries)}
+    text = json.dumps(doc, indent=2)
+    if hasattr(out, "write"):
+        out.write(text + "\n")
+    else:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+
+
+def csv_header(classes: list[str]) -> list[str]:
+    return ["file", "frame", "time", "face", "x", "y", "w", "h", "face_score", "dominant", *classes, "error"]
+
+
+def write_csv(entries: list[Entry], out: str | os.PathLike, classes: list[str]) -> None:
+    """One row per face; an input with no face or an error gets one row with the face columns empty."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(csv_header(classes))
+        for e in entries:
+            frame = "" if e.frame is None else e.frame
+            ts = "" if e.time is None else f"{e.time:.3f}"
+            if not e.faces:
+                w.writerow([e.file, frame, ts, "", "", "", "", "", "", "", *[""] * len(classes), e.error or ""])
+            for i, face in enumerate(e.faces, 1):
+                w.writerow([e.file, frame, ts, i, *face["box"], f"{face['face_score']:.4f}", face["dominant"],
+                            *[f"{face['emotions'][c]:.4f}" for c in classes], e.error or ""])
+
+
+def summary(entries: list[Entry]) -> dict[str, int]:
+    return {"entries": len(entries), "faces": sum(len(e.faces) for e in entries),
+            "errors": sum(e.error is not None for e in entries),
+            "files": len({e.file for e in entries})}
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else "…" + text[-(width - 1):]
+
+
+def format_table(entries: list[Entry]) -> str:
+    """A readable table: one line per face (file, frame/time for videos, box, detector score, top emotions)."""
+    has_video = any(e.frame is not None for e in entries)
+    width = min(40, max([len(e.file) for e in entries] + [4]))
+    head = f"{'file':<{width}}" + (f" {'frame':>6} {'time':>8}" if has_video else "")
+    head += f" {'face':>4}  {'box x,y,w,h':<19} {'score':>5}  {'emotion':<9} {'prob':>5}  runners-up"
+    lines = [head, "-" * len(head)]
+    for e in entries:
+        where = f"{_short(e.file, width):<{width}}"
+        if has_video:
+            where += (f" {e.frame:>6} {e.time:>7.2f}s" if e.frame is not None and e.time is not None
+                      else f" {'':>6} {'':>8}")
+        if e.error and not e.faces:
+            lines.append(f"{where} error: {e.error}")
+            continue
+        if not e.faces:
+            lines.append(f"{where} {'-':>4}  (no face)")
+        for i, face in enumerate(e.faces, 1):
+            top = sorted(face["emotions"].items(), key=lambda kv: -kv[1])
+            box = ",".join(str(v) for v in face["box"])
+            rest = ", ".join(f"{k} {v:.2f}" for k, v in top[1:3])
+            lines.append(f"{where} {i:>4}  {box:<19} {face['face_score']:>5.2f}  {top[0][0]:<9} {top[0][1]:>5.2f}  "
+                         f"{rest}")
+        if e.error:
+            lines.append(f"{where} error: {e.error}")
+    return "\n".join(lines)

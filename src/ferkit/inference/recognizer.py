@@ -1,0 +1,206 @@
+"""`Recognizer`: find faces in a photo and read their emotions with a ferkit model.
+
+    >>> from ferkit import Recognizer
+    >>> rec = Recognizer()                          # shipped model, RetinaFace detector, CPU or CUDA
+    >>> rec.detect_emotions("group_photo.jpg")
+    [{'box': [412, 96, 88, 110], 'emotions': {'angry': 0.01, ..., 'happy': 0.93, ...},
+      'dominant': 'happy', 'face_score': 0.999}, ...]
+    >>> rec.classify_faces(face_crop)               # already-cropped face(s): no detection
+    {'emotions': {...}, 'dominant': 'neutral'}
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ferkit.inference.detect import Detection, FaceDetector, get_detector
+from ferkit.inference.faces import FER_SIZE, crop_face, to_face_array
+from ferkit.inference.image_io import ImageError, load_image
+
+
+def resolve_tta(tta: bool | str | None) -> str:
+    """False / None / "none" -> "none"; True / "flip" -> "flip"; "tencrop" -> "tencrop"."""
+    if tta is None or tta is False:
+        return "none"
+    if tta is True:
+        return "flip"
+    if isinstance(tta, str) and tta.lower() in ("none", "flip", "tencrop"):
+        return tta.lower()
+    raise ValueError(f"unknown tta {tta!r}; use False, True (flip), 'flip' or 'tencrop'")
+
+
+def resolve_model(model: Any = "default", weights: str | os.PathLike | None = None,
+                  device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict, Path]:
+    """(model, meta, weights path) from "default" (the shipped weights), a .safetensors path, or a registry
+    name + weights."""
+    from ferkit.models.registry import list_models
+    from ferkit.models.weights import default_weights_path, load_model
+
+    if isinstance(model, torch.nn.Module):
+        raise TypeError("pass a weights file (or 'default'), not a module: the file's metadata says how to "
+                        "preprocess faces and name the classes")
+    if model is None or (isinstance(model, str) and model == "default"):
+        path = Path(weights) if weights is not None else default_weights_path()
+        if weights is None and not path.is_file():
+            raise FileNotFoundError(f"the shipped default weights {path} are not installed; pass a weights file, "
+                                    "e.g. Recognizer(model='runs/<name>/best.safetensors')")
+        return (*load_model(path, device), path)
+    if isinstance(model, os.PathLike) or (isinstance(model, str) and (model.endswith(".safetensors")
+                                                                       or os.sep in model or Path(model).is_file())):
+        if weights is not None:
+            raise ValueError("give either a weights path as `model` or `weights`, not both")
+        return (*load_model(model, device), Path(model))
+    if isinstance(model, str) and model in list_models():
+        if weights is None:
+            raise ValueError(f"model {model!r} is a registry name; also pass weights= (a .safetensors file "
+                             "trained for it), or use model='default'")
+        net, meta = load_model(weights, device)
+        if meta.get("model") != model:
+            raise ValueError(f"{weights} holds a {meta.get('model')!r} model, not {model!r}")
+        return net, meta, Path(weights)
+    raise ValueError(f"model {model!r} is neither 'default', a .safetensors file nor a registry model name")
+
+
+class Recognizer:
+    """Detect faces and classify their expressions.
+
+    model: "default" (the model shipped with ferkit), a path to a .safetensors file written by ferkit, or a
+        registry model name together with ``weights=PATH``.
+    detector: "retinaface" (CNN, default), "haar" (OpenCV cascade, classical), "none" (the image is the face),
+        or an object with ``.detect(rgb_image) -> list[Detection]``.
+    device: "auto" (CUDA when available), "cpu", "cuda", "cuda:N".
+    tta: test-time augmentation: False, True (= "flip": average with the mirrored face) or "tencrop".
+    min_face_score: drop detections less confident than this (on top of the detector's own threshold).
+    align: align faces on their landmarks when the detector gives them (see ferkit.inference.faces).
+    precision: "fp32" (default, reproducible), "auto", "bf16" or "fp16" autocast for the emotion model.
+    """
+
+    def __init__(self, model: Any = "default", detector: str | FaceDetector = "retinaface", device: str = "auto",
+                 tta: bool | str = False, *, weights: str | os.PathLike | None = None,
+                 min_face_score: float = 0.0, align: bool = True, batch_size: int = 64,
+                 precision: str = "fp32") -> None:
+        from ferkit.device import resolve_device, resolve_precision
+
+        self.device = resolve_device(device)
+        self.tta = resolve_tta(tta)
+        self.model, self.meta, self.weights_path = resolve_model(model, weights, self.device)
+        self.classes: list[str] = list(self.meta.get("classes") or [])
+        if len(self.classes) != self.meta.get("num_classes", len(self.classes)) or not self.classes:
+            raise ValueError(f"the weights' metadata lists {len(self.classes)} class names for "
+                             f"{self.meta.get('num_classes')} classes")
+        self.input_size = int(self.meta.get("input_size", FER_SIZE))
+        self.normalize = self.meta.get("normalize", "dataset")
+        self.dtype = resolve_precision(precision, self.device)
+        self._detector_spec = detector
+        self._detector: FaceDetector | None = None if isinstance(detector, str) else get_detector(detector)
+        if isinstance(detector, str):
+            _check_detector_name(detector)
+        self.min_face_score = float(min_face_score)
+        self.align = align
+        self.batch_size = int(batch_size)
+
+    @property
+    def detector(self) -> FaceDetector:
+        """Built on first use, so classify_faces-only users never load a detector."""
+        if self._detector is None:
+            self._detector = get_detector(self._detector_spec, device=self.device)
+        return self._detector
+
+    def __repr__(self) -> str:
+        name = self._detector_spec if isinstance(self._detector_spec, str) else type(self._detector_spec).__name__
+        return (f"Recognizer(model={self.meta.get('model')!r}, classes={len(self.classes)}, detector={name!r}, "
+                f"device={str(self.device)!r}, tta={self.tta!r})")
+
+    # -- classification -------------------------------------------------------------------------------
+
+    def predict_proba(self, faces: np.ndarray) -> np.ndarray:
+        """(N, C) probabilities for uint8 grayscale faces (N, 48, 48) already in FER2013 framing."""
+        from ferkit.models.predict import predict_proba
+
+        if len(faces) == 0:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        return predict_proba(self.model, np.ascontiguousarray(faces), input_size=self.input_size,
+                             norm=self.normalize, tta=self.tta, batch_size=self.batch_size, dtype=self.dtype)
+
+    def _result(self, probs: np.ndarray) -> dict[str, Any]:
+        emotions = {c: float(p) for c, p in zip(self.classes, probs, strict=True)}
+        return {"emotions": emotions, "dominant": self.classes[int(np.argmax(probs))]}
+
+    def classify_faces(self, faces: Any, color: str = "bgr") -> dict[str, Any] | list[dict[str, Any]]:
+        """Emotions of already-cropped faces (no detection); all faces go through the model in batches.
+
+        `faces`: one face (a path, a PIL image, or an array (H, W) / (H, W, 3) / (H, W, 4)), or a batch:
+        a list of those (any sizes), or an array (N, H, W) gray or (N, H, W, 3) color. Arrays with 3 or 4
+        channels are read in `color` order ("bgr" by default, or "rgb"). Each face is converted to gray
+        and resized to 48x48 (so it should be framed roughly like FER2013: forehead to chin, cheek to cheek).
+        Returns one {"emotions", "dominant"} dict for one face, a list of them for a batch.
+        """
+        single, items = _split_faces(faces)
+        arrays = []
+        for i, item in enumerate(items):
+            name = None if single else f"face {i}"
+            arrays.append(to_face_array(load_image(item, color=color, name=name)))
+        batch = np.stack(arrays) if arrays else np.zeros((0, FER_SIZE, FER_SIZE), np.uint8)
+        results = [self._result(p) for p in self.predict_proba(batch)]
+        return results[0] if single else results
+
+    # -- detection + classification ---------------------------------------------------------------------
+
+    def detect_faces(self, image: Any, color: str = "bgr") -> tuple[np.ndarray, list[Detection], np.ndarray]:
+        """(RGB image, detections, their 48x48 FER2013-style gray crops (N, 48, 48))."""
+        rgb = load_image(image, color=color)
+        dets = [d for d in self.detector.detect(rgb) if d.score >= self.min_face_score and d.box[2] and d.box[3]]
+        framing = getattr(self.detector, "framing", (1.0, 0.0))
+        crops = [crop_face(rgb, d.box, d.landmarks, FER_SIZE, framing, self.align) for d in dets]
+        faces = np.stack(crops) if crops else np.zeros((0, FER_SIZE, FER_SIZE), np.uint8)
+        return rgb, dets, faces
+
+    def detect_emotions(self, image: Any, color: str = "bgr") -> list[dict[str, Any]]:
+        """Faces in `image` (a path, a PIL image, or an array in `color` order: "bgr" default, "rgb", "gray")
+        and their emotions, left to right:
+        ``[{"box": [x, y, w, h], "emotions": {label: probability}, "dominant": label, "face_score": float}]``.
+        An image without faces gives []. Unreadable input raises ImageError (a ValueError) naming the reason.
+        """
+        _, dets, faces = self.detect_faces(image, color=color)
+        return self.describe(dets, faces)
+
+    def describe(self, dets: list[Detection], faces: np.ndarray) -> list[dict[str, Any]]:
+        """detect_emotions' result dicts for detections and their crops (as `detect_faces` returns them)."""
+        out = []
+        for det, probs in zip(dets, self.predict_proba(faces), strict=True):
+            r = self._result(probs)
+            out.append({"box": [int(v) for v in det.box], "emotions": r["emotions"], "dominant": r["dominant"],
+                        "face_score": float(det.score)})
+        return out
+
+
+def _check_detector_name(name: str) -> None:
+    """Raise ValueError now (not at first use) for an unknown detector name."""
+    from ferkit.inference.detect import ALIASES, DETECTORS
+
+    if ALIASES.get(name.lower(), name.lower()) not in DETECTORS:
+        raise ValueError(f"unknown detector {name!r}; choose one of {', '.join(DETECTORS)}")
+
+
+def _split_faces(faces: Any) -> tuple[bool, list[Any]]:
+    """(is_single, items) for classify_faces' input."""
+    from PIL import Image
+
+    if isinstance(faces, (str, os.PathLike, Image.Image)):
+        return True, [faces]
+    if isinstance(faces, np.ndarray) or isinstance(faces, torch.Tensor):
+        arr = faces.numpy() if isinstance(faces, torch.Tensor) else faces
+        if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (1, 3, 4)):
+            return True, [arr]
+        if arr.ndim in (3, 4):
+            return False, list(arr)
+        raise ImageError("<array>", f"unsupported face array shape {arr.shape}")
+    if isinstance(faces, Sequence):
+        return False, list(faces)
+    raise ImageError(type(faces).__name__, "expected a face image, a list of face images or an array batch")
