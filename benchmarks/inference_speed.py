@@ -79,10 +79,11 @@ def pick_weights(args: argparse.Namespace, tmp: Path) -> tuple[Path, str]:
 
     from ferkit.data.labels import FER2013_NAMES
     from ferkit.models.registry import create_model, get_spec
-    from ferkit.models.weights import default_weights_path, save_weights
+    from ferkit.models.weights import default_weights_path, resolve_weights, save_weights
 
     if args.weights:
-        return Path(args.weights), f"weights {args.weights}"
+        path = resolve_weights(args.weights)
+        return path, f"weights {args.weights}" + (f" ({path})" if str(path) != args.weights else "")
     shipped = default_weights_path()
     if args.model is None and shipped.is_file():
         return shipped, f"shipped default weights {shipped}"
@@ -198,9 +199,8 @@ def bench_fer(args: argparse.Namespace, results: dict[str, Any]) -> None:
     print(f"fer {row['version']}: classification {row['batch1']:.1f} faces/s (batch 1), {row['batch64']:.1f} "
           f"faces/s (batch 64); end to end {row['end_to_end_images_per_s']:.2f} images/s "
           f"(Haar, {row['faces']} face(s))")
-    ours = results["classification"].get("torch fp32")
-    if ours:
-        print(f"ferkit torch fp32 / fer: {ours['batch1'] / row['batch1']:.2f}x at batch 1, "
+    for label, ours in results["classification"].items():
+        print(f"ferkit {label} / fer: {ours['batch1'] / row['batch1']:.2f}x at batch 1, "
               f"{ours['batch64'] / row['batch64']:.2f}x at batch 64")
 
 
@@ -208,7 +208,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=3.0, help="Timing length per measurement.")
     p.add_argument("--repeats", type=int, default=3, help="Rounds per measurement; the best one is reported.")
-    p.add_argument("--weights", help="A ferkit .safetensors file (model or saved ensemble).")
+    p.add_argument("--weights", help="A ferkit .safetensors file (model or saved ensemble), or a shipped model's "
+                                     "name (default).")
     p.add_argument("--model", help="Registry model name to time untrained (ignored with --weights).")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default).")
     p.add_argument("--detectors", nargs="+", default=["retinaface", "haar"])

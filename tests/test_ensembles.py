@@ -317,6 +317,35 @@ def test_cli_method_all_table_and_plot(prediction_files: list[Path], tmp_path: P
     assert png.read_bytes()[:8] == PNG_MAGIC
 
 
+def test_cli_record_writes_and_replaces_rows(prediction_files: list[Path], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from ferkit.ensembles.records import ENSEMBLES_COLUMNS, read_records, render_table
+
+    records = tmp_path / "results" / "ensembles.csv"
+    base = ["ensemble", "--from-predictions", *map(str, prediction_files), "--records", str(records)]
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/ferkit", *base, "--method", "all", "--record", "pair"])
+    assert runner.invoke(app, sys.argv[1:]).exit_code == 0
+    assert runner.invoke(app, [*base, "--method", "mean", "--record", "other"]).exit_code == 0
+    rows = {r["name"]: r for r in read_records(records)}
+    assert set(rows) == {f"pair/{m}" for m in ("mean", "accuracy_weighted", "class_weighted", "vote",
+                                                "greedy(mean)")} | {"other/mean"}
+    aw = rows["pair/accuracy_weighted"]
+    assert list(aw) == list(ENSEMBLES_COLUMNS)
+    assert aw["members"] == "alpha;beta" and aw["public_test"] == "0.7500" and aw["private_test"] == "1.0000"
+    assert aw["best_member"] == "alpha" and aw["best_member_private_test"] == "1.0000" and aw["gain_points"] == "+0.00"
+    assert rows["pair/mean"]["gain_points"] == "-100.00"
+    assert aw["command"].startswith("ferkit ensemble --from-predictions") and "--record pair" in aw["command"]
+    # Re-recording a name replaces its rows and keeps the others.
+    assert runner.invoke(app, [*base, "--method", "vote", "--record", "pair"]).exit_code == 0
+    assert [r["name"] for r in read_records(records)] == ["other/mean", "pair/vote"]
+    table = render_table(read_records(records))
+    assert "| pair | vote | alpha, beta |" in table and "**" in table
+    bad = runner.invoke(app, [*base, "--method", "mean", "--record", "a/b"])
+    assert bad.exit_code == 2 and "record name" in bad.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--method", "stacking"], "unknown ensemble method"),
     (["--save", "x.safetensors", "--method", "mean"], "--save needs the members' weights"),

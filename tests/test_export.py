@@ -106,6 +106,23 @@ def test_single_model_parity(weights: Path, tmp_path: Path, exporter: str) -> No
     assert check_parity(model, path, 48) <= 1e-4
 
 
+def test_numpy_fast_path_and_small_batch_session_match_the_general_path(onnx_file: Path) -> None:
+    from ferkit.inference.onnx_backend import SMALL_BATCH
+    from ferkit.models.predict import preprocess
+
+    clf = OnnxClassifier(onnx_file, threads=2)
+    for n in (1, SMALL_BATCH, 9):
+        faces = _random_faces(n, seed=n)
+        fast = clf.predict_proba(faces, input_size=48)  # NumPy preprocessing; small batches on their session
+        general = clf.session.run(None, {"input": preprocess(torch.as_tensor(faces), 48, "dataset").numpy()})[0]
+        np.testing.assert_allclose(fast, general, atol=1e-6)
+    assert clf._small_session is not None  # timed and chosen on the first small batch
+    assert clf._small_session in (clf.session,) or clf._small_session.get_session_options().intra_op_num_threads == 1
+    single = OnnxClassifier(onnx_file, threads=1)
+    single.predict_proba(_random_faces(1), input_size=48)
+    assert single._small_session is single.session  # nothing to choose from with one thread
+
+
 def test_other_input_size_and_normalization_parity(tmp_path: Path) -> None:
     """A 64-pixel model with per-image normalization: metadata and preprocessing travel with the file."""
     w = tmp_path / "am.safetensors"

@@ -352,6 +352,20 @@ def test_predict_json_to_stdout_and_exit_0(weights: Path) -> None:
     assert doc["tta"] == "flip" and doc["detector"] == "haar" and len(doc["results"][0]["faces"]) == 1
 
 
+def test_predict_onnx_backend_agrees_with_torch(weights: Path, cache_dir: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    docs = {}
+    for backend in ("torch", "onnx"):
+        result = runner.invoke(app, ["predict", str(SAMPLE), "--weights", str(weights), "--json", "-",
+                                     "--no-progress", "--device", "cpu", "--backend", backend])
+        assert result.exit_code == 0, result.output
+        docs[backend] = json.loads(result.stdout)["results"][0]["faces"]
+    assert len(docs["torch"]) == len(docs["onnx"]) == 1
+    torch_scores, onnx_scores = docs["torch"][0]["emotions"], docs["onnx"][0]["emotions"]
+    assert max(abs(torch_scores[c] - onnx_scores[c]) for c in CLASSES) < 1e-4
+
+
 def test_predict_video_every_n_frames(weights: Path, tmp_path: Path, sample_bgr: np.ndarray) -> None:
     video = tmp_path / "clip.avi"
     frame = cv2.resize(sample_bgr, (256, 256))
@@ -391,6 +405,7 @@ def test_predict_without_paths_and_demo_write_the_annotated_sample(weights: Path
     (["--detector", "yolo"], "unknown detector"),
     (["--tta", "rotate"], "--tta"),
     (["--every", "0"], "--every"),
+    (["--backend", "tflite"], "unknown backend"),
 ])
 def test_predict_user_errors_exit_2_without_traceback(weights: Path, args: list[str], message: str) -> None:
     base = ["predict", str(SAMPLE), "--no-progress", "--device", "cpu"]

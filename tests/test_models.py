@@ -139,3 +139,19 @@ def test_tan_pca_subsamples_rows() -> None:
     k = model.fit_preprocessing(low_rank_faces(n=30))
     assert 1 <= k <= 8
     assert model.pca_components[8:].abs().sum() == 0  # only 8 rows went into the SVD
+
+
+def test_weights_arguments_resolve_shipped_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ferkit.models.weights import SHIPPED_MODELS, default_weights_path, resolve_weights, shipped_weights_path
+
+    assert resolve_weights(None) == default_weights_path() == shipped_weights_path("default")
+    for name, stem in SHIPPED_MODELS.items():
+        assert resolve_weights(name) == shipped_weights_path(name)
+        assert shipped_weights_path(name).name == f"{stem}.safetensors"
+    assert len({shipped_weights_path(name) for name in SHIPPED_MODELS}) == len(SHIPPED_MODELS)
+    assert resolve_weights("runs/x/best.safetensors") == Path("runs/x/best.safetensors")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "default").write_bytes(b"")  # a file the user named "default" wins over the shipped name
+    assert resolve_weights(Path("default")) == Path("default")
+    with pytest.raises(ValueError, match="no shipped model called 'tiny'"):
+        shipped_weights_path("tiny")

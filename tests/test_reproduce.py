@@ -76,3 +76,41 @@ def test_report_refreshes_only_the_table_and_draws_the_figure(tmp_path: Path) ->
     assert "intro stays" in text and "notes stay" in text and "old table" not in text
     assert "| F-Riv model 3 | `frivas_cnn3` | 7 | 67.0% | 66.00% | **65.00%** | -2.0 ⚠ |" in text
     assert (tmp_path / "fig.png").stat().st_size > 1000
+
+
+def test_report_fills_the_ensembles_table_where_the_doc_has_its_markers(tmp_path: Path) -> None:
+    from ferkit.ensembles.records import ENSEMBLES_COLUMNS
+    from ferkit.reproduce import ENSEMBLES_END, ENSEMBLES_START, TABLE_END, TABLE_START, write_report
+
+    results = tmp_path / "results"
+    results.mkdir()
+    values = ["seeds/mean", "mean", "a;b", "0.6000", "0.6100", "a", "0.5900", "0.5800", "+3.00", "ferkit ensemble"]
+    (results / "ensembles.csv").write_text(",".join(ENSEMBLES_COLUMNS) + "\n" + ",".join(values) + "\n")
+    doc = tmp_path / "results.md"
+    doc.write_text(f"{TABLE_START}\n{TABLE_END}\n\nbetween\n\n{ENSEMBLES_START}\nold\n{ENSEMBLES_END}\nafter\n")
+    write_report(results, doc, tmp_path / "fig.png")
+    text = doc.read_text()
+    assert "old" not in text and "between" in text and text.endswith("after\n")
+    assert "| seeds | mean | a, b | 60.00% | **61.00%** | a (58.00%) | +3.00 |" in text
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _seed_rows() -> list[dict[str, str]]:
+    with open(REPO / "results" / "seeds.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("row", _seed_rows(), ids=lambda r: r["name"])
+def test_every_published_row_ships_its_manifest_and_predictions(row: dict[str, str]) -> None:
+    # What issue 3 promises a reviewer for each results row: the run's manifest and its saved probabilities,
+    # committed, and agreeing with the accuracies in the row.
+    run = REPO / "results" / "runs" / row["name"]
+    for f in ("manifest.json", "config.json", "metrics.csv", "curves.png", "evaluation.json"):
+        assert (run / f).is_file(), f"{run / f} is missing"
+    pred = np.load(REPO / "results" / "predictions" / f"{row['registry_name']}.npz")
+    assert pred["public_probs"].shape[1] == int(row["classes"])
+    for split, column in (("public", "public_test"), ("private", "private_test")):
+        acc = float((pred[f"{split}_probs"].argmax(1) == pred[f"{split}_labels"]).mean())
+        assert acc == pytest.approx(float(row[column]), abs=1e-4)

@@ -1,5 +1,6 @@
-"""The model shipped inside the package: present, loadable without pickle, documented by its manifest, and
-(where the real data is beside the checkout) scoring on FER2013 exactly what its manifest records."""
+"""The models shipped inside the package ("default", "fast"): present, loadable without pickle, documented by
+their manifests, and (where the real data is beside the checkout) scoring on FER2013 exactly what their
+manifests record."""
 
 from __future__ import annotations
 
@@ -14,24 +15,36 @@ from ferkit.cli import app
 from ferkit.data import FER2013_NAMES, file_sha256
 from ferkit.inference import Recognizer
 from ferkit.inference.image_io import sample_image_path
-from ferkit.models.weights import default_manifest_path, default_weights_path, load_model, read_metadata
+from ferkit.models.weights import (
+    SHIPPED_MODELS,
+    load_model,
+    read_metadata,
+    shipped_manifest_path,
+    shipped_weights_path,
+)
 
-WEIGHTS = default_weights_path()
-MANIFEST = default_manifest_path()
 runner = CliRunner()
+shipped = pytest.mark.parametrize("name", list(SHIPPED_MODELS))
 
 
-def manifest() -> dict:
-    return json.loads(MANIFEST.read_text())
+def manifest(name: str = "default") -> dict:
+    return json.loads(shipped_manifest_path(name).read_text())
 
 
-def test_shipped_weights_are_installed_compact_and_described() -> None:
-    assert WEIGHTS.is_file(), f"the shipped model {WEIGHTS} is missing (see tools/ship_model.py)"
-    assert WEIGHTS.stat().st_size < 10_000_000
-    meta = read_metadata(WEIGHTS)
+def private_test_accuracy(name: str) -> float:
+    return next(e["result"]["accuracy"] for e in manifest(name)["evaluations"]
+                if e["result"]["split"] == "PrivateTest" and e["result"]["tta"] == "none")
+
+
+@shipped
+def test_shipped_weights_are_installed_compact_and_described(name: str) -> None:
+    weights = shipped_weights_path(name)
+    assert weights.is_file(), f"the shipped model {weights} is missing (see tools/ship_model.py)"
+    assert weights.stat().st_size < 10_000_000
+    meta = read_metadata(weights)
     assert meta["classes"] == list(FER2013_NAMES) and meta["num_classes"] == 7 and meta["label_set"] == "fer7"
-    m = manifest()
-    assert m["weights_sha256"] == file_sha256(WEIGHTS)  # the manifest describes this very file
+    m = manifest(name)
+    assert m["weights_sha256"] == file_sha256(weights)  # the manifest describes this very file
     training = m["training"]
     for key in ("command", "config", "data", "git_commit", "versions", "hardware", "train_seconds"):
         assert key in training
@@ -41,20 +54,22 @@ def test_shipped_weights_are_installed_compact_and_described() -> None:
         assert e["command"].startswith("ferkit evaluate") and e["result"]["data_sha256"] == training["data"]["sha256"]
 
 
-def test_shipped_model_loads_and_reads_the_sample_photo() -> None:
-    model, meta = load_model()  # default path; safetensors, no pickle
-    assert meta["model"] == manifest()["model"]
-    faces = Recognizer(device="cpu").detect_emotions(sample_image_path())
+@shipped
+def test_shipped_model_loads_and_reads_the_sample_photo(name: str) -> None:
+    model, meta = load_model(name)  # a shipped model's name; safetensors, no pickle
+    assert meta["model"] == manifest(name)["model"]
+    faces = Recognizer(model=name, device="cpu").detect_emotions(sample_image_path())
     assert len(faces) == 1  # the astronaut
     assert faces[0]["dominant"] == "happy"  # she is smiling broadly; an untrained model would be near uniform
     assert faces[0]["emotions"]["happy"] > 0.5
 
 
-def test_shipped_model_accuracy_on_real_data_matches_its_manifest(real_csv: Path) -> None:
-    recorded = next(e["result"] for e in manifest()["evaluations"]
+@shipped
+def test_shipped_model_accuracy_on_real_data_matches_its_manifest(real_csv: Path, name: str) -> None:
+    recorded = next(e["result"] for e in manifest(name)["evaluations"]
                     if e["result"]["split"] == "PrivateTest" and e["result"]["tta"] == "none")
-    result = runner.invoke(app, ["evaluate", "--data", str(real_csv), "--split", "PrivateTest", "--json",
-                                 "--precision", "fp32", "--device", "cpu"])
+    result = runner.invoke(app, ["evaluate", "--weights", name, "--data", str(real_csv), "--split", "PrivateTest",
+                                 "--json", "--precision", "fp32", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     measured = json.loads(result.output)
     assert measured["num_samples"] == 3589
@@ -67,6 +82,4 @@ def test_shipped_model_accuracy_on_real_data_matches_its_manifest(real_csv: Path
 def test_results_figure_marks_the_shipped_model_from_its_manifest() -> None:
     from ferkit.reproduce import shipped_model_accuracy
 
-    recorded = next(e["result"]["accuracy"] for e in manifest()["evaluations"]
-                    if e["result"]["split"] == "PrivateTest" and e["result"]["tta"] == "none")
-    assert shipped_model_accuracy() == (manifest()["model"], recorded)
+    assert shipped_model_accuracy() == (manifest()["model"], private_test_accuracy("default"))

@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import synthetic_rows, write_csv
 from safetensors.torch import load_file
 
 from ferkit.data.augment import AugmentConfig
 from ferkit.models.weights import load_model
 from ferkit.training import TrainConfig, train
+from ferkit.training.trainer import distillation_loss
 
 SMALL_MODEL = "sixclass_cnn4"  # the cheapest CNN in the registry keeps these tests fast
 
@@ -99,6 +101,9 @@ def test_early_stopping_and_snapshots(tiny_csv: Path, tmp_path: Path) -> None:
     assert result.epochs_run == 2
     snapshots = sorted((result.run_dir / "snapshots").glob("step*.safetensors"))
     assert len(snapshots) == 5  # 70 faces / batch 16 = 5 steps per epoch; a snapshot every 2 steps
+    # Resuming a run that stopped early (as `ferkit reproduce` does to re-report it) trains nothing more.
+    resumed = train(TrainConfig(progress=False), resume=result.run_dir)
+    assert resumed.epochs_run == 2 and len(resumed.history) == 2
 
 
 def test_config_overrides() -> None:
@@ -117,3 +122,45 @@ def test_config_round_trips_through_json() -> None:
     cfg = TrainConfig(epochs=7, augment=AugmentConfig(rotation=3.0))
     again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
+
+
+def test_distillation_loss_matches_its_definition() -> None:
+    teacher = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    # A student whose logits are the teacher's log-probabilities agrees with it at every temperature.
+    assert distillation_loss(teacher.log(), teacher, 4.0).abs() < 1e-6
+    student = torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 0.0]])
+    t = 2.0
+    p = (teacher ** (1 / t)) / (teacher ** (1 / t)).sum(1, keepdim=True)
+    q = torch.softmax(student / t, 1)
+    expected = (p * (p / q).log()).sum(1).mean() * t * t
+    assert torch.allclose(distillation_loss(student, teacher, t), expected, atol=1e-6)
+
+
+def test_distillation_teaches_what_the_labels_do_not(tmp_path: Path, cache_dir: Path) -> None:
+    # A teacher learns the synthetic task; the student's training labels are then all "angry", so
+    # only the teacher's soft targets carry the classes. Distilled, the student still learns them;
+    # from the labels alone it cannot beat predicting one class.
+    teacher = train(small_config(write_csv(tmp_path / "good.csv", synthetic_rows(
+        {"Training": 70, "PublicTest": 35, "PrivateTest": 35})), tmp_path / "teacher", epochs=8,
+        optimizer="adam", lr=3e-3, augment=AugmentConfig.off()))
+    assert teacher.best_val_acc > 0.6
+    rows = synthetic_rows({"Training": 70, "PublicTest": 35, "PrivateTest": 35})
+    rows = [(0 if usage == "Training" else label, pixels, usage) for label, pixels, usage in rows]
+    bad = write_csv(tmp_path / "bad.csv", rows)
+    common = dict(epochs=8, optimizer="adam", lr=3e-3, augment=AugmentConfig.off())
+    teacher_weights = str(teacher.run_dir / "best.safetensors")
+    distilled = train(small_config(bad, tmp_path / "kd", teacher=teacher_weights, distill_weight=1.0, **common))
+    labels_only = train(small_config(bad, tmp_path / "ce", **common))
+    assert distilled.best_val_acc > 0.6
+    assert labels_only.best_val_acc < 0.3
+    manifest = json.loads((distilled.run_dir / "manifest.json").read_text())
+    assert manifest["teacher"]["path"] == teacher_weights and len(manifest["teacher"]["sha256"]) == 64
+
+
+def test_distillation_refuses_a_teacher_with_other_classes(tmp_path: Path, cache_dir: Path) -> None:
+    six = write_csv(tmp_path / "six.csv", synthetic_rows({"Training": 60, "PublicTest": 30, "PrivateTest": 30},
+                                                         num_classes=6))
+    teacher = train(small_config(six, tmp_path / "t", epochs=1, label_set="fer6"))
+    seven = write_csv(tmp_path / "seven.csv", synthetic_rows({"Training": 70, "PublicTest": 35, "PrivateTest": 35}))
+    with pytest.raises(ValueError, match="teacher .* predicts"):
+        train(small_config(seven, tmp_path / "s", epochs=1, teacher=str(teacher.run_dir / "best.safetensors")))

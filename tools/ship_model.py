@@ -1,12 +1,13 @@
 """Make a training run's best weights the model shipped inside ferkit, with its manifest and measured accuracy.
 
-Run:  python tools/ship_model.py runs/<name> --data fer2013.csv.gz [--tta flip]
+Run:  python tools/ship_model.py runs/<name> --data fer2013.csv.gz [--tta flip] [--as default|fast]
 
-1. Writes `src/ferkit/weights/ferkit_default.safetensors`: the run's best.safetensors with float tensors stored
-   as fp16 (half the size; the model computes in fp32 after loading).
+1. Writes `src/ferkit/weights/ferkit_<as>.safetensors` (the shipped model called --as: "default", the most
+   accurate, or "fast", the compact one): the run's best.safetensors with float tensors stored as fp16 (half
+   the size; the model computes in fp32 after loading).
 2. Scores *that file* with `ferkit evaluate --json` (the CLI, in a subprocess) on PublicTest and PrivateTest,
    with and without the TTA given by --tta.
-3. Writes `src/ferkit/weights/ferkit_default.manifest.json`: the training manifest (command, config, data
+3. Writes `src/ferkit/weights/ferkit_<as>.manifest.json`: the training manifest (command, config, data
    sha256, git commits, versions, hardware, wall time), the evaluation commands and their JSON results
    (accuracy, macro F1, per-class recall), the weights' sha256 and size, and this script's command;
    and copies the run's metrics.csv and curves.png next to it.
@@ -24,11 +25,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def evaluate(weights: Path, data: str, split: str, tta: str) -> tuple[str, dict]:
-    cmd = ["ferkit", "evaluate", "--weights", str(weights.relative_to(REPO)), "--data", data, "--split", split,
+def evaluate(weights: Path, name: str, data: str, split: str, tta: str) -> tuple[str, dict]:
+    """`ferkit evaluate --weights NAME` on the shipped file (which must be `weights`: checked by its sha256)."""
+    cmd = ["ferkit", "evaluate", "--weights", name, "--data", data, "--split", split,
            "--tta", tta, "--precision", "fp32", "--json"]
     out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout
     result = json.loads(out)
+    from ferkit.data import file_sha256
+
+    if result["weights_sha256"] != file_sha256(weights):
+        raise SystemExit(f"`ferkit evaluate --weights {name}` scored another file than {weights}")
     keep = {k: result[k] for k in ("split", "tta", "num_samples", "accuracy", "data_sha256", "weights_sha256")}
     keep["macro_f1"] = result["macro_avg"]["f1"]
     keep["per_class_recall"] = {c: v["recall"] for c, v in result["per_class"].items()}
@@ -42,22 +48,24 @@ def main() -> None:
     p.add_argument("--data", required=True, help="FER2013 CSV used for the evaluation.")
     p.add_argument("--tta", default="flip", help="TTA also reported beside plain evaluation (none|flip|tencrop).")
     p.add_argument("--note", default="", help="Free text kept in the manifest (e.g. what a -dirty commit held).")
+    p.add_argument("--as", dest="shipped_as", default="default",
+                   help="Which shipped model this run becomes: a name in ferkit.models.weights.SHIPPED_MODELS.")
     args = p.parse_args()
 
     from ferkit.data import file_sha256
     from ferkit.models.weights import (
-        DEFAULT_WEIGHTS_NAME,
-        default_manifest_path,
-        default_weights_path,
         load_model,
         read_metadata,
         save_weights,
+        shipped_manifest_path,
+        shipped_weights_path,
     )
 
     best = args.run_dir / "best.safetensors"
     model, _ = load_model(best)
     meta = read_metadata(best)
-    shipped, manifest_path = default_weights_path(), default_manifest_path()  # the editable install: src/
+    # The editable install: these are the files under src/ferkit/weights/.
+    shipped, manifest_path = shipped_weights_path(args.shipped_as), shipped_manifest_path(args.shipped_as)
     shipped.parent.mkdir(parents=True, exist_ok=True)
     save_weights(model, shipped, meta | {"source_run": args.run_dir.name}, half=True)
     print(f"wrote {shipped} ({shipped.stat().st_size / 1e6:.1f} MB)")
@@ -65,13 +73,13 @@ def main() -> None:
     evaluations = []
     for split in ("PublicTest", "PrivateTest"):
         for tta in dict.fromkeys(("none", args.tta)):
-            cmd, result = evaluate(shipped, args.data, split, tta)
+            cmd, result = evaluate(shipped, args.shipped_as, args.data, split, tta)
             evaluations.append({"command": cmd, "result": result})
             print(f"{split:<12} tta={tta:<8} accuracy {result['accuracy']:.4f}")
 
     train_manifest = json.loads((args.run_dir / "manifest.json").read_text())
     manifest = {
-        "weights": DEFAULT_WEIGHTS_NAME, "weights_sha256": file_sha256(shipped),
+        "weights": shipped.name, "weights_sha256": file_sha256(shipped),
         "weights_bytes": shipped.stat().st_size, "storage": "fp16 tensors (computed in fp32 after loading)",
         "model": meta.get("model"), "best_epoch": meta.get("epoch"),
         "evaluations": evaluations, "training": train_manifest,
@@ -80,7 +88,7 @@ def main() -> None:
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     for name in ("metrics.csv", "curves.png"):
         if (args.run_dir / name).is_file():
-            shutil.copy(args.run_dir / name, shipped.with_name(f"ferkit_default.{name}"))
+            shutil.copy(args.run_dir / name, shipped.with_name(f"{shipped.stem}.{name}"))
     print(f"wrote {manifest_path}")
 
 

@@ -134,8 +134,8 @@ def reproduce(name: str, data: str | os.PathLike, *, runs_dir: str | os.PathLike
     (results / "predictions").mkdir(parents=True, exist_ok=True)
     pub, priv = scores["PublicTest"], scores["PrivateTest"]
     np.savez_compressed(results / "predictions" / f"{name}.npz", classes=np.array(pub.classes), model=recipe.model,
-                        tta=recipe.tta, public_probs=pub.probs.astype(np.float16), public_labels=pub.labels,
-                        public_rows=pub.rows, private_probs=priv.probs.astype(np.float16),
+                        tta=recipe.tta, public_probs=pub.probs.astype(np.float32), public_labels=pub.labels,
+                        public_rows=pub.rows, private_probs=priv.probs.astype(np.float32),
                         private_labels=priv.labels, private_rows=priv.rows)
     record = results / "runs" / name
     record.mkdir(parents=True, exist_ok=True)
@@ -143,7 +143,7 @@ def reproduce(name: str, data: str | os.PathLike, *, runs_dir: str | os.PathLike
         shutil.copy2(run_dir / f, record / f)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     (record / "evaluation.json").write_text(json.dumps({s: r.to_json() for s, r in scores.items()}, indent=2) + "\n")
-    hw = hardware()
+    hw = manifest.get("hardware") or hardware()  # where it trained (a resumed run is re-reported elsewhere)
     row = {"system": recipe.system, "registry_name": recipe.model, "classes": str(len(pub.classes)),
            "reported": f"{recipe.reported:.4f}", "public_test": f"{pub.accuracy:.4f}",
            "private_test": f"{priv.accuracy:.4f}", "epochs": str(manifest["epochs_done"]),
@@ -172,6 +172,7 @@ def upsert_row(path: Path, name: str, row: dict[str, str]) -> None:
 
 
 TABLE_START, TABLE_END = "<!-- seeds-table:start -->", "<!-- seeds-table:end -->"
+ENSEMBLES_START, ENSEMBLES_END = "<!-- ensembles-table:start -->", "<!-- ensembles-table:end -->"
 FER_PACKAGE_ACCURACY = 0.66  # the `fer` package's published accuracy (its README), drawn as a reference line
 
 
@@ -212,19 +213,32 @@ def shipped_model_accuracy() -> tuple[str, float] | None:
 
 def write_report(results_dir: str | os.PathLike = "results", doc: str | os.PathLike = "docs/results.md",
                  figure: str | os.PathLike = "docs/results.png", shipped: tuple[str, float] | None = None) -> None:
-    """Refresh the table between the markers in `doc` (notes around it are kept) and the comparison figure
-    (with the shipped model's PrivateTest accuracy as a reference line unless `shipped` is given)."""
+    """Refresh the tables between the markers in `doc` (notes around them are kept): the seeds table from
+    results/seeds.csv and, where `doc` has its markers, the ensembles table from results/ensembles.csv; and
+    the comparison figure (with the shipped model's PrivateTest accuracy as a reference line unless `shipped`
+    is given)."""
+    from ferkit.ensembles.records import read_records
+    from ferkit.ensembles.records import render_table as render_ensembles
+
     shipped = shipped or shipped_model_accuracy()
     rows = read_rows(Path(results_dir) / "seeds.csv")
     doc = Path(doc)
     text = doc.read_text() if doc.is_file() else f"# Results\n\n{TABLE_START}\n{TABLE_END}\n"
-    if TABLE_START not in text or TABLE_END not in text:
-        raise ValueError(f"{doc} lacks the markers {TABLE_START} / {TABLE_END}")
-    head, rest = text.split(TABLE_START, 1)
-    _, tail = rest.split(TABLE_END, 1)
-    doc.write_text(f"{head}{TABLE_START}\n{render_table(rows)}\n{TABLE_END}{tail}")
+    text = _replace_between(text, TABLE_START, TABLE_END, render_table(rows), doc)
+    if ENSEMBLES_START in text:
+        ensembles = read_records(Path(results_dir) / "ensembles.csv")
+        text = _replace_between(text, ENSEMBLES_START, ENSEMBLES_END, render_ensembles(ensembles), doc)
+    doc.write_text(text)
     if rows:
         plot_comparison(rows, figure, shipped)
+
+
+def _replace_between(text: str, start: str, end: str, body: str, doc: Path) -> str:
+    if start not in text or end not in text:
+        raise ValueError(f"{doc} lacks the markers {start} / {end}")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
 
 
 def plot_comparison(rows: list[dict[str, str]], path: str | os.PathLike,

@@ -5,6 +5,7 @@ predictions  ensembles of saved results/predictions/*.npz files (no model runs),
 members      members from weights files or a run's snapshots (runs the models on both test splits)
 artifact     one .safetensors file holding a whole ensemble, loadable like a single model
 plots        members-vs-ensembles bar chart
+records      results/ensembles.csv rows (`ferkit ensemble --record NAME`) and their Markdown table
 """
 
 from ferkit.ensembles.artifact import EnsembleModel, is_ensemble_file, load_ensemble, save_ensemble

@@ -41,19 +41,19 @@ def resolve_tta(tta: bool | str | None) -> str:
 
 def resolve_model(model: Any = "default", weights: str | os.PathLike | None = None,
                   device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict, Path]:
-    """(model, meta, weights path) from "default" (the shipped weights), a .safetensors path, or a registry
-    name + weights."""
+    """(model, meta, weights path) from a shipped model's name (SHIPPED_MODELS), a .safetensors path, or a
+    registry name + weights."""
     from ferkit.models.registry import list_models
-    from ferkit.models.weights import default_weights_path, load_model
+    from ferkit.models.weights import SHIPPED_MODELS, load_model, shipped_weights_path
 
     if isinstance(model, torch.nn.Module):
         raise TypeError("pass a weights file (or 'default'), not a module: the file's metadata says how to "
                         "preprocess faces and name the classes")
-    if model is None or (isinstance(model, str) and model == "default"):
-        path = Path(weights) if weights is not None else default_weights_path()
+    if model is None or (isinstance(model, str) and model in SHIPPED_MODELS):
+        path = Path(weights) if weights is not None else shipped_weights_path(model or "default")
         if weights is None and not path.is_file():
-            raise FileNotFoundError(f"the shipped default weights {path} are not installed; pass a weights file, "
-                                    "e.g. Recognizer(model='runs/<name>/best.safetensors')")
+            raise FileNotFoundError(f"the shipped {model or 'default'!r} weights {path} are not installed; pass a "
+                                    "weights file, e.g. Recognizer(model='runs/<name>/best.safetensors')")
         return (*load_model(path, device), path)
     if isinstance(model, os.PathLike) or (isinstance(model, str) and (model.endswith(".safetensors")
                                                                        or os.sep in model or Path(model).is_file())):
@@ -68,13 +68,15 @@ def resolve_model(model: Any = "default", weights: str | os.PathLike | None = No
         if meta.get("model") != model:
             raise ValueError(f"{weights} holds a {meta.get('model')!r} model, not {model!r}")
         return net, meta, Path(weights)
-    raise ValueError(f"model {model!r} is neither 'default', a .safetensors file nor a registry model name")
+    raise ValueError(f"model {model!r} is neither a shipped model ({', '.join(SHIPPED_MODELS)}), a .safetensors "
+                     "file nor a registry model name")
 
 
 class Recognizer:
     """Detect faces and classify their expressions.
 
-    model: "default" (the model shipped with ferkit), a path to a .safetensors file written by ferkit, or a
+    model: the name of a model shipped with ferkit ("default", the most accurate; see
+        ``ferkit.models.weights.SHIPPED_MODELS``), a path to a .safetensors file written by ferkit, or a
         registry model name together with ``weights=PATH``.
     detector: "retinaface" (CNN, default), "haar" (OpenCV cascade, classical), "none" (the image is the face),
         or an object with ``.detect(rgb_image) -> list[Detection]``.

@@ -18,17 +18,42 @@ from torch import nn
 
 from ferkit.models.registry import create_model
 
+# Models shipped inside the package, by the name users pass (`Recognizer(model="default")`, `--weights default`):
+# "default" is the most accurate (see the README's model table). A compact "fast" model (ferkit_fast) joins it
+# once one beats the `fer` package's accuracy (tools/ship_model.py --as fast).
+SHIPPED_MODELS = {"default": "ferkit_default"}
 DEFAULT_WEIGHTS_NAME = "ferkit_default.safetensors"
+
+
+def shipped_weights_path(name: str = "default") -> Path:
+    """The shipped model called `name` (one of SHIPPED_MODELS), inside the installed package."""
+    if name not in SHIPPED_MODELS:
+        raise ValueError(f"no shipped model called {name!r}; shipped: {', '.join(SHIPPED_MODELS)}")
+    return Path(str(resources.files("ferkit") / "weights" / f"{SHIPPED_MODELS[name]}.safetensors"))
+
+
+def shipped_manifest_path(name: str = "default") -> Path:
+    """A shipped model's manifest (training manifest + `ferkit evaluate` results; see tools/ship_model.py)."""
+    return shipped_weights_path(name).with_suffix(".manifest.json")
 
 
 def default_weights_path() -> Path:
     """The model shipped inside the package (used when no --weights is given)."""
-    return Path(str(resources.files("ferkit") / "weights" / DEFAULT_WEIGHTS_NAME))
+    return shipped_weights_path("default")
 
 
 def default_manifest_path() -> Path:
-    """The shipped model's manifest (training manifest + `ferkit evaluate` results; see tools/ship_model.py)."""
-    return default_weights_path().with_name(DEFAULT_WEIGHTS_NAME.removesuffix(".safetensors") + ".manifest.json")
+    return shipped_manifest_path("default")
+
+
+def resolve_weights(spec: str | os.PathLike | None) -> Path:
+    """A weights argument as given by a user: None -> the default shipped model; a shipped model's name
+    (a key of SHIPPED_MODELS) -> its file, unless a file of that name exists here; anything else -> that path."""
+    if spec is None:
+        return default_weights_path()
+    if str(spec) in SHIPPED_MODELS and not Path(spec).exists():
+        return shipped_weights_path(str(spec))
+    return Path(spec)
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any], half: bool = False) -> None:
@@ -54,7 +79,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model stored at `path` (default: the shipped one) in eval mode; returns (model, meta)."""
-    path = Path(path) if path else default_weights_path()
+    path = resolve_weights(path or None)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     meta = read_metadata(path)

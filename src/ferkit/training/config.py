@@ -39,6 +39,11 @@ class TrainConfig:
     class_weights: str = "none"  # 'none' or 'balanced' (inverse class frequency)
     early_stopping: int = 0  # stop after this many epochs without a better PublicTest accuracy; 0 = off
     grad_clip: float = 0.0  # max gradient norm; 0 = off
+    # Knowledge distillation from a trained teacher (a .safetensors model or saved ensemble): its flip-TTA
+    # probabilities on the un-augmented training faces are computed once and used as soft targets.
+    teacher: str = ""
+    distill_weight: float = 0.7  # loss = (1 - w) * CE(labels) + w * T^2 * KL(teacher_T || student_T)
+    distill_temperature: float = 4.0
 
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     normalize: str = "dataset"
@@ -94,5 +99,7 @@ class TrainConfig:
             raise ValueError(f"schedule {self.schedule!r} not in {SCHEDULES}")
         if self.class_weights not in ("none", "balanced"):
             raise ValueError(f"class_weights {self.class_weights!r} must be 'none' or 'balanced'")
+        if self.teacher and not (0.0 <= self.distill_weight <= 1.0 and self.distill_temperature > 0):
+            raise ValueError("distill_weight must be in [0, 1] and distill_temperature > 0")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be at least 1")

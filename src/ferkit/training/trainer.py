@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ferkit.data import FaceData, load_dataset
+from ferkit.data import FaceData, file_sha256, load_dataset
 from ferkit.data.augment import augment, normalize, resize, to_float
 from ferkit.device import autocast, resolve_device, resolve_precision
 from ferkit.models import count_parameters, create_model
 from ferkit.models.predict import predict_proba
-from ferkit.models.weights import save_weights
+from ferkit.models.weights import load_model, save_weights
 from ferkit.training.config import TrainConfig
 from ferkit.training.report import command_line, git_commit, hardware, library_versions, plot_curves, write_json
 
@@ -102,6 +102,7 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
     if cfg.class_weights == "balanced":
         counts = np.bincount(train_set.labels, minlength=num_classes).clip(min=1)
         class_weight = torch.tensor(len(train_set) / (num_classes * counts), dtype=torch.float32, device=device)
+    teacher_probs = _teacher_probabilities(cfg, train_set, data.label_set.classes, device) if cfg.teacher else None
     optimizer = _make_optimizer(cfg, model)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     scheduler = _make_scheduler(cfg, optimizer, steps_per_epoch)
@@ -131,7 +132,9 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
 
     # ---- epochs ------------------------------------------------------------------------------
     epochs_this_call = 0
-    for epoch in range(start_epoch, cfg.epochs):
+    # A run that stopped early is finished: resuming it (e.g. to re-report it) must not train on.
+    stopped_early = bool(cfg.early_stopping) and stale >= cfg.early_stopping
+    for epoch in range(start_epoch, start_epoch if stopped_early else cfg.epochs):
         t0 = time.perf_counter()
         model.train()
         order = torch.randperm(len(train_set), generator=gen)
@@ -147,6 +150,9 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
             with autocast(device, amp_dtype):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y, weight=class_weight, label_smoothing=cfg.label_smoothing)
+            if teacher_probs is not None:
+                loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * distillation_loss(
+                    logits.float(), teacher_probs[idx].to(device), cfg.distill_temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -211,6 +217,36 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
     return RunResult(run_dir, best_acc, best_epoch, len(history), history)
 
 
+def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(teacher_T || student_T) (Hinton et al. 2015), from the teacher's probabilities.
+
+    Tempering probabilities p -> p^(1/T) / sum equals softmax(teacher_logits / T), so saved probabilities
+    serve as well as logits. The T^2 factor keeps the gradient scale independent of T.
+    """
+    teacher_t = F.softmax(teacher_probs.clamp_min(1e-8).log() / temperature, dim=1)
+    student_log_t = F.log_softmax(student_logits / temperature, dim=1)
+    return F.kl_div(student_log_t, teacher_t, reduction="batchmean") * temperature ** 2
+
+
+def _teacher_probabilities(cfg: TrainConfig, train_set: FaceData, classes: tuple[str, ...] | list[str],
+                           device: torch.device) -> torch.Tensor:
+    """The teacher's flip-TTA probabilities on the un-augmented training faces, (N, C), computed once.
+
+    Offline targets cost one teacher pass instead of one per epoch; under the mild augmentations used here
+    (flips, small crops and shifts) a face's emotion distribution does not change, so the targets still fit.
+    """
+    teacher, meta = load_model(cfg.teacher, device)
+    if list(meta.get("classes", [])) != list(classes):
+        raise ValueError(f"teacher {cfg.teacher} predicts {meta.get('classes')}, but this run trains {list(classes)}")
+    print(f"distilling from {cfg.teacher} ({meta['model']}): computing its probabilities on {len(train_set)} "
+          "training faces", flush=True)
+    probs = predict_proba(teacher, train_set.images, input_size=meta["input_size"],
+                          norm=meta.get("normalize", "dataset"), tta="flip")
+    acc = float((probs.argmax(1) == train_set.labels).mean())
+    print(f"teacher accuracy on the training faces: {acc:.4f}", flush=True)
+    return torch.from_numpy(probs)
+
+
 def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     params = model.parameters()
     if cfg.optimizer == "sgd":
@@ -268,6 +304,7 @@ def _write_manifest(run_dir: Path, cfg: TrainConfig, data: FaceData, commit: str
         "device": str(device),
         "epochs_done": epochs_done, "best_epoch": best_epoch, "best_public_test_acc": best_acc,
         "train_seconds": round(elapsed, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **({"teacher": {"path": cfg.teacher, "sha256": file_sha256(cfg.teacher)}} if cfg.teacher else {}),
     })
 
 

@@ -1,0 +1,26 @@
+"""The Typer app every command registers on, and what the command modules share."""
+
+from __future__ import annotations
+
+import typer
+
+from ferkit.models.weights import SHIPPED_MODELS
+
+WEIGHTS_HELP = ("Weights file (.safetensors: a model or a saved ensemble) written by ferkit, or the name of a model "
+                f"shipped in the package ({' | '.join(SHIPPED_MODELS)}). Default: default.")
+BACKEND_HELP = ("Who runs the emotion model: torch, or onnx (ONNX Runtime, needs ferkit[onnx]; faster per face on "
+                "CPU, the export is made once and cached).")
+PRECISION_HELP = "auto (CPU: bf16 where the CPU has it natively, else fp32; CUDA: mixed) | fp32 | bf16 | fp16."
+
+app = typer.Typer(
+    name="ferkit",
+    help="Facial emotion recognition toolkit: train, evaluate and compare FER2013 models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)

@@ -1,0 +1,293 @@
+"""`ferkit evaluate`, `ferkit ensemble`: scoring models and combining them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ferkit.cli._app import PRECISION_HELP, WEIGHTS_HELP, _fail, app
+
+EVALUATE_EPILOG = """
+Examples:
+
+  ferkit evaluate --data fer2013.csv.gz          (shipped model, PrivateTest)
+
+  ferkit evaluate --weights runs/ferkit_vgg_s-20261123-101500/best.safetensors \\
+      --data fer2013.csv.gz --split test --tta tencrop --out eval/vgg_s
+
+  ferkit evaluate --weights best.safetensors --data fer2013.csv.gz \\
+      --split val --json > val.json
+
+  ferkit evaluate --weights best.safetensors --data fer2013.csv.gz \\
+      --save-probs test_probs.npz
+
+The data is loaded with the label set stored in the weights (fer7 or fer6).
+--json prints only one JSON object on stdout (accuracy, per_class,
+confusion_matrix, macro_avg, weighted_avg, ...). --out writes
+confusion_matrix.png, confusion_matrix_normalized.png, errors.png, report.txt
+and metrics.json. --save-probs writes an .npz with probs (N, C), labels, rows
+(source row indices), classes and split, for ensembling and calibration.
+"""
+
+
+@app.command(epilog=EVALUATE_EPILOG)
+def evaluate(
+    data: Annotated[str, typer.Option(help="FER2013 CSV (.csv or .csv.gz) or image-folder root.")],
+    weights: Annotated[Path | None, typer.Option(
+        help=WEIGHTS_HELP)] = None,
+    split: Annotated[str, typer.Option(
+        help="Training | PublicTest | PrivateTest (or train / val / test).")] = "PrivateTest",
+    tta: Annotated[str, typer.Option(help="Test-time augmentation: none | flip | tencrop.")] = "none",
+    json_output: Annotated[bool, typer.Option("--json", help="Print only a JSON object on stdout.")] = False,
+    save_probs: Annotated[Path | None, typer.Option(
+        help="Write class probabilities, labels and row indices to this .npz file.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Directory for the confusion-matrix and error PNGs, report.txt and metrics.json.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    precision: Annotated[str, typer.Option(
+        help=PRECISION_HELP)] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Faces per forward pass.")] = 256,
+    skip_bad_rows: Annotated[bool, typer.Option(
+        help="Leave out malformed CSV rows instead of failing.")] = False,
+) -> None:
+    """Score a trained model on one split: accuracy, per-class precision/recall/F1, confusion matrix."""
+    import json
+
+    from ferkit.data import DataError, canonical_split, load_dataset
+    from ferkit.evaluation import evaluate as run_evaluation
+    from ferkit.evaluation import format_confusion, format_report, format_summary, write_artifacts
+    from ferkit.evaluation import save_probs as write_probs
+    from ferkit.models.predict import TTA_MODES
+    from ferkit.models.weights import load_model, resolve_weights
+
+    if tta not in TTA_MODES:
+        _fail(f"unknown --tta {tta!r}; choose one of {', '.join(TTA_MODES)}")
+    if batch_size < 1:
+        _fail(f"--batch-size must be positive, got {batch_size}")
+    try:
+        split = canonical_split(split)
+    except ValueError as e:
+        _fail(str(e))
+    if not Path(data).exists():
+        _fail(f"data file {data!r} not found "
+              "(pass --data PATH to fer2013.csv, fer2013.csv.gz or an image folder)")
+    weights_path = resolve_weights(weights)
+    if not weights_path.is_file():
+        if weights is None:
+            _fail(f"no --weights given and the shipped default weights {weights_path} do not exist yet; "
+                  "pass --weights PATH (e.g. runs/<name>/best.safetensors from `ferkit train`)")
+        _fail(f"weights file {str(weights_path)!r} not found")
+    try:
+        model, meta = load_model(weights_path)
+    except Exception as e:  # corrupt or foreign file: safetensors raises its own error type
+        _fail(f"cannot load weights {str(weights_path)!r}: {e}")
+    try:
+        dataset = load_dataset(data, meta.get("label_set") or "fer7", skip_bad_rows=skip_bad_rows)
+        result = run_evaluation(model, meta, dataset, split, tta=tta, batch_size=batch_size, device=device,
+                                precision=precision, weights_path=weights_path)
+        result.extra["weights"] = str(weights_path)
+        artifacts = {}
+        if save_probs is not None:
+            artifacts["probs"] = str(write_probs(result, save_probs))
+        if out is not None:
+            images = dataset.split(split).images
+            artifacts.update({k: str(v) for k, v in write_artifacts(result, images, out).items()})
+    except (DataError, ValueError, FileNotFoundError, OSError) as e:
+        _fail(str(e))
+    if artifacts:
+        result.extra["artifacts"] = artifacts
+    if json_output:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+        return
+    typer.echo(format_summary(result))
+    typer.echo(format_report(result.report))
+    typer.echo(format_confusion(result))
+    if dataset.skipped:
+        typer.echo("skipped while loading: " + ", ".join(f"{n} {why}" for why, n in dataset.skipped.items()))
+    for name, path in artifacts.items():
+        typer.echo(f"wrote {name}: {path}")
+
+
+
+ENSEMBLE_EPILOG = """
+Examples:
+
+  ferkit ensemble --from-predictions results/predictions/*.npz
+
+  ferkit ensemble --from-predictions results/predictions/*.npz \\
+      --method accuracy_weighted --json
+
+  ferkit ensemble --weights runs/a/best.safetensors runs/b/best.safetensors \\
+      --data fer2013.csv.gz --method greedy --tta flip \\
+      --save ensemble.safetensors
+
+  ferkit ensemble --snapshots runs/sixclass_cnn4-20261123-101500 \\
+      --last 9 --data fer2013.csv.gz --method mean --plot snapshots.png
+
+  ferkit evaluate --weights ensemble.safetensors --data fer2013.csv.gz
+
+Methods: mean (average of the members' probabilities); accuracy_weighted
+(weights = each member's PublicTest accuracy / their sum); class_weighted
+(member m's class-c column scaled by its PublicTest precision for class c,
+then renormalized); vote (majority of argmax votes, ties broken by summed
+probability); greedy (forward selection, with replacement, of the members
+whose average is most accurate on PublicTest); all (a table of every
+method, the default). Weights are always fitted on PublicTest; PrivateTest
+is the held-out score.
+
+--from-predictions reads results/predictions/*.npz (from `ferkit
+reproduce`) and runs no model. --weights / --snapshots run every member on
+both test splits of --data (--snapshots: a run trained with --save-every
+N). Files after the options join the --from-predictions or --weights list,
+so shell globs work. --save writes one .safetensors file holding the
+members and the fitted weights; `ferkit evaluate --weights` accepts it.
+"""
+
+
+@app.command(epilog=ENSEMBLE_EPILOG)
+def ensemble(
+    files: Annotated[list[Path] | None, typer.Argument(
+        help="More member files (.npz predictions or .safetensors weights).")] = None,
+    from_predictions: Annotated[list[Path] | None, typer.Option(
+        "--from-predictions", help="Prediction files results/predictions/<name>.npz (no model runs).")] = None,
+    weights: Annotated[list[Path] | None, typer.Option(help="Members' weights files (.safetensors).")] = None,
+    snapshots: Annotated[Path | None, typer.Option(
+        help="Run directory whose snapshots (train with --save-every N) are the members.")] = None,
+    last: Annotated[int, typer.Option(help="With --snapshots: use the last N snapshots.")] = 9,
+    data: Annotated[str | None, typer.Option(
+        help="FER2013 CSV (.csv or .csv.gz) to run the members on (--weights / --snapshots).")] = None,
+    method: Annotated[str, typer.Option(
+        help="mean | accuracy_weighted | class_weighted | vote | greedy | all.")] = "all",
+    tta: Annotated[str, typer.Option(
+        help="Test-time augmentation when running models: none | flip | tencrop.")] = "none",
+    max_members: Annotated[int | None, typer.Option(
+        help="greedy: selection steps, repeats included (default: the number of members).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print only a JSON object on stdout.")] = False,
+    save: Annotated[Path | None, typer.Option(
+        help="Write the fitted ensemble (members + weights) to this .safetensors file; needs one --method.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a members-vs-ensembles bar chart (PNG).")] = None,
+    record: Annotated[str | None, typer.Option(
+        help="Record every method's result as rows NAME/<method> in --records (with this command).")] = None,
+    records: Annotated[Path, typer.Option(help="The results table --record writes.")] = Path(
+        "results/ensembles.csv"),
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Faces per forward pass.")] = 256,
+) -> None:
+    """Combine models or saved predictions: fit ensemble weights on PublicTest, report PrivateTest."""
+    import json
+
+    from ferkit.data import DataError
+    from ferkit.ensembles import (
+        METHODS,
+        canonical_method,
+        evaluate_methods,
+        format_table,
+        load_prediction_files,
+        plot_members_vs_ensemble,
+        predict_members,
+        save_ensemble,
+        snapshot_members,
+    )
+    from ferkit.models.predict import TTA_MODES
+    from ferkit.models.weights import read_metadata
+
+    methods: list[str] = []
+    try:
+        methods = list(METHODS) if method.strip().lower() == "all" else [canonical_method(method)]
+    except ValueError as e:
+        _fail(f"{e} (or all)")
+    if tta not in TTA_MODES:
+        _fail(f"unknown --tta {tta!r}; choose one of {', '.join(TTA_MODES)}")
+    if batch_size < 1:
+        _fail(f"--batch-size must be positive, got {batch_size}")
+    if max_members is not None and max_members < 1:
+        _fail(f"--max-members must be positive, got {max_members}")
+    extra = list(files or [])
+    modes = [flag for flag, given in (("--from-predictions", from_predictions), ("--weights", weights),
+                                      ("--snapshots", snapshots)) if given]
+    if len(modes) > 1:
+        _fail(f"give only one of {', '.join(modes)}")
+    if not modes:
+        if not extra:
+            _fail("no members: pass --from-predictions FILES..., --weights FILES... or --snapshots RUN_DIR")
+        modes = ["--from-predictions" if all(p.suffix == ".npz" for p in extra) else "--weights"]
+    mode = modes[0]
+    paths: list[Path] = []
+    if mode == "--snapshots":
+        if extra:
+            _fail(f"unexpected files with --snapshots: {', '.join(map(str, extra))}")
+        if last < 1:
+            _fail(f"--last must be positive, got {last}")
+        try:
+            paths = snapshot_members(snapshots, last)
+        except (FileNotFoundError, ValueError) as e:
+            _fail(str(e))
+    else:
+        paths = list(from_predictions or weights or []) + extra
+    for p in paths:
+        if not p.is_file():
+            _fail(f"member file {str(p)!r} not found")
+    if len(paths) < 2:
+        _fail(f"an ensemble needs at least two members, got {len(paths)}")
+    if save is not None and len(methods) != 1:
+        _fail("--save needs a single --method (not all)")
+
+    if mode == "--from-predictions":
+        if save is not None:
+            _fail("--save needs the members' weights (--weights or --snapshots); prediction files hold no model")
+        if tta != "none":
+            _fail("--tta applies when running models; each prediction file already records the TTA it used")
+        if data is not None:
+            _fail("--data is not used with --from-predictions (the files already hold both test splits)")
+        try:
+            members = load_prediction_files(paths)
+        except (ValueError, FileNotFoundError) as e:
+            _fail(str(e))
+    else:
+        if data is None:
+            _fail(f"{mode} runs the members: pass --data PATH to fer2013.csv or fer2013.csv.gz")
+        if not Path(data).exists():
+            _fail(f"data file {data!r} not found (pass --data PATH to fer2013.csv or fer2013.csv.gz)")
+        for p in paths:
+            try:
+                read_metadata(p)
+            except Exception as e:  # corrupt or foreign file: safetensors raises its own error type
+                _fail(f"cannot load weights {str(p)!r}: {e}")
+        try:
+            members = predict_members(paths, data, tta=tta, batch_size=batch_size, device=device,
+                                      precision=precision)
+        except (DataError, ValueError, FileNotFoundError, OSError) as e:
+            _fail(str(e))
+    try:
+        report = evaluate_methods(members, methods, max_members=max_members)
+    except ValueError as e:
+        _fail(str(e))
+    artifacts: dict[str, str] = {}
+    try:
+        if save is not None:
+            row = report.ensembles[0]
+            save_ensemble(save, paths, report.weights[methods[0]], tta=tta,
+                          extra={"fitted_on": "PublicTest", "public_accuracy": row["public_accuracy"],
+                                 "private_accuracy": row["private_accuracy"], "data": str(data),
+                                 "member_files": [str(p) for p in paths]})
+            artifacts["ensemble"] = str(save)
+        if plot is not None:
+            plot_members_vs_ensemble(report.rows(), plot)
+            artifacts["plot"] = str(plot)
+        if record is not None:
+            from ferkit.ensembles.records import record_report
+            from ferkit.training.report import command_line
+
+            record_report(report, record, command_line(), records)
+            artifacts["records"] = f"{records} ({record}/*)"
+    except (ValueError, OSError) as e:
+        _fail(str(e))
+    if json_output:
+        typer.echo(json.dumps(report.to_json() | ({"artifacts": artifacts} if artifacts else {}), indent=2))
+        return
+    typer.echo(format_table(report))
+    for name, path in artifacts.items():
+        typer.echo(f"wrote {name}: {path}")

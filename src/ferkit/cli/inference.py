@@ -1,0 +1,266 @@
+"""`ferkit predict`, `ferkit demo`, `ferkit explain`: using a trained model on pictures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ferkit.cli._app import BACKEND_HELP, WEIGHTS_HELP, _fail, app
+
+PREDICT_EPILOG = """
+Examples:
+
+  ferkit predict                                   (the bundled sample photo; writes ferkit-demo.jpg)
+
+  ferkit predict photo.jpg group.png               (a table of faces and emotions)
+
+  ferkit predict photos/ --json results.json --csv results.csv --annotate annotated/
+
+  ferkit predict clip.mp4 --every 15               (every 15th frame, with timestamps)
+
+  ferkit predict clip.mp4 --annotate out/          (also out/clip.annotated.mp4 and out/clip.emotions.png)
+
+  ferkit predict crops/ --detector none            (images that are already face crops)
+
+  ferkit predict photo.jpg --weights runs/ferkit_vgg_s-20261123-101500/best.safetensors --tta flip
+
+  ferkit predict photo.jpg --json -                (only JSON, on stdout)
+
+Folders are searched recursively for images (.jpg .png .bmp .gif .tif .webp ...) and videos
+(.mp4 .avi .mov .mkv .webm ...). Detectors: retinaface (CNN, default), haar (OpenCV cascade, fast),
+none (the whole image is the face). Each face is cropped like FER2013's faces (tight, upright,
+grayscale, 48x48) before classification. A file that cannot be read (corrupt, truncated, empty, not
+an image, over the 50-megapixel guard) or has no face becomes an error entry in the table, JSON and CSV;
+the other files are still processed and the exit code is 1 (2 for a usage error).
+"""
+
+
+def _recognizer(weights: Path | None, detector: str, tta: str, device: str, min_face_score: float = 0.0,
+                backend: str = "torch"):
+    from ferkit.inference import Recognizer
+    from ferkit.models.predict import TTA_MODES
+    from ferkit.models.weights import resolve_weights
+
+    if tta not in TTA_MODES:
+        _fail(f"unknown --tta {tta!r}; choose one of {', '.join(TTA_MODES)}")
+    path = resolve_weights(weights)
+    if weights is None and not path.is_file():
+        _fail(f"no --weights given and the shipped default weights {path} do not exist yet; "
+              "pass --weights PATH (e.g. runs/<name>/best.safetensors from `ferkit train`)")
+    if not path.is_file():
+        _fail(f"weights file {str(weights)!r} not found")
+    try:
+        return Recognizer(model=path, detector=detector, device=device, tta=tta, min_face_score=min_face_score,
+                          backend=backend)
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
+        _fail(str(e))
+    except Exception as e:  # corrupt or foreign weights file: safetensors raises its own error type
+        _fail(f"cannot load weights {str(weights)!r}: {e}")
+
+
+def _run_predict(rec, paths: list[Path], json_out: str | None, csv_out: Path | None, annotate: Path | None,
+                 annotate_file: Path | None, every: int, progress: bool) -> None:
+    import sys
+
+    from ferkit.inference import batch
+
+    if every < 1:
+        _fail(f"--every must be at least 1, got {every}")
+    outputs: list[str] = []  # annotated videos and emotion-over-time plots
+    try:
+        entries, skipped = batch.run(rec, paths, every=every, annotate_dir=annotate, progress=progress,
+                                     annotate_file=annotate_file, outputs=outputs)
+    except OSError as e:
+        _fail(f"cannot write output: {e}")
+    info = {"model": rec.meta.get("model"), "weights": str(rec.weights_path),
+            "detector": getattr(rec.detector, "name", str(rec.detector)), "tta": rec.tta,
+            "classes": rec.classes}
+    stats = batch.summary(entries)
+    note = (f"{stats['files']} file(s), {stats['faces']} face(s), {stats['errors']} error(s)"
+            + (f"; {skipped} non-image file(s) in folders skipped" if skipped else ""))
+    try:
+        if json_out == "-":
+            batch.write_json(entries, sys.stdout, info)
+            typer.echo(note, err=True)
+        else:
+            if entries:
+                typer.echo(batch.format_table(entries))
+            typer.echo(note)
+            if json_out:
+                batch.write_json(entries, json_out, info)
+                typer.echo(f"wrote JSON: {json_out}")
+        if csv_out is not None:
+            batch.write_csv(entries, csv_out, rec.classes)
+            if json_out != "-":
+                typer.echo(f"wrote CSV: {csv_out}")
+    except OSError as e:
+        _fail(f"cannot write output: {e}")
+    written = [e.annotated for e in entries if e.annotated]
+    if written and json_out != "-":
+        typer.echo(f"wrote annotated image: {written[0]}" if annotate_file is not None
+                   else f"wrote {len(written)} annotated image(s) to {annotate}")
+    if json_out != "-":
+        for path in outputs:
+            typer.echo(f"wrote {'emotion-over-time plot' if path.endswith('.png') else 'annotated video'}: {path}")
+    if stats["errors"]:
+        raise typer.Exit(1)
+
+
+@app.command(epilog=PREDICT_EPILOG)
+def predict(
+    paths: Annotated[list[Path] | None, typer.Argument(
+        help="Images, folders (searched recursively) or videos; none: the bundled sample photo.")] = None,
+    json_out: Annotated[str | None, typer.Option(
+        "--json", help="Write the results as JSON to this file ('-': print only JSON on stdout).")] = None,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="Write one row per face to this CSV file.")] = None,
+    annotate: Annotated[Path | None, typer.Option(
+        help="Write annotated copies (boxes, dominant emotion, probability bars) into this folder.")] = None,
+    every: Annotated[int, typer.Option(help="Videos: analyse every N-th frame.")] = 10,
+    detector: Annotated[str, typer.Option(help="Face detector: retinaface | haar | none.")] = "retinaface",
+    weights: Annotated[Path | None, typer.Option(
+        help=WEIGHTS_HELP)] = None,
+    tta: Annotated[str, typer.Option(help="Test-time augmentation: none | flip | tencrop.")] = "none",
+    min_face_score: Annotated[float, typer.Option(help="Ignore faces the detector is less sure of.")] = 0.0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "torch",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Detect faces in images, folders and videos and classify their emotions."""
+    from ferkit.inference.image_io import sample_image_path
+
+    rec = _recognizer(weights, detector, tta, device, min_face_score, backend)
+    annotate_file = None
+    if not paths:
+        paths = [sample_image_path()]
+        annotate_file = None if annotate is not None else Path("ferkit-demo.jpg")
+    _run_predict(rec, list(paths), json_out, csv_out, annotate, annotate_file, every, progress)
+
+
+@app.command(epilog="""
+Examples:
+
+  ferkit demo                                  (writes ferkit-demo.jpg here)
+
+  ferkit demo --out /tmp/demo.jpg --detector haar
+
+The sample photo is NASA's public-domain portrait of astronaut Eileen Collins (from scikit-image's
+sample data); see ferkit/assets/README.md.
+""")
+def demo(
+    out: Annotated[Path, typer.Option(help="Where to write the annotated photo.")] = Path("ferkit-demo.jpg"),
+    detector: Annotated[str, typer.Option(help="Face detector: retinaface | haar | none.")] = "retinaface",
+    weights: Annotated[Path | None, typer.Option(
+        help=WEIGHTS_HELP)] = None,
+    tta: Annotated[str, typer.Option(help="Test-time augmentation: none | flip | tencrop.")] = "none",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+) -> None:
+    """Run the recognizer on the bundled sample photo and write the annotated result."""
+    from ferkit.inference.image_io import sample_image_path
+
+    rec = _recognizer(weights, detector, tta, device)
+    _run_predict(rec, [sample_image_path()], None, None, None, out, 1, False)
+
+
+EXPLAIN_EPILOG = """
+Examples:
+
+  ferkit explain photo.jpg --out explain/             (one PNG per face found)
+
+  ferkit explain --data fer2013.csv.gz --row 32298    (a FER2013 face, by 0-based data row)
+
+  ferkit explain photo.jpg --target happy --weights runs/x/best.safetensors
+
+Each PNG shows the 48x48 face crop the model saw, its saliency map (|d score / d pixel|, as in
+Khaireddin & Chen 2021) and a Grad-CAM overlay on the last convolution layer, for the predicted class
+(or --target); the title gives the predicted label and the top-3 probabilities (no TTA). For a saved
+ensemble, Grad-CAM is the member-weighted mean of each member's map.
+"""
+
+
+@app.command(epilog=EXPLAIN_EPILOG)
+def explain(
+    image: Annotated[Path | None, typer.Argument(help="Photo to explain (every detected face).")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the PNGs.")] = Path("explain"),
+    weights: Annotated[Path | None, typer.Option(
+        help=WEIGHTS_HELP)] = None,
+    detector: Annotated[str, typer.Option(help="Face detector: retinaface | haar | none.")] = "retinaface",
+    data: Annotated[Path | None, typer.Option(help="FER2013 CSV: explain one of its faces (with --row).")] = None,
+    row: Annotated[int | None, typer.Option(help="With --data: the 0-based data row (header excluded).")] = None,
+    target: Annotated[str | None, typer.Option(help="Explain this class instead of the predicted one.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+) -> None:
+    """Show what a model looks at: face crop, saliency map and Grad-CAM per face, as PNGs."""
+    import numpy as np
+
+    from ferkit.explain import explain_faces, plot_explanation
+    from ferkit.inference.image_io import ImageError
+
+    if (image is None) == (data is None):
+        _fail("give either an IMAGE or --data CSV --row N")
+    if data is not None and row is None:
+        _fail("--data needs --row N (the 0-based data row of the face to explain)")
+    if row is not None and data is None:
+        _fail("--row needs --data CSV")
+    truths: list[str | None] = []
+    titles: list[str] = []
+    names: list[str] = []
+    if image is not None:
+        rec = _recognizer(weights, detector, "none", device)
+        try:
+            _, dets, faces = rec.detect_faces(image)
+        except ImageError as e:
+            _fail(str(e))
+        if len(faces) == 0:
+            typer.secho(f"{image}: no face found (detector: {getattr(rec.detector, 'name', detector)})", err=True,
+                        fg=typer.colors.RED)
+            raise typer.Exit(1)
+        model, meta = rec.model, rec.meta
+        for i, det in enumerate(dets, 1):
+            titles.append(f"{image.name}, face {i} at x,y,w,h = {','.join(str(int(v)) for v in det.box)}")
+            names.append(f"{image.stem}_face{i}.png")
+            truths.append(None)
+    else:
+        from ferkit.data import DataError, load_dataset
+        from ferkit.models.weights import load_model, resolve_weights
+
+        path = resolve_weights(weights)
+        if not path.is_file():
+            _fail(f"weights file {str(path)!r} not found" if weights is not None else
+                  f"no --weights given and the shipped default weights {path} do not exist yet; pass --weights")
+        if not data.exists():
+            _fail(f"data file {str(data)!r} not found")
+        try:
+            from ferkit.device import resolve_device
+
+            model, meta = load_model(path, resolve_device(device))
+            dataset = load_dataset(str(data), "fer7", skip_bad_rows=True)
+        except (DataError, ValueError, FileNotFoundError) as e:
+            _fail(str(e))
+        except Exception as e:  # corrupt or foreign weights file
+            _fail(f"cannot load weights {str(path)!r}: {e}")
+        hits = np.flatnonzero(dataset.rows == row)
+        if len(hits) == 0:
+            _fail(f"row {row} is not a usable face row of {data} (data rows 0..{int(dataset.rows.max())})")
+        k = int(hits[0])
+        faces = dataset.images[k:k + 1]
+        truths.append(dataset.label_set.classes[int(dataset.labels[k])])
+        titles.append(f"{data.name} row {row} ({dataset.usage[k]})")
+        names.append(f"{Path(data.name).name.split('.')[0]}_row{row}.png")
+    classes = list(meta.get("classes") or [])
+    target_index = None
+    if target is not None:
+        if target not in classes:
+            _fail(f"--target {target!r} is not one of the model's classes: {', '.join(classes)}")
+        target_index = classes.index(target)
+    try:
+        explanations = explain_faces(model, meta, faces, target_index)
+        for exp, title, name, truth in zip(explanations, titles, names, truths, strict=True):
+            written = plot_explanation(exp, classes, out / name, title=title, truth=truth)
+            top = ", ".join(f"{c} {p:.2f}" for c, p in exp.top(classes, 3))
+            typer.echo(f"wrote {written}  ({top}" + (f"; true: {truth})" if truth else ")"))
+    except ValueError as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot write output: {e}")

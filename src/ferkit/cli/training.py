@@ -1,0 +1,180 @@
+"""`ferkit train`, `ferkit models`, `ferkit reproduce`: the training side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ferkit.cli._app import PRECISION_HELP, _fail, app
+
+TRAIN_EPILOG = """
+Examples:
+
+  ferkit train --data fer2013.csv.gz --model ferkit_vgg_s --epochs 60
+
+  ferkit train --data fer2013.csv.gz --model frivas_cnn3 --optimizer adam --lr 1e-3 \\
+      --schedule step --batch-size 128 --epochs 50
+
+  ferkit train --data fer2013.csv.gz --model bokanyi_deep augment.rotation=15 label_smoothing=0.1
+
+  ferkit train --data fer2013.csv.gz --model mini_xception teacher=runs/<big>/best.safetensors \
+      distill_weight=0.7 distill_temperature=4       (knowledge distillation from a trained model)
+
+  ferkit train --resume runs/ferkit_vgg_s-20261123-101500     (continue a killed run)
+
+Trailing key=value pairs set any config field (see config.json in a run directory); values are JSON
+(numbers, true/false, lists) or bare strings. Each run writes runs/<name>/ with config.json,
+metrics.csv, curves.png, best.safetensors, last.safetensors, checkpoint.pt and manifest.json.
+"""
+
+
+@app.command(epilog=TRAIN_EPILOG)
+def train(
+    overrides: Annotated[list[str] | None, typer.Argument(help="Extra config overrides, key=value.")] = None,
+    data: Annotated[str | None, typer.Option(help="FER2013 CSV (.csv or .csv.gz) or image-folder root.")] = None,
+    model: Annotated[str | None, typer.Option(help="Registry model name (see `ferkit models`).")] = None,
+    label_set: Annotated[str | None, typer.Option(help="fer7 (all 7 emotions) or fer6 (no disgust).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Number of epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="sgd | adam | adamw | rmsprop.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (peak rate for onecycle).")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Weight decay.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="none | step | plateau | cosine | onecycle.")] = None,
+    label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing for cross-entropy.")] = None,
+    class_weights: Annotated[str | None, typer.Option(help="none | balanced.")] = None,
+    early_stopping: Annotated[int | None, typer.Option(help="Patience in epochs; 0 disables.")] = None,
+    grad_clip: Annotated[float | None, typer.Option(help="Max gradient norm; 0 disables.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N.")] = None,
+    precision: Annotated[str | None, typer.Option(help=PRECISION_HELP)] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (runs are deterministic given a seed).")] = None,
+    out: Annotated[str | None, typer.Option(help="Parent directory of run directories.")] = None,
+    name: Annotated[str | None, typer.Option(help="Run directory name (default <model>-<time>).")] = None,
+    save_every: Annotated[int | None, typer.Option(help="Keep a snapshot every N steps (0 = off).")] = None,
+    limit_train: Annotated[int | None, typer.Option(help="Use only the first N training faces.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Resume the run in this directory.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Train a model on the Training split, selecting the best epoch on PublicTest."""
+    from ferkit.data import DataError
+    from ferkit.training import TrainConfig
+    from ferkit.training import train as run_training
+
+    flags = {"data": data, "model": model, "label_set": label_set, "epochs": epochs, "batch_size": batch_size,
+             "optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, "schedule": schedule,
+             "label_smoothing": label_smoothing, "class_weights": class_weights, "early_stopping": early_stopping,
+             "grad_clip": grad_clip, "device": device, "precision": precision, "seed": seed, "out_dir": out,
+             "run_name": name, "save_every": save_every, "limit_train": limit_train}
+    try:
+        cfg = TrainConfig().override([f"{k}={_json(v)}" for k, v in flags.items() if v is not None]
+                                     + list(overrides or []))
+        cfg.progress = progress
+        if resume is None and not Path(cfg.data).exists():
+            _fail(f"data file {cfg.data!r} not found (pass --data PATH to fer2013.csv or fer2013.csv.gz)")
+        run_training(cfg, resume=resume)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+
+
+@app.command(epilog="""
+Examples:
+
+  ferkit models                 (every registered model)
+
+  ferkit models 'frivas*'       (shell-style pattern)
+""")
+def models(
+    pattern: Annotated[str, typer.Argument(help="Shell-style name filter.")] = "*",
+    flops: Annotated[bool, typer.Option(help="Count FLOPs per image (slower).")] = True,
+    markdown: Annotated[bool, typer.Option(help="Print a Markdown table (as in the README).")] = False,
+) -> None:
+    """List the registered models with parameter counts, FLOPs per image, source and published accuracy."""
+    from ferkit.models import count_flops, count_parameters, create_model, get_spec, list_models
+
+    names = list_models(pattern)
+    if not names:
+        _fail(f"no model matches {pattern!r}")
+    if markdown:
+        typer.echo("| registry name | input | params | MFLOPs/image | published accuracy | source |")
+        typer.echo("|---|---|---|---|---|---|")
+        for n in names:
+            spec = get_spec(n)
+            m = create_model(n)
+            typer.echo(f"| `{n}` | {spec.input_size} | {count_parameters(m) / 1e6:.2f} M | "
+                       f"{count_flops(m, spec.input_size) / 1e6:.0f} | {spec.reported} | {spec.source} |")
+        return
+    header = f"{'name':<24} {'input':>5} {'params':>9} {'MFLOPs':>8}  published accuracy — source"
+    typer.echo(header)
+    typer.echo("-" * len(header))
+    for n in names:
+        spec = get_spec(n)
+        m = create_model(n)
+        mflops = f"{count_flops(m, spec.input_size) / 1e6:8.1f}" if flops else f"{'-':>8}"
+        typer.echo(f"{n:<24} {spec.input_size:>5} {count_parameters(m) / 1e6:>8.2f}M {mflops}  "
+                   f"{spec.reported} — {spec.source}")
+
+
+
+
+REPRODUCE_EPILOG = """
+Examples:
+
+  ferkit reproduce --list                                   (every system, its recipe and published number)
+
+  ferkit reproduce frivas_cnn3 --data fer2013.csv.gz         (train, evaluate, update results/seeds.csv)
+
+  ferkit reproduce khaireddin_vgg --data fer2013.csv.gz epochs=40    (override a recipe setting)
+
+Rerunning a system whose run directory (runs/repro-<system>) holds a checkpoint resumes it.
+Results: results/seeds.csv, results/predictions/<system>.npz, results/runs/<system>/.
+"""
+
+
+@app.command(epilog=REPRODUCE_EPILOG)
+def reproduce(
+    system: Annotated[str | None, typer.Argument(help="System name (see --list).")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="Extra config overrides, key=value.")] = None,
+    data: Annotated[str, typer.Option(help="FER2013 CSV (.csv or .csv.gz).")] = "fer2013.csv.gz",
+    runs: Annotated[Path, typer.Option(help="Parent directory of the run directories.")] = Path("runs"),
+    results: Annotated[Path, typer.Option(help="Where seeds.csv, predictions/ and runs/ are written.")] = Path(
+        "results"),
+    list_systems: Annotated[bool, typer.Option("--list", help="List the systems and their recipes.")] = False,
+    report: Annotated[bool, typer.Option(
+        "--report", help="Only refresh docs/results.md's table and docs/results.png from results/seeds.csv.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Retrain a published FER2013 system with its recipe and record its measured accuracy."""
+    from ferkit.data import DataError
+    from ferkit.reproduce import RECIPES, write_report
+    from ferkit.reproduce import reproduce as run_reproduce
+
+    if report:
+        write_report(results)
+        typer.echo("refreshed docs/results.md and docs/results.png")
+        return
+
+    if list_systems or system is None:
+        for r in RECIPES.values():
+            typer.echo(f"{r.name:<22} reported {r.reported:.3f}  {r.system}")
+            typer.echo(f"{'':<22} {' '.join(r.overrides)}" + (f"  tta={r.tta}" if r.tta != "none" else ""))
+            if r.notes:
+                typer.echo(f"{'':<22} note: {r.notes}")
+        return
+    if not Path(data).exists():
+        _fail(f"data file {data!r} not found (pass --data PATH to fer2013.csv or fer2013.csv.gz)")
+    try:
+        row = run_reproduce(system, data, runs_dir=runs, results_dir=results, extra=list(overrides or []),
+                            progress=progress)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo(f"{system}: PublicTest {row['public_test']}  PrivateTest {row['private_test']}  "
+               f"(reported {row['reported']}); row written to {results / 'seeds.csv'}")
+    if Path("docs/results.md").is_file():
+        write_report(results)
+
+
+def _json(value: object) -> str:
+    import json
+
+    return json.dumps(value)
