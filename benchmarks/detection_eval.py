@@ -229,7 +229,9 @@ def main() -> None:
     if args.json:
         for r in results.values():  # keep the file small: per-image rows of the real set and the summary
             r.pop("composite")
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        from ferkit.training.report import git_commit
+
+        Path(args.json).write_text(json.dumps({"git_commit": git_commit(), **results}, indent=2) + "\n")
         print(f"\nwrote {args.json}")
 
 

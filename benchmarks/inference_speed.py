@@ -243,7 +243,10 @@ def main() -> None:
         print(f"model: {desc}")
         print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU {cpu}, {os.cpu_count()} cores; "
               f"~{args.seconds:g} s per measurement, best of {REPEATS} rounds")
-        results: dict[str, Any] = {"model": desc, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        from ferkit.training.report import git_commit
+
+        results: dict[str, Any] = {"model": desc, "git_commit": git_commit(), "threads": torch.get_num_threads(),
+                                   "torch": torch.__version__,
                                    "seconds": args.seconds, "classification": {}, "end_to_end": {}}
         bench_ferkit(args, weights, results)
     if args.fer:

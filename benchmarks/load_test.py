@@ -248,10 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         import torch
 
+        from ferkit.training.report import git_commit
+
         info = {"clients": args.clients, "duration_s": args.duration, "crops_per_request": args.crops_per_request,
                 "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "workers": args.workers,
                 "model": described, "cpus": os.cpu_count(), "python": platform.python_version(),
-                "torch": torch.__version__, "machine": platform.machine()}
+                "torch": torch.__version__, "machine": platform.machine(), "git_commit": git_commit()}
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps({"settings": info, "results": rows}, indent=2) + "\n")
         print(f"wrote {args.json_out}")

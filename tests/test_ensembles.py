@@ -366,6 +366,7 @@ def test_cli_member_errors_exit_2(prediction_files: list[Path], tmp_path: Path) 
                           [[str(prediction_files[0])], "at least two members"],
                           [[str(prediction_files[0]), str(tmp_path / "gone.npz")], "gone.npz"],
                           [[], "no members"],
+                          [[str(prediction_files[0]), str(tmp_path / "w.safetensors")], "not a mix"],
                           [["--weights", str(tmp_path / "w.safetensors"), "--snapshots", str(tmp_path)], "only one"]):
         result = runner.invoke(app, ["ensemble", *args])
         assert result.exit_code == 2, result.output

@@ -83,3 +83,13 @@ def test_results_figure_marks_the_shipped_model_from_its_manifest() -> None:
     from ferkit.reproduce import shipped_model_accuracy
 
     assert shipped_model_accuracy() == (manifest()["model"], private_test_accuracy("default"))
+
+
+def test_the_fast_model_is_a_fraction_of_the_default_models_compute() -> None:
+    # What "fast" promises: a small share of the default model's FLOPs per face (its measured speed and
+    # accuracy against the `fer` package are in the README and benchmarks/results/inference_speed_fast.json).
+    from ferkit.models import count_flops, create_model
+
+    fast, default = (create_model(manifest(n)["model"]) for n in ("fast", "default"))
+    assert count_flops(fast) < count_flops(default) / 10
+    assert manifest("fast")["training"]["config"]["teacher"].endswith("ferkit_default.safetensors")

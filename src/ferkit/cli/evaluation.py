@@ -213,7 +213,11 @@ def ensemble(
     if not modes:
         if not extra:
             _fail("no members: pass --from-predictions FILES..., --weights FILES... or --snapshots RUN_DIR")
-        modes = ["--from-predictions" if all(p.suffix == ".npz" for p in extra) else "--weights"]
+        kinds = {p.suffix == ".npz" for p in extra}
+        if len(kinds) > 1:
+            _fail("members are either all prediction files (.npz) or all weights files (.safetensors), not a mix: "
+                  "make predictions of the weights with `ferkit reproduce`, or pass the others' weights")
+        modes = ["--from-predictions" if kinds == {True} else "--weights"]
     mode = modes[0]
     paths: list[Path] = []
     if mode == "--snapshots":

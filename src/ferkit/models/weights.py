@@ -18,10 +18,10 @@ from torch import nn
 
 from ferkit.models.registry import create_model
 
-# Models shipped inside the package, by the name users pass (`Recognizer(model="default")`, `--weights default`):
-# "default" is the most accurate (see the README's model table). A compact "fast" model (ferkit_fast) joins it
-# once one beats the `fer` package's accuracy (tools/ship_model.py --as fast).
-SHIPPED_MODELS = {"default": "ferkit_default"}
+# Models shipped inside the package, by the name users pass (`Recognizer(model="fast")`, `--weights fast`):
+# "default" is the most accurate; "fast" is a compact mini-Xception distilled from it, for throughput (see the
+# README's "The shipped models"). tools/ship_model.py --as NAME makes a training run one of them.
+SHIPPED_MODELS = {"default": "ferkit_default", "fast": "ferkit_fast"}
 DEFAULT_WEIGHTS_NAME = "ferkit_default.safetensors"
 
 
