@@ -346,6 +346,33 @@ def test_cli_record_writes_and_replaces_rows(prediction_files: list[Path], tmp_p
     assert bad.exit_code == 2 and "record name" in bad.output
 
 
+def test_cli_label_set_keeps_one_label_set_of_a_mixed_glob(tmp_path: Path) -> None:
+    # results/predictions/ holds 7-class systems and 6-class ones (no disgust): --label-set picks one group.
+    rng = np.random.default_rng(3)
+    files = {}
+    for name, label_set in (("seven_a", "fer7"), ("seven_b", "fer7"), ("six", "fer6")):
+        classes = LABEL_SETS[label_set].classes
+        probs = rng.dirichlet(np.ones(len(classes)), size=(2, 20))
+        labels = rng.integers(0, len(classes), size=(2, 20))
+        files[name] = write_predictions(tmp_path / f"{name}.npz", probs[0], labels[0], probs[1],
+                                        labels[1], classes=classes)
+    # Same labels for the two 7-class members (they score the same faces).
+    seven = [files["seven_a"], files["seven_b"]]
+    z = dict(np.load(seven[0]))
+    np.savez_compressed(seven[1], **(dict(np.load(seven[1])) | {k: z[k] for k in z if k.endswith("_labels")}))
+    everything = [str(p) for p in files.values()]
+    mixed = runner.invoke(app, ["ensemble", *everything])
+    assert mixed.exit_code == 2 and "--label-set" in mixed.output and "Traceback" not in mixed.output
+    kept = runner.invoke(app, ["ensemble", *everything, "--label-set", "fer7", "--method", "mean", "--json"])
+    assert kept.exit_code == 0, kept.output
+    assert [m["name"] for m in json.loads(kept.stdout)["members"]] == ["seven_a", "seven_b"]
+    assert "left out 1 member(s)" in kept.stderr and "six.npz" in kept.stderr
+    too_few = runner.invoke(app, ["ensemble", *everything, "--label-set", "fer6"])
+    assert too_few.exit_code == 2 and "at least two members" in too_few.output
+    unknown = runner.invoke(app, ["ensemble", *everything, "--label-set", "fer9"])
+    assert unknown.exit_code == 2 and "fer9" in unknown.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--method", "stacking"], "unknown ensemble method"),
     (["--save", "x.safetensors", "--method", "mean"], "--save needs the members' weights"),
@@ -429,6 +456,29 @@ def test_saved_ensemble_evaluates_like_a_model(two_members: list[Path], tiny_csv
     expected = apply_ensemble(weights, members.private.probs)
     assert result.probs == pytest.approx(expected, abs=1e-5)
     assert result.model_name == "ensemble:accuracy_weighted"
+
+
+def test_weights_members_saved_as_predictions_give_the_same_ensembles(two_members: list[Path], tiny_csv: Path,
+                                                                     tmp_path: Path) -> None:
+    # --save-predictions turns models run once into prediction files; ensembling those must give the same numbers.
+    out_dir = tmp_path / "predictions"
+    ran = runner.invoke(app, ["ensemble", "--weights", *map(str, two_members), "--data", str(tiny_csv), "--json",
+                              "--precision", "fp32", "--device", "cpu", "--save-predictions", str(out_dir)])
+    assert ran.exit_code == 0, ran.output
+    files = sorted(out_dir.glob("*.npz"))
+    assert [f.name for f in files] == ["member0.npz", "member1.npz"]
+    members = load_prediction_files(files)
+    assert members.models == ["sixclass_cnn4"] * 2 and members.ttas == ["none"] * 2
+    assert members.classes == list(FER6.classes) and members.public.probs.shape == (2, 30, 6)
+    replayed = runner.invoke(app, ["ensemble", "--from-predictions", *map(str, files), "--json"])
+    assert replayed.exit_code == 0, replayed.output
+    first, second = json.loads(ran.stdout), json.loads(replayed.stdout)
+    for a, b in zip(first["members"] + first["ensembles"], second["members"] + second["ensembles"], strict=True):
+        assert (a["name"], a["public_accuracy"], a["private_accuracy"]) == \
+            (b["name"], b["public_accuracy"], b["private_accuracy"])
+    refused = runner.invoke(app, ["ensemble", "--from-predictions", *map(str, files), "--save-predictions",
+                                  str(tmp_path / "again")])
+    assert refused.exit_code == 2 and "already are prediction files" in refused.output
 
 
 def test_greedy_ensemble_saves_only_chosen_members(two_members: list[Path], tmp_path: Path) -> None:

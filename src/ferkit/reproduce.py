@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ferkit.data import load_dataset
+from ferkit.ensembles.predictions import save_prediction_file
 from ferkit.evaluation import evaluate
 from ferkit.models.weights import load_model
 from ferkit.training import TrainConfig, train
@@ -133,10 +134,8 @@ def reproduce(name: str, data: str | os.PathLike, *, runs_dir: str | os.PathLike
     results = Path(results_dir)
     (results / "predictions").mkdir(parents=True, exist_ok=True)
     pub, priv = scores["PublicTest"], scores["PrivateTest"]
-    np.savez_compressed(results / "predictions" / f"{name}.npz", classes=np.array(pub.classes), model=recipe.model,
-                        tta=recipe.tta, public_probs=pub.probs.astype(np.float32), public_labels=pub.labels,
-                        public_rows=pub.rows, private_probs=priv.probs.astype(np.float32),
-                        private_labels=priv.labels, private_rows=priv.rows)
+    save_prediction_file(results / "predictions" / f"{name}.npz", pub.classes, recipe.model, recipe.tta,
+                         (pub.probs, pub.labels, pub.rows), (priv.probs, priv.labels, priv.rows))
     record = results / "runs" / name
     record.mkdir(parents=True, exist_ok=True)
     for f in ("manifest.json", "config.json", "metrics.csv", "curves.png"):

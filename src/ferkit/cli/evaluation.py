@@ -114,9 +114,9 @@ def evaluate(
 ENSEMBLE_EPILOG = """
 Examples:
 
-  ferkit ensemble --from-predictions results/predictions/*.npz
+  ferkit ensemble --from-predictions results/predictions/*.npz --label-set fer7
 
-  ferkit ensemble --from-predictions results/predictions/*.npz \\
+  ferkit ensemble --from-predictions results/predictions/*.npz --label-set fer7 \\
       --method accuracy_weighted --json
 
   ferkit ensemble --weights runs/a/best.safetensors runs/b/best.safetensors \\
@@ -127,6 +127,9 @@ Examples:
       --last 9 --data fer2013.csv.gz --method mean --plot snapshots.png
 
   ferkit evaluate --weights ensemble.safetensors --data fer2013.csv.gz
+
+--label-set fer7 keeps the 7-class members of a glob that also holds
+6-class ones (the 6-class systems drop disgust) and names those it left out.
 
 Methods: mean (average of the members' probabilities); accuracy_weighted
 (weights = each member's PublicTest accuracy / their sum); class_weighted
@@ -141,7 +144,8 @@ is the held-out score.
 reproduce`) and runs no model. --weights / --snapshots run every member on
 both test splits of --data (--snapshots: a run trained with --save-every
 N). Files after the options join the --from-predictions or --weights list,
-so shell globs work. --save writes one .safetensors file holding the
+so shell globs work. --save-predictions DIR keeps each run member's
+probabilities (DIR/<member>.npz) for --from-predictions. --save writes one .safetensors file holding the
 members and the fitted weights; `ferkit evaluate --weights` accepts it.
 """
 
@@ -162,12 +166,18 @@ def ensemble(
         help="mean | accuracy_weighted | class_weighted | vote | greedy | all.")] = "all",
     tta: Annotated[str, typer.Option(
         help="Test-time augmentation when running models: none | flip | tencrop.")] = "none",
+    label_set: Annotated[str | None, typer.Option(
+        help="Keep only the members that predict this label set (fer7 | fer6) and say which were left out; "
+             "lets one glob over results/predictions/ hold both.")] = None,
     max_members: Annotated[int | None, typer.Option(
         help="greedy: selection steps, repeats included (default: the number of members).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print only a JSON object on stdout.")] = False,
     save: Annotated[Path | None, typer.Option(
         help="Write the fitted ensemble (members + weights) to this .safetensors file; needs one --method.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a members-vs-ensembles bar chart (PNG).")] = None,
+    save_predictions: Annotated[Path | None, typer.Option(
+        help="With --weights / --snapshots: write each member's probabilities on both test splits to "
+             "DIR/<member>.npz, so later ensembles run from them with --from-predictions.")] = None,
     record: Annotated[str | None, typer.Option(
         help="Record every method's result as rows NAME/<method> in --records (with this command).")] = None,
     records: Annotated[Path, typer.Option(help="The results table --record writes.")] = Path(
@@ -186,9 +196,11 @@ def ensemble(
         evaluate_methods,
         format_table,
         load_prediction_files,
+        member_classes,
         plot_members_vs_ensemble,
         predict_members,
         save_ensemble,
+        save_member_predictions,
         snapshot_members,
     )
     from ferkit.models.predict import TTA_MODES
@@ -216,7 +228,8 @@ def ensemble(
         kinds = {p.suffix == ".npz" for p in extra}
         if len(kinds) > 1:
             _fail("members are either all prediction files (.npz) or all weights files (.safetensors), not a mix: "
-                  "make predictions of the weights with `ferkit reproduce`, or pass the others' weights")
+                  "write the weights' predictions first (`ferkit ensemble --weights W... --data CSV --save-predictions "
+                  "results/predictions`), or pass the others' weights")
         modes = ["--from-predictions" if kinds == {True} else "--weights"]
     mode = modes[0]
     paths: list[Path] = []
@@ -234,6 +247,22 @@ def ensemble(
     for p in paths:
         if not p.is_file():
             _fail(f"member file {str(p)!r} not found")
+    if label_set is not None:
+        from ferkit.data.labels import get_label_set
+
+        try:
+            wanted = list(get_label_set(label_set).classes)
+        except (KeyError, ValueError) as e:
+            _fail(str(e))
+        try:
+            keep = [member_classes(p) == wanted for p in paths]
+        except Exception as e:  # corrupt .npz or weights file: numpy and safetensors raise their own types
+            _fail(f"cannot read a member's classes: {e}")
+        left_out = [str(p) for p, k in zip(paths, keep, strict=True) if not k]
+        if left_out:
+            typer.echo(f"--label-set {label_set}: left out {len(left_out)} member(s) with other classes: "
+                       + ", ".join(left_out), err=True)
+        paths = [p for p, k in zip(paths, keep, strict=True) if k]
     if len(paths) < 2:
         _fail(f"an ensemble needs at least two members, got {len(paths)}")
     if save is not None and len(methods) != 1:
@@ -246,10 +275,14 @@ def ensemble(
             _fail("--tta applies when running models; each prediction file already records the TTA it used")
         if data is not None:
             _fail("--data is not used with --from-predictions (the files already hold both test splits)")
+        if save_predictions is not None:
+            _fail("--save-predictions writes the predictions of models run with --weights / --snapshots; "
+                  "--from-predictions members already are prediction files")
         try:
             members = load_prediction_files(paths)
         except (ValueError, FileNotFoundError) as e:
-            _fail(str(e))
+            _fail(str(e) + (" (--label-set fer7 or fer6 keeps only the members of one label set)"
+                            if "same label set" in str(e) else ""))
     else:
         if data is None:
             _fail(f"{mode} runs the members: pass --data PATH to fer2013.csv or fer2013.csv.gz")
@@ -278,6 +311,9 @@ def ensemble(
                                  "private_accuracy": row["private_accuracy"], "data": str(data),
                                  "member_files": [str(p) for p in paths]})
             artifacts["ensemble"] = str(save)
+        if save_predictions is not None:
+            written = save_member_predictions(members, save_predictions)
+            artifacts["predictions"] = ", ".join(map(str, written))
         if plot is not None:
             plot_members_vs_ensemble(report.rows(), plot)
             artifacts["plot"] = str(plot)

@@ -23,7 +23,7 @@ from ferkit.ensembles.combine import (
     member_accuracies,
     per_class_precision,
 )
-from ferkit.ensembles.members import predict_members, snapshot_members
+from ferkit.ensembles.members import member_classes, predict_members, snapshot_members
 from ferkit.ensembles.plots import plot_members_vs_ensemble
 from ferkit.ensembles.predictions import (
     EnsembleReport,
@@ -31,10 +31,12 @@ from ferkit.ensembles.predictions import (
     evaluate_methods,
     format_table,
     load_prediction_files,
+    save_member_predictions,
+    save_prediction_file,
 )
 
-__all__ = ["METHODS", "EnsembleModel", "EnsembleReport", "EnsembleWeights", "MemberSet", "accuracy_weighted",
-           "apply_ensemble", "canonical_method", "class_weighted", "evaluate_methods", "fit_ensemble",
-           "format_table", "greedy_selection", "is_ensemble_file", "load_ensemble", "load_prediction_files",
-           "majority_vote", "mean", "member_accuracies", "per_class_precision", "plot_members_vs_ensemble",
-           "predict_members", "save_ensemble", "snapshot_members"]
+__all__ = ["EnsembleModel", "EnsembleReport", "EnsembleWeights", "METHODS", "MemberSet", "accuracy_weighted",
+           "apply_ensemble", "canonical_method", "class_weighted", "evaluate_methods", "fit_ensemble", "format_table",
+           "greedy_selection", "is_ensemble_file", "load_ensemble", "load_prediction_files", "majority_vote", "mean",
+           "member_accuracies", "member_classes", "per_class_precision", "plot_members_vs_ensemble", "predict_members",
+           "save_ensemble", "save_member_predictions", "save_prediction_file", "snapshot_members"]

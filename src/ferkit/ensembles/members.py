@@ -15,6 +15,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ferkit.data import FaceData, load_dataset
@@ -39,6 +40,15 @@ def snapshot_members(run_dir: str | os.PathLike, last_k: int = 9) -> list[Path]:
         raise FileNotFoundError(f"no snapshots (step*.safetensors) in {snap_dir}; train with save_every=N "
                                 "(`ferkit train --save-every N`) to keep them")
     return [p for _, p in found[-last_k:]]
+
+
+def member_classes(path: str | os.PathLike) -> list[str]:
+    """The classes a member file predicts: a predictions .npz's `classes`, or a weights file's metadata."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            return [str(c) for c in np.atleast_1d(z["classes"])] if "classes" in z.files else []
+    return [str(c) for c in read_metadata(path).get("classes", [])]
 
 
 def predict_members(weights: Sequence[str | os.PathLike], data: str | os.PathLike | FaceData, *, tta: str = "none",

@@ -140,6 +140,37 @@ def _read_prediction_file(path: Path, name: str) -> MemberPredictions:
                              splits=splits)
 
 
+def save_prediction_file(path: str | os.PathLike, classes: Sequence[str], model: str, tta: str,
+                         public: tuple[np.ndarray, np.ndarray, np.ndarray],
+                         private: tuple[np.ndarray, np.ndarray, np.ndarray]) -> Path:
+    """Write one member's (probs, labels, rows) on PublicTest and PrivateTest as a predictions file.
+
+    Probabilities are stored float32: the files are committed (results/predictions/) and float32 keeps every
+    argmax and every ensemble accuracy to the 4th decimal.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, Any] = {"classes": np.array(list(classes)), "model": np.array(model), "tta": np.array(tta)}
+    for key, (probs, labels, rows) in (("public", public), ("private", private)):
+        arrays |= {f"{key}_probs": np.asarray(probs, dtype=np.float32),
+                   f"{key}_labels": np.asarray(labels, dtype=np.int64), f"{key}_rows": np.asarray(rows, np.int64)}
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def save_member_predictions(members: MemberSet, directory: str | os.PathLike) -> list[Path]:
+    """Write every member of a MemberSet to DIRECTORY/<member name>.npz (the format --from-predictions reads)."""
+    out = []
+    for i, name in enumerate(members.names):
+        safe = name.replace("/", "_").replace(os.sep, "_")
+        split = {key: (s.probs[i], s.labels, s.rows) for key, s in (("public", members.public),
+                                                                     ("private", members.private))}
+        out.append(save_prediction_file(Path(directory) / f"{safe}.npz", members.classes,
+                                        members.models[i] if members.models else "",
+                                        members.ttas[i] if members.ttas else "", split["public"], split["private"]))
+    return out
+
+
 def load_prediction_files(paths: Sequence[str | os.PathLike]) -> MemberSet:
     """Read results/predictions/*.npz files into a MemberSet; ValueError/FileNotFoundError name the bad file."""
     if not paths:
