@@ -132,7 +132,6 @@ def reproduce(name: str, data: str | os.PathLike, *, runs_dir: str | os.PathLike
               for split in ("PublicTest", "PrivateTest")}
 
     results = Path(results_dir)
-    (results / "predictions").mkdir(parents=True, exist_ok=True)
     pub, priv = scores["PublicTest"], scores["PrivateTest"]
     save_prediction_file(results / "predictions" / f"{name}.npz", pub.classes, recipe.model, recipe.tta,
                          (pub.probs, pub.labels, pub.rows), (priv.probs, priv.labels, priv.rows))

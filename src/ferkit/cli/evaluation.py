@@ -145,8 +145,9 @@ reproduce`) and runs no model. --weights / --snapshots run every member on
 both test splits of --data (--snapshots: a run trained with --save-every
 N). Files after the options join the --from-predictions or --weights list,
 so shell globs work. --save-predictions DIR keeps each run member's
-probabilities (DIR/<member>.npz) for --from-predictions. --save writes one .safetensors file holding the
-members and the fitted weights; `ferkit evaluate --weights` accepts it.
+probabilities (DIR/<member>.npz) for --from-predictions. --save writes one
+.safetensors file holding the members and the fitted weights; `ferkit
+evaluate --weights` accepts it.
 """
 
 
@@ -252,7 +253,7 @@ def ensemble(
 
         try:
             wanted = list(get_label_set(label_set).classes)
-        except (KeyError, ValueError) as e:
+        except ValueError as e:
             _fail(str(e))
         try:
             keep = [member_classes(p) == wanted for p in paths]

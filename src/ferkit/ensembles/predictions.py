@@ -160,15 +160,12 @@ def save_prediction_file(path: str | os.PathLike, classes: Sequence[str], model:
 
 def save_member_predictions(members: MemberSet, directory: str | os.PathLike) -> list[Path]:
     """Write every member of a MemberSet to DIRECTORY/<member name>.npz (the format --from-predictions reads)."""
-    out = []
-    for i, name in enumerate(members.names):
-        safe = name.replace("/", "_").replace(os.sep, "_")
-        split = {key: (s.probs[i], s.labels, s.rows) for key, s in (("public", members.public),
-                                                                     ("private", members.private))}
-        out.append(save_prediction_file(Path(directory) / f"{safe}.npz", members.classes,
-                                        members.models[i] if members.models else "",
-                                        members.ttas[i] if members.ttas else "", split["public"], split["private"]))
-    return out
+    pub, priv = members.public, members.private
+    return [save_prediction_file(Path(directory) / f"{name.replace('/', '_').replace(os.sep, '_')}.npz",
+                                 members.classes, members.models[i] if members.models else "",
+                                 members.ttas[i] if members.ttas else "", (pub.probs[i], pub.labels, pub.rows),
+                                 (priv.probs[i], priv.labels, priv.rows))
+            for i, name in enumerate(members.names)]
 
 
 def load_prediction_files(paths: Sequence[str | os.PathLike]) -> MemberSet:
