@@ -477,6 +477,23 @@ def test_weights_members_saved_as_predictions_give_the_same_ensembles(two_member
     assert refused.exit_code == 2 and "already are prediction files" in refused.output
 
 
+def test_one_weights_file_with_save_predictions_only_writes_its_predictions(two_members: list[Path],
+                                                                            tiny_csv: Path, tmp_path: Path) -> None:
+    out_dir = tmp_path / "predictions"
+    base = ["ensemble", "--weights", str(two_members[0]), "--data", str(tiny_csv), "--precision", "fp32",
+            "--device", "cpu"]
+    ran = runner.invoke(app, [*base, "--save-predictions", str(out_dir), "--json"])
+    assert ran.exit_code == 0, ran.output
+    assert json.loads(ran.stdout) == {"artifacts": {"predictions": str(out_dir / "member0.npz")}}
+    written = load_prediction_files([out_dir / "member0.npz"])
+    direct = predict_members(two_members[:1], load_dataset(str(tiny_csv), "fer6"), device="cpu", precision="fp32")
+    assert written.private.probs == pytest.approx(direct.private.probs, abs=1e-6)
+    # Anything that needs a combination still needs two members.
+    for extra in ([], ["--save-predictions", str(out_dir), "--record", "solo"]):
+        refused = runner.invoke(app, [*base, *extra])
+        assert refused.exit_code == 2 and "at least two members" in refused.output
+
+
 def test_greedy_ensemble_saves_only_chosen_members(two_members: list[Path], tmp_path: Path) -> None:
     weights = EnsembleWeights("greedy", "mean", np.array([0.0, 1.0]), selected=(1,))
     ens, meta = load_ensemble(save_ensemble(tmp_path / "g.safetensors", two_members, weights))

@@ -59,6 +59,23 @@ def test_training_step(name: str) -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_strided_pointwise_conv_matches_conv2d_and_survives_odd_channels_last_batches() -> None:
+    # mini-Xception's shortcut avoids a oneDNN kernel that corrupts the heap on AVX-512 CPUs (see its docstring):
+    # the replacement must compute exactly nn.Conv2d(stride=2), and train on the shapes that crashed.
+    from ferkit.models.zoo.xception import StridedPointwiseConv
+
+    torch.manual_seed(0)
+    conv = StridedPointwiseConv(8, 16, 1, stride=2, bias=False)
+    reference = nn.Conv2d(8, 16, 1, stride=2, bias=False)
+    reference.load_state_dict(conv.state_dict())
+    x = torch.randn(3, 8, 44, 43)
+    assert torch.equal(conv(x), reference(x))
+    model = create_model("mini_xception").to(memory_format=torch.channels_last).train()
+    for n in (37, 5):  # the last batch of a FER2013 epoch at batch size 64 is 37 faces
+        x = batch("mini_xception", n).contiguous(memory_format=torch.channels_last)
+        F.cross_entropy(model(x), torch.zeros(n, dtype=torch.long)).backward()
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_count_flops(name: str) -> None:
     model = create_model(name)

@@ -264,8 +264,12 @@ def ensemble(
             typer.echo(f"--label-set {label_set}: left out {len(left_out)} member(s) with other classes: "
                        + ", ".join(left_out), err=True)
         paths = [p for p, k in zip(paths, keep, strict=True) if k]
-    if len(paths) < 2:
-        _fail(f"an ensemble needs at least two members, got {len(paths)}")
+    # One weights file with --save-predictions (and nothing that needs an ensemble) only writes its predictions.
+    export_only = (len(paths) == 1 and save_predictions is not None and mode != "--from-predictions"
+                   and save is None and plot is None and record is None)
+    if len(paths) < 2 and not export_only:
+        _fail(f"an ensemble needs at least two members, got {len(paths)} (one weights file with "
+              "--save-predictions DIR only writes its predictions)")
     if save is not None and len(methods) != 1:
         _fail("--save needs a single --method (not all)")
 
@@ -299,6 +303,16 @@ def ensemble(
                                       precision=precision)
         except (DataError, ValueError, FileNotFoundError, OSError) as e:
             _fail(str(e))
+    if export_only:
+        try:
+            written = save_member_predictions(members, save_predictions)
+        except (ValueError, OSError) as e:
+            _fail(str(e))
+        if json_output:
+            typer.echo(json.dumps({"artifacts": {"predictions": str(written[0])}}, indent=2))
+        else:
+            typer.echo(f"wrote predictions: {written[0]} (one member, nothing to combine)")
+        return
     try:
         report = evaluate_methods(members, methods, max_members=max_members)
     except ValueError as e:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ferkit.models.registry import register_model
@@ -25,12 +26,27 @@ class SeparableConv2d(nn.Sequential):
                          nn.Conv2d(cin, cout, 1, bias=False))
 
 
+class StridedPointwiseConv(nn.Conv2d):
+    """nn.Conv2d(cin, cout, 1, stride=s) computed as a 1x1 conv of the input sampled every s pixels.
+
+    The same function, parameters and state-dict keys, but not the same kernel: PyTorch 2.13's CPU build
+    (oneDNN 3.12) corrupts the heap in the backward pass of a strided 1x1 conv on channels_last inputs on
+    AVX-512 CPUs for some shapes (mini-Xception's first shortcut, 8 -> 16 channels at 44x44, with a batch of
+    37, the last batch of a FER2013 epoch at batch size 64: 'double free or corruption', fp32 and bf16 alike).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sh, sw = self.stride
+        return F.conv2d(x[:, :, ::sh, ::sw], self.weight, self.bias)
+
+
 class XceptionModule(nn.Module):
     """Residual module: two separable convs + stride-2 max pool, plus a strided 1x1 projection shortcut."""
 
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
-        self.residual = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=2, bias=False), nn.BatchNorm2d(cout))
+        self.residual = nn.Sequential(StridedPointwiseConv(cin, cout, 1, stride=2, bias=False),
+                                      nn.BatchNorm2d(cout))
         self.body = nn.Sequential(
             SeparableConv2d(cin, cout), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
             SeparableConv2d(cout, cout), nn.BatchNorm2d(cout),
