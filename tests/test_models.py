@@ -148,7 +148,8 @@ def test_tan_pca_fit_and_state_dict_round_trip(tmp_path: Path) -> None:
     save_weights(model, path, {"model": "tan_pca", "num_classes": 7})
     loaded, _ = load_model(path)
     with torch.no_grad():
-        assert torch.equal(loaded(faces), expected)
+        # load_model returns channels_last: other conv kernels, the same function up to rounding.
+        assert torch.allclose(loaded(faces), expected, atol=1e-6)
 
 
 def test_tan_pca_subsamples_rows() -> None:

@@ -164,3 +164,25 @@ def test_distillation_refuses_a_teacher_with_other_classes(tmp_path: Path, cache
     seven = write_csv(tmp_path / "seven.csv", synthetic_rows({"Training": 70, "PublicTest": 35, "PrivateTest": 35}))
     with pytest.raises(ValueError, match="teacher .* predicts"):
         train(small_config(seven, tmp_path / "s", epochs=1, teacher=str(teacher.run_dir / "best.safetensors")))
+
+
+def test_init_weights_starts_from_a_trained_model(tiny_csv: Path, tmp_path: Path) -> None:
+    # A trained model continued with a zero learning rate keeps its accuracy from the first epoch on;
+    # the same run from a random init stays near chance. The manifest names the starting weights.
+    trained = train(small_config(tiny_csv, tmp_path / "a", epochs=8, optimizer="adam", lr=3e-3,
+                                 augment=AugmentConfig.off()))
+    assert trained.best_val_acc > 0.6
+    start = str(trained.run_dir / "best.safetensors")
+    frozen = dict(epochs=1, optimizer="sgd", lr=0.0, weight_decay=0.0, augment=AugmentConfig.off())
+    continued = train(small_config(tiny_csv, tmp_path / "b", init_weights=start, **frozen))
+    scratch = train(small_config(tiny_csv, tmp_path / "c", **frozen))
+    assert continued.best_val_acc == pytest.approx(trained.best_val_acc, abs=0.03)
+    assert scratch.best_val_acc < 0.4
+    manifest = json.loads((continued.run_dir / "manifest.json").read_text())
+    assert manifest["init_weights"]["path"] == start and len(manifest["init_weights"]["sha256"]) == 64
+
+
+def test_init_weights_refuses_another_model(tiny_csv: Path, tmp_path: Path) -> None:
+    other = train(small_config(tiny_csv, tmp_path / "a", epochs=1, model="bokanyi_shallow"))
+    with pytest.raises(ValueError, match="init_weights .* holds model bokanyi_shallow"):
+        train(small_config(tiny_csv, tmp_path / "b", epochs=1, init_weights=str(other.run_dir / "best.safetensors")))

@@ -44,6 +44,9 @@ class TrainConfig:
     teacher: str = ""
     distill_weight: float = 0.7  # loss = (1 - w) * CE(labels) + w * T^2 * KL(teacher_T || student_T)
     distill_temperature: float = 4.0
+    # Start from a trained model's weights (same model, model_kwargs and classes) instead of a random init:
+    # fine-tuning, or continuing a model's training with a new teacher or schedule.
+    init_weights: str = ""
 
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     normalize: str = "dataset"

@@ -96,6 +96,8 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
         # Models with a data-fitted input stage (e.g. PCA) fit it once on the un-augmented training faces;
         # the fitted buffers live in the state dict, so resume and saved weights carry them.
         model.fit_preprocessing(normalize(resize(to_float(train_images), input_size), cfg.normalize).to(device))
+    if cfg.init_weights and state is None:
+        _load_initial_weights(model, cfg, data.label_set.classes)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     class_weight = None
@@ -247,6 +249,19 @@ def _teacher_probabilities(cfg: TrainConfig, train_set: FaceData, classes: tuple
     return torch.from_numpy(probs)
 
 
+def _load_initial_weights(model: torch.nn.Module, cfg: TrainConfig, classes: tuple[str, ...] | list[str]) -> None:
+    """Copy the weights of `cfg.init_weights` into `model`; it must be the same model with the same classes."""
+    init, meta = load_model(cfg.init_weights)
+    found = (meta.get("model"), meta.get("model_kwargs", {}), list(meta.get("classes", [])))
+    wanted = (cfg.model, cfg.model_kwargs, list(classes))
+    if found != wanted:
+        raise ValueError(f"init_weights {cfg.init_weights} holds model {found[0]} {found[1] or ''} predicting "
+                         f"{found[2]}, but this run trains {wanted[0]} {wanted[1] or ''} predicting {wanted[2]}")
+    model.load_state_dict(init.state_dict())
+    print(f"starting from the weights of {cfg.init_weights} ({meta.get('public_test_acc', 'n/a')} PublicTest)",
+          flush=True)
+
+
 def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     params = model.parameters()
     if cfg.optimizer == "sgd":
@@ -305,6 +320,8 @@ def _write_manifest(run_dir: Path, cfg: TrainConfig, data: FaceData, commit: str
         "epochs_done": epochs_done, "best_epoch": best_epoch, "best_public_test_acc": best_acc,
         "train_seconds": round(elapsed, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **({"teacher": {"path": cfg.teacher, "sha256": file_sha256(cfg.teacher)}} if cfg.teacher else {}),
+        **({"init_weights": {"path": cfg.init_weights, "sha256": file_sha256(cfg.init_weights)}}
+           if cfg.init_weights else {}),
     })
 
 
