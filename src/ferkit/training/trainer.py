@@ -69,6 +69,10 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", cfg.to_dict())
 
+    # The code this call runs, read before any long work (data loading, a teacher pass): commits made while
+    # the run trains must not be credited with it.
+    commit = git_commit()
+
     # ---- determinism and device --------------------------------------------------------------
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -123,7 +127,6 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
         best_acc, best_epoch, stale = float(state["best_acc"]), int(state["best_epoch"]), int(state["stale"])
         elapsed = float(state["elapsed"])
         history = _read_metrics(run_dir / "metrics.csv")[:start_epoch]
-    commit = git_commit()  # the code this call runs; later commits during a long run must not be credited
     weights_meta = {"model": cfg.model, "num_classes": num_classes, "classes": list(data.label_set.classes),
                     "label_set": data.label_set.name, "input_size": input_size, "normalize": cfg.normalize,
                     "model_kwargs": cfg.model_kwargs}
