@@ -106,6 +106,22 @@ def test_single_model_parity(weights: Path, tmp_path: Path, exporter: str) -> No
     assert check_parity(model, path, 48) <= 1e-4
 
 
+def test_export_of_a_loaded_mini_xception_is_plain_convolutions(tmp_path: Path) -> None:
+    # load_model returns channels_last modules and mini-Xception trains its strided shortcuts as slice + conv;
+    # the export must still be the plain graph (slices, as_strided gathers and layout ops cost ~30 % of the
+    # fast model's ONNX Runtime time at batch 1) and compute the same probabilities.
+    onnx = pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    weights = tmp_path / "mx.safetensors"
+    save_weights(_perturb_bn(create_model("mini_xception")), weights, _meta("mini_xception"))
+    model, meta = load_model(weights)
+    assert model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    path = export_onnx((model, meta), tmp_path / "mx.onnx")
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert ops.isdisjoint({"Slice", "Gather", "Range", "Shape", "Transpose"}), ops
+    assert _parity(model, meta, path) <= 1e-4
+
+
 def test_numpy_fast_path_and_small_batch_session_match_the_general_path(onnx_file: Path) -> None:
     from ferkit.inference.onnx_backend import SMALL_BATCH
     from ferkit.models.predict import preprocess

@@ -48,6 +48,9 @@ from ferkit.data import file_sha256
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
 DEFAULT_OPSET = 18
+# Bumped when the exported graph of the same weights changes (2: contiguous weights, native strided 1x1 convs),
+# so cached exports (ferkit.inference.onnx_backend.cached_export) made by older code are not reused.
+EXPORT_REVISION = 2
 EXPORTERS = ("auto", "dynamo", "legacy")
 PREPROCESSING = ("gray uint8 face / 255 -> float32 (B, 1, S, S), resized to input_size (bilinear, antialiased "
                  "when shrinking), normalized: dataset = (x - 0.5077) / 0.2550, per_image = (x - mean) / std "
@@ -155,7 +158,9 @@ def export_onnx(source: Any, out: str | os.PathLike, *, meta: dict[str, Any] | N
     input_size = int(meta.get("input_size") or getattr(model, "input_size", FER_SIZE))
     kind = resolve_exporter(exporter)
     # Export a CPU copy in eval mode (the caller's module is left as it was); ensembles keep their float64 combiner.
-    net = ProbabilityModel(copy.deepcopy(model).cpu().eval()).eval()
+    # Contiguous (NCHW) weights: load_model returns channels_last modules, which the exporter would trace into
+    # as_strided/Gather/Range ops around the head; ONNX Runtime picks its own CPU layout anyway.
+    net = ProbabilityModel(copy.deepcopy(model).cpu().eval().to(memory_format=torch.contiguous_format)).eval()
     example = torch.zeros(2, 1, input_size, input_size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,11 +27,11 @@ def cached_export(weights: str | os.PathLike, cache_dir: str | os.PathLike | Non
     """The ONNX export of `weights` (a .safetensors model or ensemble), made on first use and reused after."""
     from ferkit import __version__
     from ferkit.data import file_sha256
-    from ferkit.export import DEFAULT_OPSET, export_onnx, resolve_exporter
+    from ferkit.export import DEFAULT_OPSET, EXPORT_REVISION, export_onnx, resolve_exporter
 
     weights = Path(weights)
     kind = resolve_exporter("auto")
-    key = f"{file_sha256(weights)[:32]}-ferkit{__version__}-opset{DEFAULT_OPSET}-{kind}"
+    key = f"{file_sha256(weights)[:32]}-ferkit{__version__}-opset{DEFAULT_OPSET}-r{EXPORT_REVISION}-{kind}"
     path = Path(cache_dir or onnx_cache_dir()) / f"{weights.stem}-{key}.onnx"
     if not path.is_file():
         export_onnx(weights, path, exporter=kind)
