@@ -33,8 +33,8 @@ class StridedPointwiseConv(nn.Conv2d):
     (oneDNN 3.12) corrupts the heap in the backward pass of a strided 1x1 conv on channels_last inputs on
     AVX-512 CPUs for some shapes (mini-Xception's first shortcut, 8 -> 16 channels at 44x44, with a batch of
     37, the last batch of a FER2013 epoch at batch size 64: 'double free or corruption', fp32 and bf16 alike).
-    Without autograd (inference, ONNX export) the crash cannot happen, so the native strided conv runs: it is
-    one op instead of a slice and a conv (in an ONNX export the slices cost ~10 % of mini-Xception's time).
+    The crash is in the backward pass only, so without autograd (inference, ONNX export) the native strided conv
+    runs: one op instead of a slice and a conv (in an ONNX export the slices cost ~10 % of mini-Xception's time).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
