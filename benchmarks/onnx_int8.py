@@ -77,6 +77,7 @@ def main() -> None:
     from ferkit.data import load_dataset
     from ferkit.inference.onnx_backend import cached_export
     from ferkit.models.weights import resolve_weights
+    from ferkit.training.report import git_commit
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,7 +85,8 @@ def main() -> None:
     train, public = data.split("Training"), data.split("PublicTest")
     fp32 = cached_export(resolve_weights(args.weights))
     results: dict[str, Any] = {"weights": str(args.weights), "cpu": cpu_name(), "threads": torch.get_num_threads(),
-                               "ferkit": __version__, "data_sha256": data.sha256, "variants": {}}
+                               "ferkit": __version__, "git_commit": git_commit(), "data_sha256": data.sha256,
+                               "variants": {}}
     print(f"{args.weights}: {fp32.name}; {results['threads']} thread(s) on {results['cpu']}")
     print(f"{'variant':<28} {'PublicTest':>10} {'batch 1':>9} {'batch 64':>9}   (faces/s)")
     with tempfile.TemporaryDirectory() as tmp:
