@@ -2,6 +2,7 @@
 
 Run:  python benchmarks/inference_speed.py [--seconds 3] [--repeats 3] [--weights W.safetensors | --model NAME]
                                            [--threads N] [--json results.json] [--fer-python FER_VENV_PYTHON]
+                                           [--rounds N]   (alternate ferkit and fer N times; medians + ratios)
 
 (a) Classification: `Recognizer.predict_proba` on 48x48 uint8 faces (preprocessing included, no detection)
     at batch 1 and batch 64, with PyTorch fp32, PyTorch bf16 autocast, and ONNX Runtime (fp32,
@@ -97,7 +98,7 @@ def pick_weights(args: argparse.Namespace, tmp: Path) -> tuple[Path, str]:
     return path, f"untrained {name}, random weights{why}"
 
 
-def bench_ferkit(args: argparse.Namespace, weights: Path, results: dict[str, Any]) -> None:
+def bench_ferkit(args: argparse.Namespace, weights: Path, results: dict[str, Any], e2e: bool = True) -> None:
     from ferkit.inference import Recognizer
 
     faces = {b: np.random.default_rng(b).integers(0, 256, (b, 48, 48), dtype=np.uint8) for b in (1, 64)}
@@ -124,7 +125,7 @@ def bench_ferkit(args: argparse.Namespace, weights: Path, results: dict[str, Any
         note = f"   (setup {setup:.1f} s incl. ONNX export)" if kw.get("backend") == "onnx" else ""
         print(f"{label:<22} {row['batch1']:>10.1f} {row['batch64']:>10.1f}{note}", flush=True)
 
-    if not args.e2e:
+    if not e2e:
         return
     photo = benchmark_photo()
     print("\n(b) end to end, images/s (Recognizer.detect_emotions on a 640x480 photo with one face)")
@@ -204,10 +205,36 @@ def bench_fer(args: argparse.Namespace, results: dict[str, Any]) -> None:
               f"{ours['batch64'] / row['batch64']:.2f}x at batch 64")
 
 
+def summarize_rounds(rounds: list[dict[str, Any]], results: dict[str, Any]) -> None:
+    """Medians over rounds into `results` (classification rows, fer, and the per-round ferkit/fer ratios)."""
+    batches = ("batch1", "batch64")
+    for label in rounds[0]["classification"]:
+        results["classification"][label] = {
+            b: float(np.median([r["classification"][label][b] for r in rounds])) for b in batches}
+        results["classification"][label]["per_round"] = [r["classification"][label] for r in rounds]
+    fer_rounds = [r["fer"] for r in rounds if "batch1" in r.get("fer", {})]
+    if len(fer_rounds) != len(rounds):
+        if rounds[0].get("fer"):
+            results["fer"] = rounds[0]["fer"]
+        return
+    results["fer"] = {**fer_rounds[0], **{b: float(np.median([f[b] for f in fer_rounds])) for b in batches},
+                      "per_round": fer_rounds}
+    print("\n(d) ferkit / fer, per round (each ratio from one round's back-to-back measurements) and median")
+    results["ratio_vs_fer"] = {}
+    for label in rounds[0]["classification"]:
+        ratios = {b: [r["classification"][label][b] / r["fer"][b] for r in rounds] for b in batches}
+        results["ratio_vs_fer"][label] = {b: {"per_round": v, "median": float(np.median(v))} for b, v in ratios.items()}
+        for b, v in ratios.items():
+            print(f"{label:<22} {b:<8} " + " ".join(f"{x:5.2f}x" for x in v) + f"   median {np.median(v):.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=3.0, help="Timing length per measurement.")
-    p.add_argument("--repeats", type=int, default=3, help="Rounds per measurement; the best one is reported.")
+    p.add_argument("--repeats", type=int, default=3, help="Timing rounds per measurement; the best one is reported.")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="Repeat (a) and (c) this many times, alternating, and report medians and per-round "
+                        "ferkit/fer ratios ((b) runs in the first round only).")
     p.add_argument("--weights", help="A ferkit .safetensors file (model or saved ensemble), or a shipped model's "
                                      "name (default).")
     p.add_argument("--model", help="Registry model name to time untrained (ignored with --weights).")
@@ -246,11 +273,26 @@ def main() -> None:
         from ferkit.training.report import git_commit
 
         results: dict[str, Any] = {"model": desc, "git_commit": git_commit(), "threads": torch.get_num_threads(),
-                                   "torch": torch.__version__,
-                                   "seconds": args.seconds, "classification": {}, "end_to_end": {}}
-        bench_ferkit(args, weights, results)
-    if args.fer:
-        bench_fer(args, results)
+                                   "torch": torch.__version__, "seconds": args.seconds, "rounds": args.rounds,
+                                   "classification": {}, "end_to_end": {}}
+        # Rounds alternate ferkit and fer, so each ferkit/fer ratio compares the two under the same machine
+        # load (this shared machine's speed drifts by tens of percent over minutes); the medians are reported.
+        rounds = []
+        for r in range(args.rounds):
+            if args.rounds > 1:
+                print(f"\n===== round {r + 1} of {args.rounds}")
+            one: dict[str, Any] = {"threads": results["threads"], "classification": {}, "end_to_end": {}}
+            bench_ferkit(args, weights, one, e2e=args.e2e and r == 0)
+            if args.fer:
+                bench_fer(args, one)
+            rounds.append(one)
+    results["end_to_end"] = rounds[0]["end_to_end"]
+    if args.rounds == 1:
+        results["classification"] = rounds[0]["classification"]
+        if "fer" in rounds[0]:
+            results["fer"] = rounds[0]["fer"]
+    else:
+        summarize_rounds(rounds, results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         print(f"\nwrote {args.json}")

@@ -132,6 +132,9 @@ def test_numpy_fast_path_and_small_batch_session_match_the_general_path(onnx_fil
         fast = clf.predict_proba(faces, input_size=48)  # NumPy preprocessing; small batches on their session
         general = clf.session.run(None, {"input": preprocess(torch.as_tensor(faces), 48, "dataset").numpy()})[0]
         np.testing.assert_allclose(fast, general, atol=1e-6)
+        chunked = clf.predict_proba(faces, input_size=48, batch_size=2)  # several batches, then concatenated
+        np.testing.assert_allclose(chunked, general, atol=1e-6)
+    assert clf.predict_proba(_random_faces(0), input_size=48).shape == (0, 7)
     assert clf._small_session is not None  # timed and chosen on the first small batch
     assert clf._small_session in (clf.session,) or clf._small_session.get_session_options().intra_op_num_threads == 1
     single = OnnxClassifier(onnx_file, threads=1)
