@@ -109,7 +109,9 @@ def test_every_published_row_ships_its_manifest_and_predictions(row: dict[str, s
     run = REPO / "results" / "runs" / row["name"]
     for f in ("manifest.json", "config.json", "metrics.csv", "curves.png", "evaluation.json"):
         assert (run / f).is_file(), f"{run / f} is missing"
-    pred = np.load(REPO / "results" / "predictions" / f"{row['registry_name']}.npz")
+    # Named by the row (the system), not the network: two rows may train one network (frivas_cnn1 and
+    # frivas_cnn1_balanced), and `ferkit reproduce` writes results/predictions/<system>.npz.
+    pred = np.load(REPO / "results" / "predictions" / f"{row['name']}.npz")
     assert pred["public_probs"].shape[1] == int(row["classes"])
     for split, column in (("public", "public_test"), ("private", "private_test")):
         acc = float((pred[f"{split}_probs"].argmax(1) == pred[f"{split}_labels"]).mean())
