@@ -78,6 +78,22 @@ def test_strided_pointwise_conv_matches_conv2d_and_survives_odd_channels_last_ba
         F.cross_entropy(model(x), torch.zeros(n, dtype=torch.long)).backward()
 
 
+def test_mini_xception_stem_options_downsample_and_train() -> None:
+    # stem / stem_stride (model_kwargs) make a cheaper student: the modules run at 22x22 instead of 44x44.
+    published = create_model("mini_xception")
+    strided = create_model("mini_xception", stem=16, stem_stride=2)
+    x = batch("mini_xception", 37)
+    assert published.stem(x).shape[1:] == (8, 44, 44)
+    assert strided.stem(x).shape[1:] == (16, 22, 22)
+    assert count_flops(strided, 48) < count_flops(published, 48) / 2
+    wide = create_model("mini_xception", stem=16, stem_stride=2, widths=(32, 64, 128, 256)).to(
+        memory_format=torch.channels_last).train()
+    logits = wide(x.contiguous(memory_format=torch.channels_last))
+    assert logits.shape == (37, 7)
+    F.cross_entropy(logits, torch.zeros(37, dtype=torch.long)).backward()
+    assert all(p.grad is not None for p in wide.parameters())
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_count_flops(name: str) -> None:
     model = create_model(name)
