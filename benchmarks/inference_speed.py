@@ -3,6 +3,7 @@
 Run:  python benchmarks/inference_speed.py [--seconds 3] [--repeats 3] [--weights W.safetensors | --model NAME]
                                            [--threads N] [--json results.json] [--fer-python FER_VENV_PYTHON]
                                            [--rounds N]   (alternate ferkit and fer N times; medians + ratios)
+                                           [--tta flip]   (ferkit averages each face with its mirror image)
 
 (a) Classification: `Recognizer.predict_proba` on 48x48 uint8 faces (preprocessing included, no detection)
     at batch 1 and batch 64, with PyTorch fp32, PyTorch bf16 autocast, and ONNX Runtime (fp32,
@@ -116,7 +117,7 @@ def bench_ferkit(args: argparse.Namespace, weights: Path, results: dict[str, Any
     recs = {}
     for label, kw in configs:
         start = time.perf_counter()
-        rec = Recognizer(model=weights, detector="none", device="cpu", **kw)
+        rec = Recognizer(model=weights, detector="none", device="cpu", tta=args.tta, **kw)
         setup = time.perf_counter() - start
         recs[label] = rec
         row = {f"batch{b}": rate(lambda f=f, r=rec: r.predict_proba(f), b, args.seconds) for b, f in faces.items()}
@@ -134,7 +135,7 @@ def bench_ferkit(args: argparse.Namespace, weights: Path, results: dict[str, Any
         for label, kw in configs:
             if "bf16" in label:
                 continue
-            rec = Recognizer(model=weights, detector=det, device="cpu", **kw)
+            rec = Recognizer(model=weights, detector=det, device="cpu", tta=args.tta, **kw)
             n_faces = len(rec.detect_emotions(photo))
             r = rate(lambda rec=rec: rec.detect_emotions(photo), 1, args.seconds)
             results["end_to_end"][f"{det} + {label}"] = {"images_per_s": r, "faces": n_faces}
@@ -239,6 +240,8 @@ def main() -> None:
                                      "name (default).")
     p.add_argument("--model", help="Registry model name to time untrained (ignored with --weights).")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default).")
+    p.add_argument("--tta", choices=["none", "flip"], default="none",
+                   help="ferkit's test-time augmentation (flip: each face and its mirror image, averaged).")
     p.add_argument("--detectors", nargs="+", default=["retinaface", "haar"])
     p.add_argument("--no-e2e", dest="e2e", action="store_false", help="Skip (b), the end-to-end timing.")
     p.add_argument("--no-onnx", dest="onnx", action="store_false", help="Skip the ONNX Runtime rows.")
@@ -267,13 +270,14 @@ def main() -> None:
         os.environ["FERKIT_CACHE"] = tmp  # ONNX exports of (possibly random) weights go to a scratch cache
         weights, desc = pick_weights(args, Path(tmp))
         cpu = cpu_name()
-        print(f"model: {desc}")
+        print(f"model: {desc}; test-time augmentation: {args.tta}")
         print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU {cpu}, {os.cpu_count()} cores; "
               f"~{args.seconds:g} s per measurement, best of {REPEATS} rounds")
         from ferkit.training.report import git_commit
 
-        results: dict[str, Any] = {"model": desc, "git_commit": git_commit(), "threads": torch.get_num_threads(),
-                                   "torch": torch.__version__, "seconds": args.seconds, "rounds": args.rounds,
+        results: dict[str, Any] = {"model": desc, "tta": args.tta, "git_commit": git_commit(),
+                                   "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                   "seconds": args.seconds, "rounds": args.rounds,
                                    "classification": {}, "end_to_end": {}}
         # Rounds alternate ferkit and fer, so each ferkit/fer ratio compares the two under the same machine
         # load (this shared machine's speed drifts by tens of percent over minutes); the medians are reported.

@@ -134,6 +134,11 @@ def test_numpy_fast_path_and_small_batch_session_match_the_general_path(onnx_fil
         np.testing.assert_allclose(fast, general, atol=1e-6)
         chunked = clf.predict_proba(faces, input_size=48, batch_size=2)  # several batches, then concatenated
         np.testing.assert_allclose(chunked, general, atol=1e-6)
+        mirrored = clf.session.run(None, {"input": preprocess(torch.as_tensor(faces[..., ::-1].copy()), 48,
+                                                              "dataset").numpy()})[0]
+        for size in (256, 2):  # flip TTA: faces and mirror images in one run, one batch or several
+            flip = clf.predict_proba(faces, input_size=48, tta="flip", batch_size=size)
+            np.testing.assert_allclose(flip, (general + mirrored) / 2, atol=1e-6)
     assert clf.predict_proba(_random_faces(0), input_size=48).shape == (0, 7)
     assert clf._small_session is not None  # timed and chosen on the first small batch
     assert clf._small_session in (clf.session,) or clf._small_session.get_session_options().intra_op_num_threads == 1

@@ -123,6 +123,14 @@ class OnnxClassifier:
         session = self._small(x) if len(x) <= SMALL_BATCH else self.session
         return session.run([self.output_name], {self.input_name: x})[0].astype(np.float32, copy=False)
 
+    def _run_views(self, x: np.ndarray, tta: str) -> np.ndarray:
+        """Probabilities of normalized faces (B, 1, S, S); "flip" averages them with their mirror images, run in
+        the same batch (one session call instead of two)."""
+        if tta == "none":
+            return self.run(x)
+        probs = self.run(np.concatenate([x, x[..., ::-1]]))
+        return (probs[:len(x)] + probs[len(x):]) * np.float32(0.5)
+
     def predict_proba(self, images: Any, *, input_size: int, norm: str = "dataset", tta: str = "none",
                       batch_size: int = 256) -> np.ndarray:
         """(N, C) float32 probabilities for uint8 faces (N, H, W); the ONNX twin of models.predict.predict_proba."""
@@ -131,13 +139,14 @@ class OnnxClassifier:
 
         if tta not in TTA_MODES:
             raise ValueError(f"unknown TTA mode {tta!r}; choose one of {TTA_MODES}")
-        if tta == "none" and norm == "dataset" and np.shape(images)[1:] == (input_size, input_size):
-            # The common case (48x48 faces, no TTA) in NumPy: the same float32 operations as
+        if tta in ("none", "flip") and norm == "dataset" and np.shape(images)[1:] == (input_size, input_size):
+            # The common case (48x48 faces, no TTA or flip) in NumPy: the same float32 operations as
             # preprocess(), without a round trip through torch tensors (a third of the time of one face).
             images = np.asarray(images)
             if 0 < len(images) <= batch_size:  # one batch (one face per call is common): no list, no concatenate
-                return self.run(_normalized(images)[:, None])
-            out = [self.run(_normalized(images[i:i + batch_size])[:, None]) for i in range(0, len(images), batch_size)]
+                return self._run_views(_normalized(images)[:, None], tta)
+            out = [self._run_views(_normalized(images[i:i + batch_size])[:, None], tta)
+                   for i in range(0, len(images), batch_size)]
             return np.concatenate(out) if out else np.zeros((0, len(self.meta.get("classes") or [])), np.float32)
         images = torch.as_tensor(images)
         prep_size = tencrop_source_size(input_size) if tta == "tencrop" else input_size
