@@ -19,8 +19,8 @@ from torch import nn
 from ferkit.models.registry import create_model
 
 # Models shipped inside the package, by the name users pass (`Recognizer(model="fast")`, `--weights fast`):
-# "default" is the most accurate; "fast" is a compact mini-Xception distilled from it, for throughput (see the
-# README's "The shipped models"). tools/ship_model.py --as NAME makes a training run one of them.
+# "default" is the most accurate; "fast" is a compact mini-Xception distilled from it (with F-Riv 5), for throughput
+# (see the README's "The shipped models"). tools/ship_model.py --as NAME makes a training run one of them.
 SHIPPED_MODELS = {"default": "ferkit_default", "fast": "ferkit_fast"}
 DEFAULT_WEIGHTS_NAME = "ferkit_default.safetensors"
 
