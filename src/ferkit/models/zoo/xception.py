@@ -66,8 +66,9 @@ class MiniXception(nn.Module):
 
     Why the knobs: on CPUs with AVX-512, ONNX Runtime computes convolutions in 16-channel blocks, so the published
     8-channel stem costs as much as a 16-channel one (measured: same faces/s), and the 44x44 layers dominate the
-    time; `stem_stride=2` runs the modules at 22x22 (2.5x the faces/s at the published widths; see
-    docs/detection.md).
+    time; `stem_stride=2` runs the modules at 22x22 (2.2x the faces/s at the published widths, 1.4x with widths
+    doubled; benchmarks/architecture_speed.py, docs/detection.md). The shipped `fast` model uses
+    `stem=16, stem_stride=2, widths=(32, 64, 128, 256)`.
     """
 
     def __init__(self, num_classes: int = 7, widths: Sequence[int] = (16, 32, 64, 128), stem: int = 8,
