@@ -106,6 +106,22 @@ def test_early_stopping_and_snapshots(tiny_csv: Path, tmp_path: Path) -> None:
     assert resumed.epochs_run == 2 and len(resumed.history) == 2
 
 
+def test_time_limit_ends_the_run_after_the_epoch_that_reaches_it(tiny_csv: Path, tmp_path: Path) -> None:
+    # Any epoch takes longer than a microsecond: the limit is reached by the first epoch, which still completes.
+    result = train(small_config(tiny_csv, tmp_path, epochs=4, time_limit=1e-8))
+    assert result.epochs_run == 1 and (result.run_dir / "best.safetensors").is_file()
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest["epochs_done"] == 1 and manifest["stopped_by"].startswith("time limit")
+    # The run is finished: resuming it (to re-report it) trains nothing more.
+    resumed = train(TrainConfig(progress=False), resume=result.run_dir)
+    assert resumed.epochs_run == 1
+    # A run that completes its epochs inside the limit records no stop reason.
+    full = train(small_config(tiny_csv, tmp_path / "full", epochs=2, time_limit=60))
+    assert full.epochs_run == 2 and "stopped_by" not in json.loads((full.run_dir / "manifest.json").read_text())
+    with pytest.raises(ValueError, match="time_limit"):
+        TrainConfig(time_limit=-1).validate()
+
+
 def test_config_overrides() -> None:
     cfg = TrainConfig().override(["epochs=5", "augment.rotation=15", "model=resnet18", "augment.crop_scale=[0.7,1]"])
     assert cfg.epochs == 5 and cfg.augment.rotation == 15 and cfg.model == "resnet18"
@@ -186,3 +202,14 @@ def test_init_weights_refuses_another_model(tiny_csv: Path, tmp_path: Path) -> N
     other = train(small_config(tiny_csv, tmp_path / "a", epochs=1, model="bokanyi_shallow"))
     with pytest.raises(ValueError, match="init_weights .* holds model bokanyi_shallow"):
         train(small_config(tiny_csv, tmp_path / "b", epochs=1, init_weights=str(other.run_dir / "best.safetensors")))
+
+
+def test_git_commit_outside_git_comes_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ferkit.training.report import git_commit
+
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # tmp_path is not inside any repository
+    monkeypatch.setenv("FERKIT_GIT_COMMIT", "0123abc")
+    assert git_commit(tmp_path) == "0123abc"
+    monkeypatch.delenv("FERKIT_GIT_COMMIT")
+    assert git_commit(tmp_path) == ""
+    assert len(git_commit().removesuffix("-dirty")) in (0, 40)  # this checkout: its HEAD (or '' without git)

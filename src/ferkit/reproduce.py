@@ -10,7 +10,6 @@ code behind `ferkit evaluate`), and records everything a reviewer needs under `r
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from ferkit.data import load_dataset
 from ferkit.ensembles.predictions import save_prediction_file
 from ferkit.evaluation import evaluate
 from ferkit.models.weights import load_model
+from ferkit.shared_files import locked, read_rows, write_rows, write_text
 from ferkit.training import TrainConfig, train
 from ferkit.training.report import hardware
 
@@ -153,32 +153,17 @@ def reproduce(name: str, data: str | os.PathLike, *, runs_dir: str | os.PathLike
 
 
 def upsert_row(path: Path, name: str, row: dict[str, str]) -> None:
-    """Replace (or add) the row for `name`, keeping the rows in recipe order; written atomically."""
-    rows: dict[str, dict[str, str]] = {}
-    if path.is_file():
-        with open(path, newline="") as f:
-            for r in csv.DictReader(f):
-                rows[r.get("name") or r["registry_name"]] = r
-    rows[name] = {"name": name, **row}
-    order = [n for n in RECIPES if n in rows] + [n for n in rows if n not in RECIPES]
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=("name", *SEEDS_COLUMNS))
-        w.writeheader()
-        w.writerows(rows[n] for n in order)
-    os.replace(tmp, path)
+    """Replace (or add) the row for `name`, keeping the rows in recipe order; safe when runs finish together."""
+    with locked(path):
+        rows = {r.get("name") or r["registry_name"]: r for r in read_rows(path)}
+        rows[name] = {"name": name, **row}
+        order = [n for n in RECIPES if n in rows] + [n for n in rows if n not in RECIPES]
+        write_rows(path, ("name", *SEEDS_COLUMNS), (rows[n] for n in order))
 
 
 TABLE_START, TABLE_END = "<!-- seeds-table:start -->", "<!-- seeds-table:end -->"
 ENSEMBLES_START, ENSEMBLES_END = "<!-- ensembles-table:start -->", "<!-- ensembles-table:end -->"
 FER_PACKAGE_ACCURACY = 0.66  # the `fer` package's published accuracy (its README), drawn as a reference line
-
-
-def read_rows(path: str | os.PathLike) -> list[dict[str, str]]:
-    if not Path(path).is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def render_table(rows: list[dict[str, str]]) -> str:
@@ -219,16 +204,17 @@ def write_report(results_dir: str | os.PathLike = "results", doc: str | os.PathL
     from ferkit.ensembles.records import render_table as render_ensembles
 
     shipped = shipped or shipped_model_accuracy()
-    rows = read_rows(Path(results_dir) / "seeds.csv")
     doc = Path(doc)
-    text = doc.read_text() if doc.is_file() else f"# Results\n\n{TABLE_START}\n{TABLE_END}\n"
-    text = _replace_between(text, TABLE_START, TABLE_END, render_table(rows), doc)
-    if ENSEMBLES_START in text:
-        ensembles = read_records(Path(results_dir) / "ensembles.csv")
-        text = _replace_between(text, ENSEMBLES_START, ENSEMBLES_END, render_ensembles(ensembles), doc)
-    doc.write_text(text)
-    if rows:
-        plot_comparison(rows, figure, shipped)
+    with locked(doc):  # runs that end together each refresh the page: one at a time, from the latest tables
+        rows = read_rows(Path(results_dir) / "seeds.csv")
+        text = doc.read_text() if doc.is_file() else f"# Results\n\n{TABLE_START}\n{TABLE_END}\n"
+        text = _replace_between(text, TABLE_START, TABLE_END, render_table(rows), doc)
+        if ENSEMBLES_START in text:
+            ensembles = read_records(Path(results_dir) / "ensembles.csv")
+            text = _replace_between(text, ENSEMBLES_START, ENSEMBLES_END, render_ensembles(ensembles), doc)
+        write_text(doc, text)
+        if rows:
+            plot_comparison(rows, figure, shipped)
 
 
 def _replace_between(text: str, start: str, end: str, body: str, doc: Path) -> str:

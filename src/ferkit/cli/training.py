@@ -46,6 +46,8 @@ def train(
     class_weights: Annotated[str | None, typer.Option(help="none | balanced.")] = None,
     early_stopping: Annotated[int | None, typer.Option(help="Patience in epochs; 0 disables.")] = None,
     grad_clip: Annotated[float | None, typer.Option(help="Max gradient norm; 0 disables.")] = None,
+    time_limit: Annotated[float | None, typer.Option(
+        help="Minutes of training; the run ends after the epoch that reaches them (0 = off).")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N.")] = None,
     precision: Annotated[str | None, typer.Option(help=PRECISION_HELP)] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (runs are deterministic given a seed).")] = None,
@@ -64,8 +66,8 @@ def train(
     flags = {"data": data, "model": model, "label_set": label_set, "epochs": epochs, "batch_size": batch_size,
              "optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, "schedule": schedule,
              "label_smoothing": label_smoothing, "class_weights": class_weights, "early_stopping": early_stopping,
-             "grad_clip": grad_clip, "device": device, "precision": precision, "seed": seed, "out_dir": out,
-             "run_name": name, "save_every": save_every, "limit_train": limit_train}
+             "grad_clip": grad_clip, "time_limit": time_limit, "device": device, "precision": precision,
+             "seed": seed, "out_dir": out, "run_name": name, "save_every": save_every, "limit_train": limit_train}
     try:
         cfg = TrainConfig().override([f"{k}={_json(v)}" for k, v in flags.items() if v is not None]
                                      + list(overrides or []))

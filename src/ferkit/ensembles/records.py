@@ -7,11 +7,10 @@ Markdown table of docs/results.md.
 
 from __future__ import annotations
 
-import csv
 import os
-from pathlib import Path
 
 from ferkit.ensembles.predictions import EnsembleReport
+from ferkit.shared_files import locked, read_rows, write_rows
 
 ENSEMBLES_COLUMNS = ("name", "method", "members", "public_test", "private_test", "best_member",
                      "best_member_public_test", "best_member_private_test", "gain_points", "command")
@@ -33,28 +32,19 @@ def report_rows(report: EnsembleReport, name: str, command: str) -> list[dict[st
 
 
 def read_records(path: str | os.PathLike) -> list[dict[str, str]]:
-    if not Path(path).is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    return read_rows(path)
 
 
 def record_report(report: EnsembleReport, name: str, command: str,
                   path: str | os.PathLike = "results/ensembles.csv") -> list[dict[str, str]]:
-    """Upsert the report's rows into `path` (atomically); rows of other ensembles keep their place."""
+    """Upsert the report's rows into `path` (atomically, under a lock); rows of other ensembles keep their place."""
     if not name or "/" in name or "," in name:
         raise ValueError(f"ensemble record name {name!r} must be non-empty, without '/' or ','")
-    path = Path(path)
-    rows = {r["name"]: r for r in read_records(path) if not r["name"].startswith(f"{name}/")}
     new = report_rows(report, name, command)
-    rows.update({r["name"]: r for r in new})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=ENSEMBLES_COLUMNS)
-        w.writeheader()
-        w.writerows(rows.values())
-    os.replace(tmp, path)
+    with locked(path):
+        rows = {r["name"]: r for r in read_rows(path) if not r["name"].startswith(f"{name}/")}
+        rows.update({r["name"]: r for r in new})
+        write_rows(path, ENSEMBLES_COLUMNS, rows.values())
     return new
 
 

@@ -38,6 +38,10 @@ class TrainConfig:
     label_smoothing: float = 0.0
     class_weights: str = "none"  # 'none' or 'balanced' (inverse class frequency)
     early_stopping: int = 0  # stop after this many epochs without a better PublicTest accuracy; 0 = off
+    # Stop after the first epoch that brings the run's training time (all calls together) to this many minutes;
+    # 0 = off. For "the longest schedule that fits": the run is the first epochs of the configured one (a
+    # per-step schedule such as cosine is laid out for `epochs` and so is cut short, not compressed).
+    time_limit: float = 0.0
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     # Knowledge distillation from a trained teacher (a .safetensors model or saved ensemble): its flip-TTA
     # probabilities on the un-augmented training faces are computed once and used as soft targets.
@@ -106,3 +110,5 @@ class TrainConfig:
             raise ValueError("distill_weight must be in [0, 1] and distill_temperature > 0")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be at least 1")
+        if self.time_limit < 0:
+            raise ValueError(f"time_limit must be minutes >= 0 (0 = off), got {self.time_limit}")

@@ -16,7 +16,11 @@ import torch
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str:
-    """HEAD commit of the repository ferkit runs from, with '-dirty' for uncommitted changes; '' outside git."""
+    """HEAD commit of the repository ferkit runs from, with '-dirty' for uncommitted changes.
+
+    Outside git (a copy of the tree without .git, e.g. one sent to a GPU machine) it is $FERKIT_GIT_COMMIT, which
+    whoever made the copy sets to the commit it was made from; '' when that is unset too.
+    """
     cwd = cwd or Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
@@ -25,7 +29,7 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str:
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return ""
+        return os.environ.get("FERKIT_GIT_COMMIT", "")
 
 
 def hardware() -> dict[str, Any]:

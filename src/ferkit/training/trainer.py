@@ -137,9 +137,10 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
 
     # ---- epochs ------------------------------------------------------------------------------
     epochs_this_call = 0
-    # A run that stopped early is finished: resuming it (e.g. to re-report it) must not train on.
-    stopped_early = bool(cfg.early_stopping) and stale >= cfg.early_stopping
-    for epoch in range(start_epoch, start_epoch if stopped_early else cfg.epochs):
+    # A run that stopped early or used up its time limit is finished: resuming it (e.g. to re-report it) must
+    # not train on.
+    finished = _stop_reason(cfg, stale, elapsed) is not None
+    for epoch in range(start_epoch, start_epoch if finished else cfg.epochs):
         t0 = time.perf_counter()
         model.train()
         order = torch.randperm(len(train_set), generator=gen)
@@ -199,11 +200,13 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
               f"PublicTest acc {val_acc:.4f}{' *' if improved else ''}  lr {row['lr']:.2e}  {seconds:.0f}s",
               flush=True)
 
+        reason = _stop_reason(cfg, stale, elapsed) if epoch + 1 < cfg.epochs else None
+
         # Persist: last weights, metrics, curves, manifest, then the resume checkpoint (atomically).
         save_weights(model, run_dir / "last.safetensors", weights_meta | {"epoch": epoch + 1})
         _write_metrics(run_dir / "metrics.csv", history)
         plot_curves(history, run_dir / "curves.png", title=f"{cfg.model} ({run_dir.name})")
-        _write_manifest(run_dir, cfg, data, commit, best_acc, best_epoch, epoch + 1, elapsed, device)
+        _write_manifest(run_dir, cfg, data, commit, best_acc, best_epoch, epoch + 1, elapsed, device, reason)
         _save_checkpoint(run_dir / "checkpoint.pt", {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else {},
@@ -211,8 +214,8 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
             "best_acc": best_acc, "best_epoch": best_epoch, "stale": stale, "elapsed": elapsed})
 
         epochs_this_call += 1
-        if cfg.early_stopping and stale >= cfg.early_stopping:
-            print(f"early stopping: no better PublicTest accuracy for {stale} epochs", flush=True)
+        if reason is not None:
+            print(reason, flush=True)
             break
         if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
             break
@@ -220,6 +223,15 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
     print(f"best PublicTest accuracy {best_acc:.4f} at epoch {best_epoch}; weights: {run_dir / 'best.safetensors'}",
           flush=True)
     return RunResult(run_dir, best_acc, best_epoch, len(history), history)
+
+
+def _stop_reason(cfg: TrainConfig, stale: int, elapsed: float) -> str | None:
+    """Why the run ends before its last epoch (early stopping, time limit), or None to go on."""
+    if cfg.early_stopping and stale >= cfg.early_stopping:
+        return f"early stopping: no better PublicTest accuracy for {stale} epochs"
+    if cfg.time_limit and elapsed >= cfg.time_limit * 60:
+        return f"time limit: {elapsed / 60:.1f} of {cfg.time_limit:g} minutes of training used"
+    return None
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -306,7 +318,7 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 
 def _write_manifest(run_dir: Path, cfg: TrainConfig, data: FaceData, commit: str, best_acc: float, best_epoch: int,
-                    epochs_done: int, elapsed: float, device: torch.device) -> None:
+                    epochs_done: int, elapsed: float, device: torch.device, stopped_by: str | None = None) -> None:
     manifest_path = run_dir / "manifest.json"
     previous = _read_json(manifest_path) if manifest_path.is_file() else {}
     commands = previous.get("commands", [])
@@ -322,6 +334,7 @@ def _write_manifest(run_dir: Path, cfg: TrainConfig, data: FaceData, commit: str
         "device": str(device),
         "epochs_done": epochs_done, "best_epoch": best_epoch, "best_public_test_acc": best_acc,
         "train_seconds": round(elapsed, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **({"stopped_by": stopped_by} if stopped_by else {}),
         **({"teacher": {"path": cfg.teacher, "sha256": file_sha256(cfg.teacher)}} if cfg.teacher else {}),
         **({"init_weights": {"path": cfg.init_weights, "sha256": file_sha256(cfg.init_weights)}}
            if cfg.init_weights else {}),
