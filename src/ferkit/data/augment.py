@@ -3,7 +3,9 @@
 All geometric augmentations (random resized crop, rotation, translation, horizontal flip) are
 composed into one affine warp per image and applied with a single `grid_sample`, which is both
 fast on CPU and exact about what each knob does. Randomness comes only from the `generator`
-passed in, so a seeded run (and a resumed one) sees the same augmented batches.
+passed in, so a seeded run (and a resumed one) sees the same augmented batches. The random numbers
+are drawn on the CPU (a torch.Generator lives on one device) and moved to the batch's device, so a
+batch on a GPU is augmented there with the same draws a CPU run would make.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def random_affine(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generato
     theta = torch.stack([
         torch.stack([cos * sx * flip, -sin * sy, tx], dim=1),
         torch.stack([sin * sx * flip, cos * sy, ty], dim=1),
-    ], dim=1)
+    ], dim=1).to(x.device, x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -112,7 +114,7 @@ def random_erasing(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generat
     mask = ((rows >= y0.view(b, 1, 1)) & (rows < (y0 + eh).view(b, 1, 1))
             & (cols >= x0.view(b, 1, 1)) & (cols < (x0 + ew).view(b, 1, 1)) & apply.view(b, 1, 1))
     noise = torch.rand(x.shape, generator=g, dtype=x.dtype)
-    return torch.where(mask.unsqueeze(1), noise, x)
+    return torch.where(mask.unsqueeze(1).to(x.device), noise.to(x.device), x)
 
 
 def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
