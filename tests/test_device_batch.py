@@ -71,3 +71,16 @@ def test_end_to_end_pack_holds_what_the_jobs_wrote(tmp_path: Path, monkeypatch: 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["commit"] == "abc123" and summary["jobs"][0]["returncode"] == 0
     assert any(n.endswith("job00.log") for n in names)
+
+
+def test_results_come_first_and_big_run_files_are_left_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    sizes = {"results/seeds.csv": 50, "docs/results.md": 40, "runs/a/best.safetensors": 30,
+             "runs/b/best.safetensors": 500, "runs/a/metrics.csv": 10}
+    for name, size in sizes.items():
+        Path(name).parent.mkdir(parents=True, exist_ok=True)
+        Path(name).write_bytes(b"x" * size)
+    packed, left_out = device_batch.within_budget([Path(n) for n in sizes], budget=140)
+    assert [str(p) for p in packed] == ["results/seeds.csv", "docs/results.md", "runs/a/metrics.csv",
+                                        "runs/a/best.safetensors"]
+    assert [str(p) for p in left_out] == ["runs/b/best.safetensors"]

@@ -11,7 +11,8 @@ most 10 minutes, and at most 8 files of 16 MiB come back from $OUT. So this scri
 3. at the deadline stops the jobs still running (SIGTERM, then SIGKILL): a trainer loses at most the epoch in
    flight, and a `time_limit=MINUTES` override lets it end on its own and record its row first;
 4. packs the files the jobs created or changed under results/, docs/ and runs/ (without resume checkpoints and
-   last-epoch weights unless --keep-checkpoints), their logs and summary.json (as runs/device/batch-*/) into
+   last-epoch weights unless --keep-checkpoints; run files smallest first while they fit in what may come
+   back, the rest listed as left out), their logs and summary.json (as runs/device/batch-*/) into
    $OUT/batch.tar.gz.NN chunks, and writes summary.json beside them.
 
 Back here: `cat FILES_AT/batch.tar.gz.* | tar -xz` in the repository root puts everything in place.
@@ -40,6 +41,7 @@ from pathlib import Path
 
 CHUNK_BYTES = 15 * 2**20  # under the 16 MiB a file coming back may have
 MAX_CHUNKS = 7  # 8 files may come back: the chunks and summary.json
+PACK_BUDGET_BYTES = 6 * CHUNK_BYTES  # uncompressed; weights barely compress, so leave a chunk of headroom
 PACKED_ROOTS = ("results", "docs", "runs")
 CHECKPOINT_NAMES = ("checkpoint.pt", "last.safetensors")
 LOG_ROOT = "runs/device"  # in the pack: the jobs' logs land in runs/device/batch-*/ (ignored by git) back here
@@ -123,6 +125,25 @@ def changed_files(roots: tuple[str, ...], since: float, keep_checkpoints: bool) 
     return found
 
 
+def within_budget(files: list[Path], budget: int = PACK_BUDGET_BYTES) -> tuple[list[Path], list[Path]]:
+    """(packed, left out): results/ and docs/ first, then run files smallest first while the sizes fit.
+
+    The rows, predictions and run records are what a batch is for; a large model's weights (Khaireddin & Chen's
+    VGG is 120 MB) cannot come back and are reproduced by their command instead.
+    """
+    first = [f for f in files if f.parts[0] != "runs"]
+    rest = sorted((f for f in files if f.parts[0] == "runs"), key=lambda f: f.stat().st_size)
+    packed, left_out, total = [], [], 0
+    for f in first + rest:
+        size = f.stat().st_size
+        if total + size <= budget:
+            packed.append(f)
+            total += size
+        else:
+            left_out.append(f)
+    return packed, left_out
+
+
 def pack(files: list[Path], extra: dict[str, bytes], out: Path) -> list[Path]:
     """tar.gz of `files` (paths kept relative) and `extra` (name -> bytes), split into CHUNK_BYTES pieces."""
     buf = io.BytesIO()
@@ -174,9 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         log_dir = Path(tmp) / "logs" / time.strftime("batch-%Y%m%d-%H%M%S")
         summary = run_jobs(jobs, args.deadline, log_dir, env)
         logs = {f"{LOG_ROOT}/{log_dir.name}/{p.name}": p.read_bytes() for p in sorted(log_dir.glob("*.log"))}
-    files = changed_files(PACKED_ROOTS, started, args.keep_checkpoints)
+    files, left_out = within_budget(changed_files(PACKED_ROOTS, started, args.keep_checkpoints))
     report = {"data": str(args.data), "data_sha256": sha, "commit": args.commit,
-              "seconds": round(time.time() - started, 1), "jobs": summary, "files": [str(f) for f in files]}
+              "seconds": round(time.time() - started, 1), "jobs": summary, "files": [str(f) for f in files],
+              "left_out": [f"{f} ({f.stat().st_size / 2**20:.1f} MiB)" for f in left_out]}
     body = (json.dumps(report, indent=2) + "\n").encode()
     try:
         chunks = pack(files, {**logs, f"{LOG_ROOT}/{log_dir.name}/summary.json": body}, args.out)
@@ -189,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         state = "stopped at the deadline" if job["stopped_at_deadline"] else f"exit {job['returncode']}"
         print(f"{state:>24}  {job['job']}")
     print(f"{len(files)} files packed into {len(chunks)} chunk(s) in {args.out}; {report['seconds']} s")
+    for entry in report["left_out"]:
+        print(f"left out (over the pack's size budget): {entry}")
     return 0 if all(j["returncode"] == 0 for j in summary) else 1
 
 
