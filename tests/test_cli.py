@@ -63,3 +63,14 @@ def test_models_lists_every_registered_model() -> None:
 def test_help_has_examples(command: str) -> None:
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0 and "Examples" in result.output
+
+
+def test_reproduce_list_marks_measured_and_missing_rows(tmp_path: Path) -> None:
+    (tmp_path / "seeds.csv").write_text("name,system,registry_name,classes,reported,public_test,private_test,epochs,"
+                                        "train_minutes,hardware,command\nfrivas_cnn2,F-Riv model 2,frivas_cnn2,7,"
+                                        "0.6510,0.6604,0.6776,50,42.3,cpu,ferkit reproduce frivas_cnn2\n")
+    result = runner.invoke(app, ["reproduce", "--list", "--results", str(tmp_path)])
+    assert result.exit_code == 0
+    lines = {line.split()[0]: line for line in result.output.splitlines() if line and not line.startswith(" ")}
+    assert "measured 0.678 (50 epochs)" in lines["frivas_cnn2"]
+    assert "not run yet" in lines["frivas_cnn3"]

@@ -157,8 +157,14 @@ def reproduce(
         return
 
     if list_systems or system is None:
+        from ferkit.shared_files import read_rows
+
+        measured = {row["name"]: row for row in read_rows(results / "seeds.csv")}
         for r in RECIPES.values():
-            typer.echo(f"{r.name:<22} reported {r.reported:.3f}  {r.system}")
+            row = measured.get(r.name)
+            status = (f"measured {float(row['private_test']):.3f} ({row['epochs']} epochs)" if row
+                      else "not run yet")
+            typer.echo(f"{r.name:<22} reported {r.reported:.3f}  {status:<28} {r.system}")
             typer.echo(f"{'':<22} {' '.join(r.overrides)}" + (f"  tta={r.tta}" if r.tta != "none" else ""))
             if r.notes:
                 typer.echo(f"{'':<22} note: {r.notes}")
