@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -44,20 +45,19 @@ def locked(path: str | os.PathLike) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
-def write_rows(path: str | os.PathLike, fieldnames: Sequence[str], rows: Iterable[dict[str, str]]) -> None:
-    """Replace the file with these rows, atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fieldnames)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+def write_rows(path: str | os.PathLike, fieldnames: Sequence[str], rows: Iterable[dict]) -> None:
+    """Replace the CSV file with these rows, atomically."""
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=fieldnames)
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, buf.getvalue())
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Replace the file with `text`, atomically."""
+    """Replace the file with `text`, atomically: a kill mid-write leaves the previous file intact."""
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w", newline="") as f:  # no newline translation: csv's line endings stay as written
+        f.write(text)
     os.replace(tmp, path)

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ferkit.shared_files import write_text
+
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str:
     """HEAD commit of the repository ferkit runs from, with '-dirty' for uncommitted changes.
@@ -59,10 +61,7 @@ def command_line() -> str:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def plot_curves(history: list[dict[str, float]], path: str | os.PathLike, title: str = "") -> None:

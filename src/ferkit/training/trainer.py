@@ -25,6 +25,7 @@ from ferkit.device import autocast, resolve_device, resolve_precision
 from ferkit.models import count_parameters, create_model
 from ferkit.models.predict import predict_proba
 from ferkit.models.weights import load_model, save_weights
+from ferkit.shared_files import write_rows
 from ferkit.training.config import TrainConfig
 from ferkit.training.report import command_line, git_commit, hardware, library_versions, plot_curves, write_json
 
@@ -348,12 +349,7 @@ def _write_manifest(run_dir: Path, cfg: TrainConfig, data: FaceData, commit: str
 
 
 def _write_metrics(path: Path, history: list[dict[str, float]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
-        w.writeheader()
-        w.writerows(history)
-    os.replace(tmp, path)
+    write_rows(path, METRIC_FIELDS, history)
 
 
 def _read_metrics(path: Path) -> list[dict[str, float]]:
