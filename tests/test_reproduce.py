@@ -60,6 +60,26 @@ def test_cli_reproduce_list_and_unknown_system(tiny_csv: Path) -> None:
     assert bad.exit_code == 2 and "unknown system" in bad.output
 
 
+def test_cli_reproduce_into_another_results_dir_leaves_the_docs_alone(tiny_csv: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # A side experiment (--results elsewhere) must not render its one-row table into the project's page.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").mkdir()
+    page = "# Results\n\n<!-- seeds-table:start -->\nold table\n<!-- seeds-table:end -->\n"
+    (tmp_path / "docs" / "results.md").write_text(page)
+    args = ["reproduce", "sixclass_cnn4", "--data", str(tiny_csv), "--no-progress", "epochs=1", "precision=fp32"]
+    side = CliRunner().invoke(app, [*args, "--runs", "side/runs", "--results", "side/results"])
+    assert side.exit_code == 0, side.output
+    assert (tmp_path / "side" / "results" / "seeds.csv").is_file()
+    assert (tmp_path / "docs" / "results.md").read_text() == page
+    assert not (tmp_path / "docs" / "results.png").exists()
+    # The project's own results/ does refresh it.
+    own = CliRunner().invoke(app, args)
+    assert own.exit_code == 0, own.output
+    assert "sixclass_cnn4" in (tmp_path / "docs" / "results.md").read_text()
+    assert (tmp_path / "docs" / "results.png").is_file()
+
+
 def test_report_refreshes_only_the_table_and_draws_the_figure(tmp_path: Path) -> None:
     from ferkit.reproduce import TABLE_END, TABLE_START, upsert_row, write_report
 

@@ -178,7 +178,8 @@ def reproduce(
         _fail(str(e))
     typer.echo(f"{system}: PublicTest {row['public_test']}  PrivateTest {row['private_test']}  "
                f"(reported {row['reported']}); row written to {results / 'seeds.csv'}")
-    if Path("docs/results.md").is_file():
+    # docs/results.md renders the project's own results/; a run recorded elsewhere (--results) leaves it alone.
+    if Path("docs/results.md").is_file() and Path(results).resolve() == Path("results").resolve():
         write_report(results)
 
 
