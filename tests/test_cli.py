@@ -25,6 +25,14 @@ def test_train_then_evaluate_the_run(tiny_csv: Path, tmp_path: Path) -> None:
                                     "--data", str(tiny_csv), "--split", "test", "--json"])
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["num_samples"] == 35
+    # Resuming may change the run settings (the finished run trains no more), not what the run learns with.
+    resumed = runner.invoke(app, ["train", "--resume", str(out / "smoke"), "--no-progress", "--time-limit", "5",
+                                  "threads=1"])
+    assert resumed.exit_code == 0, resumed.output
+    config = json.loads((out / "smoke" / "config.json").read_text())
+    assert config["time_limit"] == 5 and config["threads"] == 1 and config["lr"] == 0.01
+    refused = runner.invoke(app, ["train", "--resume", str(out / "smoke"), "--lr", "0.5"])
+    assert refused.exit_code == 2 and "got lr" in refused.output and "Traceback" not in refused.output
 
 
 @pytest.mark.parametrize("args, message", [

@@ -50,6 +50,12 @@ def test_reproduce_writes_row_predictions_and_manifest(tiny_csv: Path, tmp_path:
     with pytest.raises(ValueError, match="started with overrides"):
         reproduce("sixclass_cnn4", tiny_csv, runs_dir=tmp_path / "runs", results_dir=results, extra=["epochs=2"],
                   progress=False)
+    # Run settings may change on resume; the recorded command carries their latest values.
+    reproduce("sixclass_cnn4", tiny_csv, runs_dir=tmp_path / "runs", results_dir=results,
+              extra=["threads=1", "time_limit=30"], progress=False)
+    with open(results / "seeds.csv", newline="") as f:
+        command = next(csv.DictReader(f))["command"]
+    assert command.endswith("epochs=1 precision=fp32 threads=1 time_limit=30"), command
 
 
 def test_cli_reproduce_list_and_unknown_system(tiny_csv: Path) -> None:

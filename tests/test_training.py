@@ -122,6 +122,27 @@ def test_time_limit_ends_the_run_after_the_epoch_that_reaches_it(tiny_csv: Path,
         TrainConfig(time_limit=-1).validate()
 
 
+def test_resume_may_change_run_settings_only(tiny_csv: Path, tmp_path: Path) -> None:
+    # A run that used up its time limit goes on when resumed with a longer one, and ends where an unlimited
+    # run of the same config ends: the limit and the thread count change how it runs, not what it learns.
+    full = train(small_config(tiny_csv, tmp_path / "full", epochs=3))
+    cut = train(small_config(tiny_csv, tmp_path / "cut", epochs=3, time_limit=1e-8))
+    assert cut.epochs_run == 1
+    resumed = train(resume=cut.run_dir, changes=TrainConfig().resume_changes(["time_limit=0", "threads=1"]))
+    assert without_timing(resumed.history) == without_timing(full.history)
+    saved = json.loads((cut.run_dir / "config.json").read_text())
+    assert saved["time_limit"] == 0 and saved["threads"] == 1 and saved["epochs"] == 3
+    assert "stopped_by" not in json.loads((cut.run_dir / "manifest.json").read_text())
+    with pytest.raises(ValueError, match="only threads, time_limit, progress can change .got lr"):
+        TrainConfig().resume_changes(["lr=0.1", "threads=2"])
+    with pytest.raises(ValueError, match="time_limit must be"):
+        TrainConfig().resume_changes(["time_limit=-5"])
+    with pytest.raises(ValueError, match="cannot change epochs"):
+        train(resume=cut.run_dir, changes={"epochs": 9})
+    with pytest.raises(ValueError, match="resumed run"):
+        train(small_config(tiny_csv, tmp_path / "new"), changes={"threads": 1})
+
+
 def test_config_overrides() -> None:
     cfg = TrainConfig().override(["epochs=5", "augment.rotation=15", "model=resnet18", "augment.crop_scale=[0.7,1]"])
     assert cfg.epochs == 5 and cfg.augment.rotation == 15 and cfg.model == "resnet18"

@@ -23,7 +23,7 @@ from ferkit.ensembles.predictions import save_prediction_file
 from ferkit.evaluation import evaluate
 from ferkit.models.weights import load_model
 from ferkit.shared_files import locked, read_rows, write_rows, write_text
-from ferkit.training import TrainConfig, train
+from ferkit.training import RESUME_SETTINGS, TrainConfig, train
 from ferkit.training.report import hardware
 
 SEEDS_COLUMNS = ("system", "registry_name", "classes", "reported", "public_test", "private_test", "epochs",
@@ -112,13 +112,18 @@ def reproduce(name: str, data: str | os.PathLike, *, runs_dir: str | os.PathLike
     extra = list(extra or [])
     overrides_file = run_dir / "reproduce_overrides.json"
     if (run_dir / "checkpoint.pt").is_file():
-        # Resume; the recorded command must be the one that started the run, so the overrides must agree.
+        # Resume. What the run learns with must be what it started with, so those overrides must agree; run
+        # settings (threads, time_limit) may change, and the recorded command carries their latest values.
         started_with = json.loads(overrides_file.read_text()) if overrides_file.is_file() else []
-        if extra and extra != started_with:
+        learned, settings = _split_settings(started_with)
+        given_learned, given_settings = _split_settings(extra)
+        if given_learned and given_learned != learned:
             raise ValueError(f"{run_dir} was started with overrides {started_with}; pass the same ones to resume "
-                             f"or delete that directory to start over")
-        extra = started_with
-        result = train(TrainConfig(progress=progress), resume=run_dir)
+                             f"(only {', '.join(RESUME_SETTINGS)} may change) or delete that directory to start over")
+        changes = TrainConfig().resume_changes([f"{k}={v}" for k, v in given_settings.items()])
+        extra = [*learned, *(f"{k}={v}" for k, v in (settings | given_settings).items())]
+        overrides_file.write_text(json.dumps(extra))
+        result = train(TrainConfig(progress=progress), resume=run_dir, changes=changes)
     else:
         cfg = TrainConfig(data=str(data), out_dir=str(runs_dir), run_name=run_dir.name, model=recipe.model,
                           progress=progress).override([*recipe.overrides, *extra])
@@ -150,6 +155,14 @@ def reproduce(name: str, data: str | os.PathLike, *, runs_dir: str | os.PathLike
            "command": recipe_command(name, extra)}
     upsert_row(results / "seeds.csv", name, row)
     return row
+
+
+def _split_settings(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
+    """`key=value` overrides split into those that shape what a run learns (in order) and its run settings
+    (RESUME_SETTINGS, the last value of each key)."""
+    learned = [o for o in overrides if o.partition("=")[0] not in RESUME_SETTINGS]
+    settings = {o.partition("=")[0]: o.partition("=")[2] for o in overrides if o.partition("=")[0] in RESUME_SETTINGS}
+    return learned, settings
 
 
 def upsert_row(path: Path, name: str, row: dict[str, str]) -> None:

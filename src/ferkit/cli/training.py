@@ -23,6 +23,7 @@ Examples:
       distill_weight=0.7 distill_temperature=4       (knowledge distillation from a trained model)
 
   ferkit train --resume runs/ferkit_vgg_s-20261123-101500     (continue a killed run)
+  ferkit train --resume runs/<name> --time-limit 240 threads=2 (resume with a longer limit, more threads)
 
 Trailing key=value pairs set any config field (see config.json in a run directory); values are JSON
 (numbers, true/false, lists) or bare strings. Each run writes runs/<name>/ with config.json,
@@ -55,7 +56,8 @@ def train(
     name: Annotated[str | None, typer.Option(help="Run directory name (default <model>-<time>).")] = None,
     save_every: Annotated[int | None, typer.Option(help="Keep a snapshot every N steps (0 = off).")] = None,
     limit_train: Annotated[int | None, typer.Option(help="Use only the first N training faces.")] = None,
-    resume: Annotated[Path | None, typer.Option(help="Resume the run in this directory.")] = None,
+    resume: Annotated[Path | None, typer.Option(
+        help="Resume the run in this directory with its saved config; only --time-limit, threads=N change.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Train a model on the Training split, selecting the best epoch on PublicTest."""
@@ -68,13 +70,17 @@ def train(
              "label_smoothing": label_smoothing, "class_weights": class_weights, "early_stopping": early_stopping,
              "grad_clip": grad_clip, "time_limit": time_limit, "device": device, "precision": precision,
              "seed": seed, "out_dir": out, "run_name": name, "save_every": save_every, "limit_train": limit_train}
+    assignments = [f"{k}={_json(v)}" for k, v in flags.items() if v is not None] + list(overrides or [])
     try:
-        cfg = TrainConfig().override([f"{k}={_json(v)}" for k, v in flags.items() if v is not None]
-                                     + list(overrides or []))
+        if resume is not None:  # the run's saved config, with only its run settings (threads, time limit) changed
+            run_training(TrainConfig(progress=progress), resume=resume,
+                         changes=TrainConfig().resume_changes(assignments))
+            return
+        cfg = TrainConfig().override(assignments)
         cfg.progress = progress
-        if resume is None and not Path(cfg.data).exists():
+        if not Path(cfg.data).exists():
             _fail(f"data file {cfg.data!r} not found (pass --data PATH to fer2013.csv or fer2013.csv.gz)")
-        run_training(cfg, resume=resume)
+        run_training(cfg)
     except (DataError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
 

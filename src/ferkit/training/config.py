@@ -11,6 +11,9 @@ from ferkit.data.augment import AugmentConfig
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES = ("none", "step", "plateau", "cosine", "onecycle")
+# Settings that say how a run trains on this machine and for how long, not what it learns: a resumed run may
+# change them (more threads on a freer machine, a longer time limit to finish a run that used up its own).
+RESUME_SETTINGS = ("threads", "time_limit", "progress")
 
 
 @dataclass
@@ -98,6 +101,17 @@ class TrainConfig:
                 raise ValueError(f"unknown config key {key!r}; known: {sorted(target)}")
             target[leaf] = value
         return TrainConfig.from_dict(d)
+
+    def resume_changes(self, assignments: list[str]) -> dict[str, Any]:
+        """The RESUME_SETTINGS that `key=value` strings set, parsed and checked as `override` does; any other
+        key raises ValueError (a resumed run keeps what it learns with)."""
+        keys = [item.split("=", 1)[0] for item in assignments]
+        if fixed := [k for k in keys if k not in RESUME_SETTINGS]:
+            raise ValueError(f"a resumed run keeps its saved config; only {', '.join(RESUME_SETTINGS)} can change "
+                             f"(got {', '.join(fixed)})")
+        changed = self.override(assignments)
+        changed.validate()
+        return {k: getattr(changed, k) for k in dict.fromkeys(keys)}
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:

@@ -8,11 +8,13 @@ Selection uses PublicTest only; PrivateTest is never touched here (report it wit
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +28,7 @@ from ferkit.models import count_parameters, create_model
 from ferkit.models.predict import predict_proba
 from ferkit.models.weights import load_model, save_weights
 from ferkit.shared_files import write_rows
-from ferkit.training.config import TrainConfig
+from ferkit.training.config import RESUME_SETTINGS, TrainConfig
 from ferkit.training.report import command_line, git_commit, hardware, library_versions, plot_curves, write_json
 
 METRIC_FIELDS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
@@ -42,11 +44,13 @@ class RunResult:
 
 
 def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = None, data: FaceData | None = None,
-          stop_after_epochs: int | None = None) -> RunResult:
+          stop_after_epochs: int | None = None, changes: dict[str, Any] | None = None) -> RunResult:
     """Train `cfg.model` on the Training split, selecting on PublicTest.
 
     cfg: the run's configuration (ignored when resuming: the run directory's config.json is used).
     resume: a run directory; continues from its checkpoint.pt with its saved config.
+    changes: when resuming, new values for RESUME_SETTINGS (threads, time_limit, progress), e.g. from
+        `TrainConfig.resume_changes`; they are saved to the run's config.json for the rest of the run.
     data: an already loaded dataset (tests, notebooks); by default `cfg.data` is loaded.
     stop_after_epochs: end this call after that many epochs, as a kill would (tests of resume).
     """
@@ -61,6 +65,13 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
         progress = cfg.progress if cfg is not None else True
         cfg = TrainConfig.from_dict(_read_json(run_dir / "config.json"))
         cfg.progress = progress
+        if changes:
+            if fixed := sorted(set(changes) - set(RESUME_SETTINGS)):
+                raise ValueError(f"cannot change {', '.join(fixed)} of a resumed run (only {RESUME_SETTINGS})")
+            cfg = dataclasses.replace(cfg, **changes)
+            write_json(run_dir / "config.json", cfg.to_dict())
+    elif changes:
+        raise ValueError("changes apply to a resumed run; pass the settings in cfg for a new one")
     if cfg is None:
         raise ValueError("train() needs a TrainConfig or a run directory to resume")
     cfg.validate()
