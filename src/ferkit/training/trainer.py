@@ -8,11 +8,10 @@ Selection uses PublicTest only; PrivateTest is never touched here (report it wit
 from __future__ import annotations
 
 import csv
-import dataclasses
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +66,9 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
         cfg.progress = progress
         if changes:
             if fixed := sorted(set(changes) - set(RESUME_SETTINGS)):
-                raise ValueError(f"cannot change {', '.join(fixed)} of a resumed run (only {RESUME_SETTINGS})")
-            cfg = dataclasses.replace(cfg, **changes)
+                raise ValueError(f"cannot change {', '.join(fixed)} of a resumed run "
+                                 f"(only {', '.join(RESUME_SETTINGS)})")
+            cfg = replace(cfg, **changes)
             write_json(run_dir / "config.json", cfg.to_dict())
     elif changes:
         raise ValueError("changes apply to a resumed run; pass the settings in cfg for a new one")
