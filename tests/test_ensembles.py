@@ -28,6 +28,7 @@ from ferkit.ensembles import (
     greedy_selection,
     load_ensemble,
     load_prediction_files,
+    log_linear,
     majority_vote,
     mean,
     member_accuracies,
@@ -163,10 +164,40 @@ def test_greedy_with_replacement_counts_become_weights() -> None:
     assert no_rep.selected == (2,) and no_rep.public_accuracy == 0.75
 
 
+def test_log_linear_by_hand() -> None:
+    # Face 0 of PRIV: A [0.3, 0.7], B [0.9, 0.1]. Weights (1, 1): the normalized product
+    # [0.27, 0.07] / 0.34; weights (2, 0): A squared, [0.09, 0.49] / 0.58; all zero: uniform.
+    assert log_linear(PRIV, [1, 1])[0] == pytest.approx([0.27 / 0.34, 0.07 / 0.34])
+    assert log_linear(PRIV, [2, 0])[0] == pytest.approx([0.09 / 0.58, 0.49 / 0.58])
+    assert log_linear(PRIV, [0, 0]) == pytest.approx(np.full((2, 2), 0.5))
+    # An exact 0 counts as LOG_FLOOR (1e-6), so one member cannot veto a class the other is sure of.
+    out = log_linear([[[0.0, 1.0]], [[1 - 1e-9, 1e-9]]], [1, 1])
+    assert out[0] == pytest.approx([1e-6 / (1e-6 + 1e-6), 0.5], rel=1e-3)
+    with pytest.raises(ValueError, match="non-negative"):
+        log_linear(PRIV, [1, -1])
+
+
+def test_log_linear_fit_tempers_an_overconfident_member() -> None:
+    # Member A says [0.9, 0.1] on every face but only 3 faces in 4 are class 0. The likelihood is best when
+    # the pooled P(class 0) = 0.9^w / (0.9^w + 0.1^w) equals 3/4: w = log 3 / log 9 = 0.5.
+    # Member B is uniform (log P constant over classes: it cannot move the output) and gets weight 0;
+    # a copy of A shares A's weight evenly (the optimum only fixes their sum).
+    labels = np.array([0, 0, 0, 1] * 5)
+    a = np.tile([0.9, 0.1], (20, 1))
+    b = np.full((20, 2), 0.5)
+    w = fit_ensemble("log_linear", np.stack([a, b]), labels)
+    assert w.method == w.combiner == "log_linear"
+    assert w.member_weights == pytest.approx([0.5, 0.0], abs=1e-5)
+    assert apply_ensemble(w, np.stack([a, b]))[0] == pytest.approx([0.75, 0.25], abs=1e-5)
+    assert w.public_accuracy == pytest.approx(0.75)
+    twins = fit_ensemble("geometric", np.stack([a, a]), labels)
+    assert twins.member_weights == pytest.approx([0.25, 0.25], abs=1e-5)
+
+
 def test_method_names_and_weights_json_round_trip() -> None:
     assert canonical_method("majority_vote") == "vote" and canonical_method("Accuracy-Weighted") == "accuracy_weighted"
     with pytest.raises(ValueError, match="unknown ensemble method"):
-        canonical_method("stacking")
+        canonical_method("boosting")
     for method in METHODS:
         w = fit_ensemble(method, PUB, PUB_LABELS)
         again = EnsembleWeights.from_json(json.loads(json.dumps(w.to_json())))
@@ -330,7 +361,7 @@ def test_cli_record_writes_and_replaces_rows(prediction_files: list[Path], tmp_p
     assert runner.invoke(app, [*base, "--method", "mean", "--record", "other"]).exit_code == 0
     rows = {r["name"]: r for r in read_records(records)}
     assert set(rows) == {f"pair/{m}" for m in ("mean", "accuracy_weighted", "class_weighted", "vote",
-                                                "greedy(mean)")} | {"other/mean"}
+                                                "greedy(mean)", "log_linear")} | {"other/mean"}
     aw = rows["pair/accuracy_weighted"]
     assert list(aw) == list(ENSEMBLES_COLUMNS)
     assert aw["members"] == "alpha;beta" and aw["public_test"] == "0.7500" and aw["private_test"] == "1.0000"

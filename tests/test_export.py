@@ -159,7 +159,7 @@ def test_other_input_size_and_normalization_parity(tmp_path: Path) -> None:
     assert _parity(model, meta, path) <= 1e-4
 
 
-@pytest.mark.parametrize("method", ["accuracy_weighted", "class_weighted", "vote"])
+@pytest.mark.parametrize("method", ["accuracy_weighted", "class_weighted", "vote", "log_linear"])
 def test_saved_ensemble_parity(tmp_path: Path, method: str) -> None:
     members = []
     for seed in range(2):

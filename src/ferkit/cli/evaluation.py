@@ -136,8 +136,10 @@ Methods: mean (average of the members' probabilities); accuracy_weighted
 (member m's class-c column scaled by its PublicTest precision for class c,
 then renormalized); vote (majority of argmax votes, ties broken by summed
 probability); greedy (forward selection, with replacement, of the members
-whose average is most accurate on PublicTest); all (a table of every
-method, the default). Weights are always fitted on PublicTest; PrivateTest
+whose average is most accurate on PublicTest); log_linear (a weighted
+geometric mean: one non-negative exponent per member, fitted to the
+PublicTest likelihood, so near-duplicates share weight and over-confident
+members are tempered); all (a table of every method, the default). Weights are always fitted on PublicTest; PrivateTest
 is the held-out score.
 
 --from-predictions reads results/predictions/*.npz (from `ferkit
@@ -164,7 +166,7 @@ def ensemble(
     data: Annotated[str | None, typer.Option(
         help="FER2013 CSV (.csv or .csv.gz) to run the members on (--weights / --snapshots).")] = None,
     method: Annotated[str, typer.Option(
-        help="mean | accuracy_weighted | class_weighted | vote | greedy | all.")] = "all",
+        help="mean | accuracy_weighted | class_weighted | vote | greedy | log_linear | all.")] = "all",
     tta: Annotated[str, typer.Option(
         help="Test-time augmentation when running models: none | flip | tencrop.")] = "none",
     label_set: Annotated[str | None, typer.Option(

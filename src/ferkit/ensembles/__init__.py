@@ -1,6 +1,6 @@
 """Decision-level ensembles: combine members' class probabilities (fitted on PublicTest, reported on PrivateTest).
 
-combine      pure-numpy combiners, fit_ensemble / apply_ensemble, greedy forward selection
+combine      numpy combiners, fit_ensemble / apply_ensemble, greedy forward selection, log-linear pooling
 predictions  ensembles of saved results/predictions/*.npz files (no model runs), the methods table
 members      members from weights files or a run's snapshots (runs the models on both test splits)
 artifact     one .safetensors file holding a whole ensemble, loadable like a single model
@@ -18,6 +18,7 @@ from ferkit.ensembles.combine import (
     class_weighted,
     fit_ensemble,
     greedy_selection,
+    log_linear,
     majority_vote,
     mean,
     member_accuracies,
@@ -36,7 +37,8 @@ from ferkit.ensembles.predictions import (
 )
 
 __all__ = ["EnsembleModel", "EnsembleReport", "EnsembleWeights", "METHODS", "MemberSet", "accuracy_weighted",
-           "apply_ensemble", "canonical_method", "class_weighted", "evaluate_methods", "fit_ensemble", "format_table",
-           "greedy_selection", "is_ensemble_file", "load_ensemble", "load_prediction_files", "majority_vote", "mean",
-           "member_accuracies", "member_classes", "per_class_precision", "plot_members_vs_ensemble", "predict_members",
-           "save_ensemble", "save_member_predictions", "save_prediction_file", "snapshot_members"]
+           "apply_ensemble", "canonical_method", "class_weighted", "evaluate_methods", "fit_ensemble",
+           "format_table", "greedy_selection", "is_ensemble_file", "load_ensemble", "load_prediction_files",
+           "log_linear", "majority_vote", "mean", "member_accuracies", "member_classes", "per_class_precision",
+           "plot_members_vs_ensemble", "predict_members", "save_ensemble", "save_member_predictions",
+           "save_prediction_file", "snapshot_members"]

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ferkit.ensembles.combine import EnsembleWeights, vote_tie_eps
+from ferkit.ensembles.combine import LOG_FLOOR, EnsembleWeights, vote_tie_eps
 from ferkit.models.registry import create_model, get_spec
 from ferkit.models.weights import read_metadata
 
@@ -80,6 +80,9 @@ class EnsembleModel(nn.Module):
             eps = vote_tie_eps(self.ensemble_weights.member_weights)
             votes = torch.einsum("m,mbc->bc", wn, F.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype))
             return (votes + eps * mean) / (1.0 + eps)
+        if combiner == "log_linear":
+            logits = torch.einsum("m,mbc->bc", w, probs.clamp_min(LOG_FLOOR).log())
+            return logits.softmax(-1)
         raise ValueError(f"unknown combiner {combiner!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,13 @@ greedy  (forward selection, Caruana et al. 2004)
     selected multiset: mean -> w_m = k_m / sum k, accuracy_weighted -> w_m ∝ k_m * a_m,
     class_weighted -> W[m, c] = k_m * prec_m(c), vote -> k_m votes (k_m = times member m was chosen;
     unselected members get weight 0).
+log_linear  (log-linear pooling: a weighted geometric mean, i.e. stacking with one weight per member)
+    P_out[n, c] = exp(sum_m w_m log P[m, n, c]) / sum_c' exp(sum_m w_m log P[m, n, c'])  with w_m >= 0
+    fitted to minimize the PublicTest negative log-likelihood of P_out (convex in w; L-BFGS-B from w = 0).
+    Unlike accuracy weighting it learns what each member adds beyond the others: near-duplicate members
+    share one weight, a member no better than chance gets 0, and sum_m w_m acts as an inverse temperature
+    (an over-confident member is tempered, w < 1). Probabilities are floored at LOG_FLOOR before the log so
+    one member's exact 0 cannot veto a class.
 """
 
 from __future__ import annotations
@@ -49,14 +56,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-METHODS: tuple[str, ...] = ("mean", "accuracy_weighted", "class_weighted", "vote", "greedy")
-COMBINERS: tuple[str, ...] = ("mean", "accuracy_weighted", "class_weighted", "vote")
-ALIASES = {"average": "mean", "majority_vote": "vote", "majority": "vote", "forward_selection": "greedy"}
+METHODS: tuple[str, ...] = ("mean", "accuracy_weighted", "class_weighted", "vote", "greedy", "log_linear")
+COMBINERS: tuple[str, ...] = ("mean", "accuracy_weighted", "class_weighted", "vote")  # what greedy can select with
+ALIASES = {"average": "mean", "majority_vote": "vote", "majority": "vote", "forward_selection": "greedy",
+           "geometric": "log_linear"}
 VOTE_TIE_EPS = 1e-3  # the largest tie-break weight; see vote_tie_eps()
+LOG_FLOOR = 1e-6  # log_linear: probabilities below this count as this (an exact 0 would be log 0 = -inf)
 
 
 def canonical_method(name: str) -> str:
-    """'mean' | 'accuracy_weighted' | 'class_weighted' | 'vote' | 'greedy' (aliases: majority_vote, average)."""
+    """One of METHODS (aliases: average, majority_vote, forward_selection, geometric)."""
     key = name.strip().lower().replace("-", "_")
     key = ALIASES.get(key, key)
     if key not in METHODS:
@@ -198,6 +207,54 @@ def majority_vote(probs: npt.ArrayLike, weights: npt.ArrayLike | None = None) ->
     return (votes + eps * summed) / (1.0 + eps)
 
 
+def member_log_probs(probs: npt.ArrayLike) -> np.ndarray:
+    """(M, N, C) log of the members' probabilities, floored at LOG_FLOOR (the log_linear features)."""
+    return np.log(np.maximum(check_probs(probs), LOG_FLOOR))
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def log_linear(probs: npt.ArrayLike, weights: npt.ArrayLike) -> np.ndarray:
+    """Log-linear pooling: softmax_c(sum_m w_m log P[m, n, c]) (all-zero weights give the uniform distribution)."""
+    log_p = member_log_probs(probs)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (log_p.shape[0],) or np.any(w < 0):
+        raise ValueError(f"log-linear weights must be {log_p.shape[0]} non-negative numbers, got {w}")
+    return _softmax(np.tensordot(w, log_p, axes=1))
+
+
+def log_linear_weights(probs: npt.ArrayLike, labels: npt.ArrayLike) -> np.ndarray:
+    """(M,) w >= 0 minimizing the negative log-likelihood of log_linear(probs, w) on (probs, labels).
+
+    The objective is convex in w (a multinomial logistic regression whose features are the members' log
+    probabilities, without intercept), so the bounded L-BFGS-B optimum from w = 0 is the global one up to
+    ties between identical members (which then split their weight evenly, by symmetry).
+    """
+    from scipy.optimize import minimize  # only this method needs scipy; keep importing the module cheap
+
+    log_p = member_log_probs(probs)
+    y = _check_labels(labels, log_p)
+    if not len(y):
+        return np.zeros(log_p.shape[0])
+    true_log_p = log_p[:, np.arange(len(y)), y]  # (M, N)
+
+    def nll_and_grad(w: np.ndarray) -> tuple[float, np.ndarray]:
+        logits = np.tensordot(w, log_p, axes=1)  # (N, C)
+        top = logits.max(axis=1, keepdims=True)
+        log_norm = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+        p_out = np.exp(logits - log_norm[:, None])
+        nll = float(np.mean(log_norm - logits[np.arange(len(y)), y]))
+        expected = np.einsum("nc,mnc->mn", p_out, log_p)  # E_{c ~ P_out}[log P[m, n, c]]
+        return nll, (expected - true_log_p).mean(axis=1)
+
+    result = minimize(nll_and_grad, np.zeros(log_p.shape[0]), jac=True, method="L-BFGS-B",
+                      bounds=[(0.0, None)] * log_p.shape[0], options={"maxiter": 1000, "ftol": 1e-12, "gtol": 1e-8})
+    return np.maximum(result.x, 0.0)
+
+
 # ---- fitted ensembles -----------------------------------------------------------------------------------
 
 
@@ -208,8 +265,9 @@ class EnsembleWeights:
     method: what was fitted ('mean', 'accuracy_weighted', 'class_weighted', 'vote', 'greedy').
     combiner: the rule apply_ensemble uses: method itself, or for greedy the rule its selection used.
     member_weights: (M,) weights (mean/accuracy_weighted: sum to 1; vote: votes per member; class_weighted:
-        multiplicity / total, used only for faces whose class-weighted scores are all zero). A member with
-        weight 0 does not influence the output.
+        multiplicity / total, used only for faces whose class-weighted scores are all zero; log_linear: the
+        exponents w_m, not normalized: their sum is an inverse temperature). A member with weight 0 does not
+        influence the output.
     class_weights: (M, C) per-member per-class weights for the class_weighted combiner, else None.
     selected: greedy only: the chosen member indices in selection order (a repeat = chosen again).
     public_accuracy: the combined PublicTest accuracy at fit time (what greedy maximized).
@@ -283,6 +341,8 @@ def apply_ensemble(weights: EnsembleWeights, probs: npt.ArrayLike) -> np.ndarray
         return class_weighted(p, weights.class_weights, weights.member_weights)
     if weights.combiner == "vote":
         return majority_vote(p, weights.member_weights)
+    if weights.combiner == "log_linear":
+        return log_linear(p, weights.member_weights)
     raise ValueError(f"unknown combiner {weights.combiner!r}")
 
 
@@ -344,6 +404,7 @@ def fit_ensemble(method: str, public_probs: npt.ArrayLike, public_labels: npt.Ar
     y = _check_labels(public_labels, p)
     if method == "greedy":
         return greedy_selection(p, y, combiner, max_members=max_members, replacement=replacement)
-    fitted = _fit_combiner(method, p, y, np.ones(p.shape[0]))
+    fitted = (EnsembleWeights(method, method, log_linear_weights(p, y)) if method == "log_linear"
+              else _fit_combiner(method, p, y, np.ones(p.shape[0])))
     fitted.public_accuracy = accuracy(apply_ensemble(fitted, p), y)
     return fitted
