@@ -1,4 +1,5 @@
-"""Decision-level ensembles in plain numpy: combine member class probabilities P of shape (M, N, C).
+"""Decision-level ensembles: combine member class probabilities P of shape (M, N, C), in numpy (and scipy's
+L-BFGS-B to fit log_linear).
 
 M members, N faces, C classes; P[m] is member m's (N, C) probability matrix (rows sum to 1).
 
@@ -262,7 +263,7 @@ def log_linear_weights(probs: npt.ArrayLike, labels: npt.ArrayLike) -> np.ndarra
 class EnsembleWeights:
     """A fitted ensemble: how to combine M members' probabilities.
 
-    method: what was fitted ('mean', 'accuracy_weighted', 'class_weighted', 'vote', 'greedy').
+    method: what was fitted (one of METHODS).
     combiner: the rule apply_ensemble uses: method itself, or for greedy the rule its selection used.
     member_weights: (M,) weights (mean/accuracy_weighted: sum to 1; vote: votes per member; class_weighted:
         multiplicity / total, used only for faces whose class-weighted scores are all zero; log_linear: the
