@@ -139,8 +139,8 @@ probability); greedy (forward selection, with replacement, of the members
 whose average is most accurate on PublicTest); log_linear (a weighted
 geometric mean: one non-negative exponent per member, fitted to the
 PublicTest likelihood, so near-duplicates share weight and over-confident
-members are tempered); all (a table of every method, the default). Weights are always fitted on PublicTest; PrivateTest
-is the held-out score.
+members are tempered); all (a table of every method, the default).
+Weights are always fitted on PublicTest; PrivateTest is the held-out score.
 
 --from-predictions reads results/predictions/*.npz (from `ferkit
 reproduce`) and runs no model. --weights / --snapshots run every member on

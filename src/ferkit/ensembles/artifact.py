@@ -67,9 +67,11 @@ class EnsembleModel(nn.Module):
     def combine(self, probs: torch.Tensor) -> torch.Tensor:
         """The torch twin of combine.apply_ensemble on (M, B, C) probabilities -> (B, C)."""
         w = self.member_weights.to(probs.device)
+        combiner = self.ensemble_weights.combiner
+        if combiner == "log_linear":  # its exponents are not normalized (their sum is an inverse temperature)
+            return torch.einsum("m,mbc->bc", w, probs.clamp_min(LOG_FLOOR).log()).softmax(-1)
         wn = w / w.sum()
         mean = torch.einsum("m,mbc->bc", wn, probs)
-        combiner = self.ensemble_weights.combiner
         if combiner in ("mean", "accuracy_weighted"):
             return mean
         if combiner == "class_weighted":
@@ -80,9 +82,6 @@ class EnsembleModel(nn.Module):
             eps = vote_tie_eps(self.ensemble_weights.member_weights)
             votes = torch.einsum("m,mbc->bc", wn, F.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype))
             return (votes + eps * mean) / (1.0 + eps)
-        if combiner == "log_linear":
-            logits = torch.einsum("m,mbc->bc", w, probs.clamp_min(LOG_FLOOR).log())
-            return logits.softmax(-1)
         raise ValueError(f"unknown combiner {combiner!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

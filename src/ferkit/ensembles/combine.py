@@ -234,7 +234,9 @@ def log_linear_weights(probs: npt.ArrayLike, labels: npt.ArrayLike) -> np.ndarra
     probabilities, without intercept), so the bounded L-BFGS-B optimum from w = 0 is the global one up to
     ties between identical members (which then split their weight evenly, by symmetry).
     """
-    from scipy.optimize import minimize  # only this method needs scipy; keep importing the module cheap
+    # Only fitting this method needs scipy; importing it here keeps `import ferkit` and apply_ensemble cheap.
+    from scipy.optimize import minimize
+    from scipy.special import logsumexp
 
     log_p = member_log_probs(probs)
     y = _check_labels(labels, log_p)
@@ -244,8 +246,7 @@ def log_linear_weights(probs: npt.ArrayLike, labels: npt.ArrayLike) -> np.ndarra
 
     def nll_and_grad(w: np.ndarray) -> tuple[float, np.ndarray]:
         logits = np.tensordot(w, log_p, axes=1)  # (N, C)
-        top = logits.max(axis=1, keepdims=True)
-        log_norm = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+        log_norm = logsumexp(logits, axis=1)
         p_out = np.exp(logits - log_norm[:, None])
         nll = float(np.mean(log_norm - logits[np.arange(len(y)), y]))
         expected = np.einsum("nc,mnc->mn", p_out, log_p)  # E_{c ~ P_out}[log P[m, n, c]]
