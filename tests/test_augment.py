@@ -10,8 +10,10 @@ from ferkit.data.augment import (
     FER2013_STD,
     AugmentConfig,
     augment,
+    center_crop,
     normalize,
     random_affine,
+    random_crop,
     random_erasing,
     resize,
     ten_crop,
@@ -84,6 +86,48 @@ def test_ten_crop_shape_and_centre(batch: torch.Tensor) -> None:
     assert ten_crop(batch, 48).shape == (10, 4, 1, 48, 48)
     with pytest.raises(ValueError, match="larger than the image"):
         ten_crop(batch, 49)
+
+
+def test_random_crop_cuts_whole_pixel_windows_at_random_offsets(batch: torch.Tensor) -> None:
+    size = 40
+    out = random_crop(batch, size, gen(3))
+    assert out.shape == (4, 1, size, size)
+    offsets = []
+    for img, crop in zip(batch, out, strict=True):
+        # Each crop is exactly one window of its own image (no interpolation); find where.
+        found = [(r, c) for r in range(48 - size + 1) for c in range(48 - size + 1)
+                 if torch.equal(img[..., r:r + size, c:c + size], crop)]
+        assert len(found) == 1
+        offsets.append(found[0])
+    assert len(set(offsets)) > 1  # offsets differ between images
+    assert torch.equal(random_crop(batch, size, gen(3)), out)  # the generator decides them
+    two_channel = torch.cat([batch, 1 - batch], dim=1)
+    both = random_crop(two_channel, size, gen(3))
+    assert torch.equal(both[:, :1], out) and torch.equal(both[:, 1:], 1 - out)  # one window for all channels
+    assert torch.equal(random_crop(batch, 48, gen(3)), batch)
+    with pytest.raises(ValueError, match="larger than the image"):
+        random_crop(batch, 49, gen(3))
+
+
+def test_augment_crops_after_the_warp_and_erases_inside_the_crop(batch: torch.Tensor) -> None:
+    cfg = AugmentConfig.off()
+    assert torch.equal(augment(batch, cfg, gen(5), crop=40), random_crop(batch, 40, gen(5)))
+    cfg.hflip = 1.0  # always flip: warp then crop == crop of the warped batch
+    g = gen(5)
+    expected = random_crop(random_affine(batch, cfg, g), 40, g)
+    assert torch.allclose(augment(batch, cfg, gen(5), crop=40), expected)
+    cfg = AugmentConfig.off()
+    cfg.erasing = 1.0
+    g = gen(5)
+    expected = random_erasing(random_crop(batch, 40, g), cfg, g)
+    assert torch.equal(augment(batch, cfg, gen(5), crop=40), expected)
+
+
+def test_center_crop_is_ten_crops_centre(batch: torch.Tensor) -> None:
+    assert torch.equal(center_crop(batch, 40), ten_crop(batch, 40)[4])
+    assert center_crop(batch, 40).shape == (4, 1, 40, 40)
+    with pytest.raises(ValueError, match="larger than the image"):
+        center_crop(batch, 50)
 
 
 def test_normalize_modes(batch: torch.Tensor) -> None:

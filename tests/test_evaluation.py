@@ -201,7 +201,7 @@ def test_evaluate_tta_and_bf16(tiny_csv: Path, loaded: tuple) -> None:
     model, meta = loaded
     data = load_dataset(str(tiny_csv), "fer7")
     few = data.subset(np.flatnonzero(data.usage == "PublicTest")[:4])  # ten-crop is 10 forward passes
-    for tta in ("flip", "tencrop"):
+    for tta in ("flip", "tencrop", "center"):
         r = evaluate(model, meta, few, "val", tta=tta, precision="fp32", device="cpu")
         assert r.probs.shape == (4, 7) and r.tta == tta
         np.testing.assert_allclose(r.probs.sum(axis=1), 1.0, atol=1e-5)

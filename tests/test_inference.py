@@ -278,7 +278,8 @@ def test_classify_faces_one_and_a_batch_of_any_size(rec: Recognizer, sample_bgr:
     assert rec.classify_faces([]) == []
 
 
-@pytest.mark.parametrize("tta, mode", [(False, "none"), (True, "flip"), ("flip", "flip"), ("tencrop", "tencrop")])
+@pytest.mark.parametrize("tta, mode", [(False, "none"), (True, "flip"), ("flip", "flip"), ("tencrop", "tencrop"),
+                                       ("center", "center")])
 def test_tta_modes(weights: Path, tta: bool | str, mode: str) -> None:
     r = Recognizer(model=weights, device="cpu", tta=tta)
     assert r.tta == mode

@@ -191,3 +191,19 @@ def test_weights_arguments_resolve_shipped_names(tmp_path: Path, monkeypatch: py
     assert resolve_weights(Path("default")) == Path("default")
     with pytest.raises(ValueError, match="no shipped model called 'tiny'"):
         shipped_weights_path("tiny")
+
+
+def test_crop_views_feed_input_size_windows_of_larger_faces() -> None:
+    from ferkit.data.augment import center_crop, ten_crop
+    from ferkit.models.predict import predict_proba, preprocess
+
+    model = create_model("sixclass_cnn4", num_classes=6).eval()
+    faces = torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    larger = preprocess(faces, 58, "dataset")  # crop views cut 48-pixel windows from faces at 48 * 48 / 40
+    with torch.no_grad():
+        centre = model(center_crop(larger, 48)).softmax(-1).numpy()
+        ten = torch.stack([model(v).softmax(-1) for v in ten_crop(larger, 48)]).mean(0).numpy()
+    assert torch.allclose(torch.from_numpy(predict_proba(model, faces, input_size=48, tta="center")),
+                          torch.from_numpy(centre), atol=1e-5)
+    assert torch.allclose(torch.from_numpy(predict_proba(model, faces, input_size=48, tta="tencrop")),
+                          torch.from_numpy(ten), atol=1e-5)

@@ -88,11 +88,38 @@ def test_resume_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("option", [
     dict(optimizer="adamw", lr=1e-3), dict(optimizer="rmsprop", lr=1e-3), dict(optimizer="sgd", nesterov=False),
     dict(class_weights="balanced", label_smoothing=0.1, grad_clip=1.0), dict(schedule="none"),
-    dict(precision="bf16", channels_last=True), dict(normalize="per_image"),
+    dict(precision="bf16", channels_last=True), dict(normalize="per_image"), dict(train_view="crop"),
 ])
 def test_training_options_run(tiny_csv: Path, tmp_path: Path, option: dict) -> None:
     result = train(small_config(tiny_csv, tmp_path, epochs=1, **option))
     assert np.isfinite(result.history[0]["train_loss"])
+
+
+def test_crop_view_trains_on_crops_and_selects_on_the_centre_crop(tiny_csv: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import ferkit.training.trainer as trainer
+
+    seen_sizes, val_modes = set(), set()
+    real_augment, real_predict = trainer.augment, trainer.predict_proba
+
+    def spy_augment(x, cfg, gen, crop=0):
+        seen_sizes.add((x.shape[-1], crop))
+        return real_augment(x, cfg, gen, crop=crop)
+
+    def spy_predict(*args, **kw):
+        val_modes.add(kw.get("tta"))
+        return real_predict(*args, **kw)
+
+    monkeypatch.setattr(trainer, "augment", spy_augment)
+    monkeypatch.setattr(trainer, "predict_proba", spy_predict)
+    train(small_config(tiny_csv, tmp_path / "crop", epochs=1, train_view="crop"))
+    assert seen_sizes == {(58, 48)} and val_modes == {"center"}  # 48-pixel crops of faces at 58 = 48 * 48 / 40
+    seen_sizes.clear()
+    val_modes.clear()
+    train(small_config(tiny_csv, tmp_path / "resize", epochs=1))
+    assert seen_sizes == {(48, 0)} and val_modes == {"none"}
+    with pytest.raises(ValueError, match="train_view"):
+        small_config(tiny_csv, tmp_path, train_view="tencrop").validate()
 
 
 def test_early_stopping_and_snapshots(tiny_csv: Path, tmp_path: Path) -> None:

@@ -91,9 +91,12 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("khaireddin_vgg", "Khaireddin & Chen 2021 VGG", "khaireddin_vgg", 0.7328,
            ("optimizer=sgd", "lr=0.01", "momentum=0.9", "nesterov=true", "weight_decay=1e-4", "schedule=plateau",
             "plateau_factor=0.75", "plateau_patience=5", "batch_size=64", "epochs=300",
-            "augment.crop_scale=[0.8,1.2]", "augment.rotation=10", "augment.translate=0.2",
-            "augment.erasing=0.5"),
-           "40x40 input; ten-crop TTA at evaluation as published.", tta="tencrop"),
+            "augment.crop_scale=[0.8,1.2]", "augment.crop_ratio=[0.75,1.3333]", "augment.rotation=10",
+            "augment.translate=0.2", "augment.erasing=0.5", "augment.erasing_scale=[0.02,0.33]", "train_view=crop"),
+           "Trains on random 40x40 crops of the augmented 48x48 faces (their code trains on all ten crops of each "
+           "face at once; one random crop per face per step here), selects on the centre crop, reports ten-crop "
+           "TTA as published. Their augmentation: random resized crop 0.8-1.2 (torchvision's 3:4-4:3 ratios), "
+           "shifts 0.2, flips, rotation 10, erasing p 0.5 (scale 0.02-0.33).", tta="tencrop"),
 ]}
 
 

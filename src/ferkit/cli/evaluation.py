@@ -39,7 +39,7 @@ def evaluate(
         help=WEIGHTS_HELP)] = None,
     split: Annotated[str, typer.Option(
         help="Training | PublicTest | PrivateTest (or train / val / test).")] = "PrivateTest",
-    tta: Annotated[str, typer.Option(help="Test-time augmentation: none | flip | tencrop.")] = "none",
+    tta: Annotated[str, typer.Option(help="Test-time augmentation: none | flip | tencrop | center.")] = "none",
     json_output: Annotated[bool, typer.Option("--json", help="Print only a JSON object on stdout.")] = False,
     save_probs: Annotated[Path | None, typer.Option(
         help="Write class probabilities, labels and row indices to this .npz file.")] = None,
@@ -168,7 +168,7 @@ def ensemble(
     method: Annotated[str, typer.Option(
         help="mean | accuracy_weighted | class_weighted | vote | greedy | log_linear | all.")] = "all",
     tta: Annotated[str, typer.Option(
-        help="Test-time augmentation when running models: none | flip | tencrop.")] = "none",
+        help="Test-time augmentation when running models: none | flip | tencrop | center.")] = "none",
     label_set: Annotated[str | None, typer.Option(
         help="Keep only the members that predict this label set (fer7 | fer6) and say which were left out; "
              "lets one glob over results/predictions/ hold both.")] = None,

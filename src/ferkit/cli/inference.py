@@ -121,7 +121,7 @@ def predict(
     detector: Annotated[str, typer.Option(help="Face detector: retinaface | haar | none.")] = "retinaface",
     weights: Annotated[Path | None, typer.Option(
         help=WEIGHTS_HELP)] = None,
-    tta: Annotated[str, typer.Option(help="Test-time augmentation: none | flip | tencrop.")] = "none",
+    tta: Annotated[str, typer.Option(help="Test-time augmentation: none | flip | tencrop | center.")] = "none",
     min_face_score: Annotated[float, typer.Option(help="Ignore faces the detector is less sure of.")] = 0.0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "torch",
@@ -153,7 +153,7 @@ def demo(
     detector: Annotated[str, typer.Option(help="Face detector: retinaface | haar | none.")] = "retinaface",
     weights: Annotated[Path | None, typer.Option(
         help=WEIGHTS_HELP)] = None,
-    tta: Annotated[str, typer.Option(help="Test-time augmentation: none | flip | tencrop.")] = "none",
+    tta: Annotated[str, typer.Option(help="Test-time augmentation: none | flip | tencrop | center.")] = "none",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
 ) -> None:
     """Run the recognizer on the bundled sample photo and write the annotated result."""

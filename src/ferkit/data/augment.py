@@ -117,11 +117,35 @@ def random_erasing(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generat
     return torch.where(mask.unsqueeze(1).to(x.device), noise.to(x.device), x)
 
 
-def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Apply the configured augmentations to a float batch (B, 1, H, W) in [0, 1]."""
+def random_crop(x: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A size x size window of each image at a uniformly random whole-pixel offset: (B, C, H, W) -> (B, C, size, size).
+
+    The training view of ten-crop recipes (Khaireddin & Chen train on 40-pixel crops of 48-pixel faces): the
+    crop keeps the face's scale, so the ten crops at test time show faces at the scale seen in training.
+    """
+    b, _, h, w = x.shape
+    if size > min(h, w):
+        raise ValueError(f"crop size {size} is larger than the image {h}x{w}")
+    offsets = torch.arange(size)
+    rows = (torch.randint(0, h - size + 1, (b, 1), generator=generator) + offsets).to(x.device)
+    cols = (torch.randint(0, w - size + 1, (b, 1), generator=generator) + offsets).to(x.device)
+    batch = torch.arange(b, device=x.device).view(b, 1, 1)
+    # Channels last for the gather, so the three index tensors are adjacent and their (B, size, size) shape leads.
+    return x.permute(0, 2, 3, 1)[batch, rows.view(b, size, 1), cols.view(b, 1, size)].permute(0, 3, 1, 2)
+
+
+def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None,
+            crop: int = 0) -> torch.Tensor:
+    """Apply the configured augmentations to a float batch (B, 1, H, W) in [0, 1].
+
+    crop: when > 0, cut a random crop x crop window out of each warped image (`random_crop`) before random
+    erasing, which then falls inside the crop, as in a ten-crop recipe that erases each crop.
+    """
     geometric = (cfg.crop_scale != (1.0, 1.0) or cfg.rotation > 0 or cfg.translate > 0 or cfg.hflip > 0)
     if geometric:
         x = random_affine(x, cfg, generator)
+    if crop:
+        x = random_crop(x, crop, generator)
     if cfg.erasing > 0:
         x = random_erasing(x, cfg, generator)
     return x
@@ -131,12 +155,22 @@ def hflip(x: torch.Tensor) -> torch.Tensor:
     return x.flip(-1)
 
 
-def ten_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Four corners + centre, and their mirror images: (B, 1, H, W) -> (10, B, 1, size, size)."""
+def _crop_corners(x: torch.Tensor, size: int) -> tuple[int, int, int, int]:
     h, w = x.shape[-2:]
     if size > min(h, w):
-        raise ValueError(f"ten-crop size {size} is larger than the image {h}x{w}")
-    c0, c1 = (h - size) // 2, (w - size) // 2
+        raise ValueError(f"crop size {size} is larger than the image {h}x{w}")
+    return h, w, (h - size) // 2, (w - size) // 2
+
+
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The central size x size window: (B, 1, H, W) -> (B, 1, size, size); ten-crop's fifth view."""
+    _, _, c0, c1 = _crop_corners(x, size)
+    return x[..., c0:c0 + size, c1:c1 + size]
+
+
+def ten_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Four corners + centre, and their mirror images: (B, 1, H, W) -> (10, B, 1, size, size)."""
+    h, w, c0, c1 = _crop_corners(x, size)
     corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size), (c0, c1)]
     crops = [x[..., r:r + size, c:c + size] for r, c in corners]
     return torch.stack(crops + [hflip(c) for c in crops])

@@ -111,7 +111,7 @@ def evaluate(model: nn.Module, meta: dict[str, Any], data: FaceData, split: str 
 
     meta: the weights metadata from `load_model` (classes, label_set, input_size, normalize, model).
     split: 'Training', 'PublicTest', 'PrivateTest' or an alias ('train', 'val', 'test').
-    tta: 'none', 'flip' (average with the mirror image) or 'tencrop'.
+    tta: 'none', 'flip' (average with the mirror image), 'tencrop' or 'center' (see models.predict.TTA_MODES).
     device: 'auto' | 'cpu' | 'cuda[:N]'; the model is moved there. precision: 'auto' (bf16 autocast on CPU,
     bf16/fp16 on CUDA) | 'fp32' | 'bf16' | 'fp16'.
     weights_path: the weights file, only to record its sha256.

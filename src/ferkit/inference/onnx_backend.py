@@ -134,8 +134,8 @@ class OnnxClassifier:
     def predict_proba(self, images: Any, *, input_size: int, norm: str = "dataset", tta: str = "none",
                       batch_size: int = 256) -> np.ndarray:
         """(N, C) float32 probabilities for uint8 faces (N, H, W); the ONNX twin of models.predict.predict_proba."""
-        from ferkit.data.augment import hflip, ten_crop
-        from ferkit.models.predict import TTA_MODES, preprocess, tencrop_source_size
+        from ferkit.data.augment import center_crop, hflip, ten_crop
+        from ferkit.models.predict import CROP_MODES, TTA_MODES, preprocess, tencrop_source_size
 
         if tta not in TTA_MODES:
             raise ValueError(f"unknown TTA mode {tta!r}; choose one of {TTA_MODES}")
@@ -149,7 +149,7 @@ class OnnxClassifier:
                    for i in range(0, len(images), batch_size)]
             return np.concatenate(out) if out else np.zeros((0, len(self.meta.get("classes") or [])), np.float32)
         images = torch.as_tensor(images)
-        prep_size = tencrop_source_size(input_size) if tta == "tencrop" else input_size
+        prep_size = tencrop_source_size(input_size) if tta in CROP_MODES else input_size
         out = []
         for i in range(0, len(images), batch_size):
             x = preprocess(images[i:i + batch_size], prep_size, norm)
@@ -157,6 +157,8 @@ class OnnxClassifier:
                 views = x.unsqueeze(0)
             elif tta == "flip":
                 views = torch.stack([x, hflip(x)])
+            elif tta == "center":
+                views = center_crop(x, input_size).unsqueeze(0)
             else:
                 views = ten_crop(x, input_size)
             n, b = views.shape[:2]

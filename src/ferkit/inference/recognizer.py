@@ -29,14 +29,16 @@ BACKENDS = ("torch", "onnx")
 
 
 def resolve_tta(tta: bool | str | None) -> str:
-    """False / None / "none" -> "none"; True / "flip" -> "flip"; "tencrop" -> "tencrop"."""
+    """False / None / "none" -> "none"; True / "flip" -> "flip"; any other mode of TTA_MODES by its name."""
+    from ferkit.models.predict import TTA_MODES
+
     if tta is None or tta is False:
         return "none"
     if tta is True:
         return "flip"
-    if isinstance(tta, str) and tta.lower() in ("none", "flip", "tencrop"):
+    if isinstance(tta, str) and tta.lower() in TTA_MODES:
         return tta.lower()
-    raise ValueError(f"unknown tta {tta!r}; use False, True (flip), 'flip' or 'tencrop'")
+    raise ValueError(f"unknown tta {tta!r}; use False, True (flip) or one of {', '.join(repr(m) for m in TTA_MODES)}")
 
 
 def resolve_model(model: Any = "default", weights: str | os.PathLike | None = None,
@@ -81,7 +83,8 @@ class Recognizer:
     detector: "retinaface" (CNN, default), "haar" (OpenCV cascade, classical), "none" (the image is the face),
         or an object with ``.detect(rgb_image) -> list[Detection]``.
     device: "auto" (CUDA when available), "cpu", "cuda", "cuda:N".
-    tta: test-time augmentation: False, True (= "flip": average with the mirrored face) or "tencrop".
+    tta: test-time augmentation: False, True (= "flip": average with the mirrored face), "tencrop" or "center"
+        (for models trained on 40-pixel crops of 48-pixel faces, such as khaireddin_vgg).
     min_face_score: drop detections less confident than this (on top of the detector's own threshold).
     align: align faces on their landmarks when the detector gives them (see ferkit.inference.faces).
     precision: "fp32" (default, reproducible), "auto", "bf16" or "fp16" autocast for the emotion model.

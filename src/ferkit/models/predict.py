@@ -6,10 +6,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ferkit.data.augment import hflip, normalize, resize, ten_crop, to_float
+from ferkit.data.augment import center_crop, hflip, normalize, resize, ten_crop, to_float
 from ferkit.device import autocast
 
-TTA_MODES = ("none", "flip", "tencrop")
+# none: the whole face; flip: it and its mirror image; tencrop: the four corner and the centre input-size crops of
+# a face 48/40 larger, and their mirror images; center: that centre crop alone (one view, the scale a ten-crop-
+# trained model learnt on: how such a model is validated while it trains).
+TTA_MODES = ("none", "flip", "tencrop", "center")
+CROP_MODES = ("tencrop", "center")
 
 
 def preprocess(images: torch.Tensor, input_size: int, norm: str) -> torch.Tensor:
@@ -18,6 +22,7 @@ def preprocess(images: torch.Tensor, input_size: int, norm: str) -> torch.Tensor
 
 
 def tencrop_source_size(input_size: int) -> int:
+    """The face side that crop views (tencrop, center, training crops) cut input-size windows from: 48 for 40."""
     return round(input_size * 48 / 40)
 
 
@@ -33,6 +38,8 @@ def predict_batch(model: nn.Module, x: torch.Tensor, tta: str = "none", input_si
         views = torch.stack([x, hflip(x)])
     elif tta == "tencrop":
         views = ten_crop(x, input_size or x.shape[-1])
+    elif tta == "center":
+        views = center_crop(x, input_size or x.shape[-1]).unsqueeze(0)
     else:
         raise ValueError(f"unknown TTA mode {tta!r}; choose one of {TTA_MODES}")
     n, b = views.shape[:2]
@@ -48,9 +55,9 @@ def predict_proba(model: nn.Module, images: np.ndarray | torch.Tensor, *, input_
     was_training = model.training
     model.eval()
     images = torch.as_tensor(images)
-    # Ten-crop takes input-size crops from a face 48/40 times larger (40-pixel crops of 48-pixel faces,
+    # Crop views take input-size crops from a face 48/40 times larger (40-pixel crops of 48-pixel faces,
     # as in Khaireddin & Chen); other modes feed the whole face at the input size.
-    prep_size = tencrop_source_size(input_size) if tta == "tencrop" else input_size
+    prep_size = tencrop_source_size(input_size) if tta in CROP_MODES else input_size
     out = []
     for i in range(0, len(images), batch_size):
         x = preprocess(images[i:i + batch_size], prep_size, norm)

@@ -10,6 +10,7 @@ from typing import Any
 from ferkit.data.augment import AugmentConfig
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+TRAIN_VIEWS = ("resize", "crop")
 SCHEDULES = ("none", "step", "plateau", "cosine", "onecycle")
 # Settings that say how a run trains on this machine and for how long, not what it learns: a resumed run may
 # change them (more threads on a freer machine, a longer time limit to finish a run that used up its own).
@@ -56,6 +57,11 @@ class TrainConfig:
     init_weights: str = ""
 
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # What a training face looks like to the model. 'resize': the whole face at the model's input size.
+    # 'crop': a random input-size window of the face at 48/40 that size, cut after the geometric augmentation
+    # and before random erasing (Khaireddin & Chen train on 40-pixel crops of 48-pixel faces and test on ten
+    # crops); PublicTest selection then sees the centre crop (TTA mode 'center'), the scale the model learnt.
+    train_view: str = "resize"
     normalize: str = "dataset"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -118,6 +124,8 @@ class TrainConfig:
             raise ValueError(f"optimizer {self.optimizer!r} not in {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule {self.schedule!r} not in {SCHEDULES}")
+        if self.train_view not in TRAIN_VIEWS:
+            raise ValueError(f"train_view {self.train_view!r} not in {TRAIN_VIEWS}")
         if self.class_weights not in ("none", "balanced"):
             raise ValueError(f"class_weights {self.class_weights!r} must be 'none' or 'balanced'")
         if self.teacher and not (0.0 <= self.distill_weight <= 1.0 and self.distill_temperature > 0):

@@ -24,7 +24,7 @@ from ferkit.data import FaceData, file_sha256, load_dataset
 from ferkit.data.augment import augment, normalize, resize, to_float
 from ferkit.device import autocast, resolve_device, resolve_precision
 from ferkit.models import count_parameters, create_model
-from ferkit.models.predict import predict_proba
+from ferkit.models.predict import predict_proba, tencrop_source_size
 from ferkit.models.weights import load_model, save_weights
 from ferkit.shared_files import write_rows
 from ferkit.training.config import RESUME_SETTINGS, TrainConfig
@@ -116,6 +116,10 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
         model.fit_preprocessing(normalize(resize(to_float(train_images), input_size), cfg.normalize).to(device))
     if cfg.init_weights and state is None:
         _load_initial_weights(model, cfg, data.label_set.classes)
+    # Crop training cuts input-size windows out of larger faces and selects on the centre window (see TrainConfig).
+    crop = input_size if cfg.train_view == "crop" else 0
+    face_size = tencrop_source_size(input_size) if crop else input_size
+    val_tta = "center" if crop else "none"
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     class_weight = None
@@ -167,8 +171,9 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
                    disable=not cfg.progress, dynamic_ncols=True, leave=False)
         for b in bar:
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            x = resize(to_float(train_images[idx]), input_size)
-            x = normalize(augment(x, cfg.augment, gen), cfg.normalize).contiguous(memory_format=memory_format)
+            x = resize(to_float(train_images[idx]), face_size)
+            x = augment(x, cfg.augment, gen, crop=crop)
+            x = normalize(x, cfg.normalize).contiguous(memory_format=memory_format)
             y = train_labels[idx]
             with autocast(device, amp_dtype):
                 logits = model(x)
@@ -196,7 +201,8 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
         bar.close()
 
         # Validation on PublicTest (model selection only).
-        probs = predict_proba(model, val_set.images, input_size=input_size, norm=cfg.normalize, dtype=amp_dtype)
+        probs = predict_proba(model, val_set.images, input_size=input_size, norm=cfg.normalize, tta=val_tta,
+                              dtype=amp_dtype)
         val_acc = float((probs.argmax(1) == val_set.labels).mean())
         val_loss = float(-np.log(probs[np.arange(len(probs)), val_set.labels].clip(1e-12)).mean())
         if cfg.schedule == "plateau":
