@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ def test_reproduce_writes_row_predictions_and_manifest(tiny_csv: Path, tmp_path:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and set(SEEDS_COLUMNS) <= set(rows[0])
     assert rows[0]["registry_name"] == "sixclass_cnn4" and rows[0]["classes"] == "6"
+    assert rows[0]["epochs"] == rows[0]["planned_epochs"] == "1"
     assert rows[0]["command"].startswith("ferkit reproduce sixclass_cnn4") and "epochs=1" in rows[0]["command"]
     pred = np.load(results / "predictions" / "sixclass_cnn4.npz")
     # The 6-class label set drops disgust: 35 PublicTest faces of which 5 are disgust.
@@ -100,7 +102,11 @@ def test_report_refreshes_only_the_table_and_draws_the_figure(tmp_path: Path) ->
     write_report(results, doc, tmp_path / "fig.png", shipped=("ferkit_vgg_s", 0.68))
     text = doc.read_text()
     assert "intro stays" in text and "notes stay" in text and "old table" not in text
-    assert "| F-Riv model 3 | `frivas_cnn3` | 7 | 67.0% | 66.00% | **65.00%** | -2.0 ⚠ |" in text
+    assert "| F-Riv model 3 | `frivas_cnn3` | 7 | 67.0% | 66.00% | **65.00%** | -2.0 ⚠ | 50 | 90.0 |" in text
+    # A run cut short by its time limit shows the schedule it was cut from.
+    upsert_row(results / "seeds.csv", "frivas_cnn3", row | {"epochs": "40", "planned_epochs": "50"})
+    write_report(results, doc, tmp_path / "fig.png", shipped=("ferkit_vgg_s", 0.68))
+    assert "| -2.0 ⚠ | 40 of 50 | 90.0 |" in doc.read_text()
     assert (tmp_path / "fig.png").stat().st_size > 1000
 
 
@@ -137,6 +143,8 @@ def test_every_published_row_ships_its_manifest_and_predictions(row: dict[str, s
         assert (run / f).is_file(), f"{run / f} is missing"
     # Named by the row (the system), not the network: two rows may train one network (frivas_cnn1 and
     # frivas_cnn1_balanced), and `ferkit reproduce` writes results/predictions/<system>.npz.
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert (row["epochs"], row["planned_epochs"]) == (str(manifest["epochs_done"]), str(manifest["config"]["epochs"]))
     pred = np.load(REPO / "results" / "predictions" / f"{row['name']}.npz")
     assert pred["public_probs"].shape[1] == int(row["classes"])
     for split, column in (("public", "public_test"), ("private", "private_test")):

@@ -26,8 +26,10 @@ from ferkit.shared_files import locked, read_rows, write_rows, write_text
 from ferkit.training import RESUME_SETTINGS, TrainConfig, train
 from ferkit.training.report import hardware
 
+# epochs: epochs trained; planned_epochs: the recipe's schedule (more than `epochs` when early stopping or a time
+# limit ended the run).
 SEEDS_COLUMNS = ("system", "registry_name", "classes", "reported", "public_test", "private_test", "epochs",
-                 "train_minutes", "hardware", "command")
+                 "planned_epochs", "train_minutes", "hardware", "command")
 
 # Augmentation the papers either describe as "flips and shifts" or do not describe at all; recipes
 # that name stronger augmentation override it.
@@ -153,6 +155,7 @@ def reproduce(name: str, data: str | os.PathLike, *, runs_dir: str | os.PathLike
     row = {"system": recipe.system, "registry_name": recipe.model, "classes": str(len(pub.classes)),
            "reported": f"{recipe.reported:.4f}", "public_test": f"{pub.accuracy:.4f}",
            "private_test": f"{priv.accuracy:.4f}", "epochs": str(manifest["epochs_done"]),
+           "planned_epochs": str(manifest["config"]["epochs"]),
            "train_minutes": f"{manifest['train_seconds'] / 60:.1f}",
            "hardware": hw.get("cuda") or f"{hw.get('cpu', 'cpu')} x{hw['torch_threads']} threads",
            "command": recipe_command(name, extra)}
@@ -182,6 +185,12 @@ ENSEMBLES_START, ENSEMBLES_END = "<!-- ensembles-table:start -->", "<!-- ensembl
 FER_PACKAGE_ACCURACY = 0.66  # the `fer` package's published accuracy (its README), drawn as a reference line
 
 
+def epochs_label(row: dict[str, str]) -> str:
+    """'50', or '40 of 50' for a run that early stopping or a time limit ended before its schedule did."""
+    planned = row.get("planned_epochs") or row["epochs"]
+    return row["epochs"] if planned == row["epochs"] else f"{row['epochs']} of {planned}"
+
+
 def render_table(rows: list[dict[str, str]]) -> str:
     """Markdown table of results rows; PrivateTest is the headline, the gap is measured minus reported."""
     lines = ["| system | registry name | classes | reported | PublicTest | PrivateTest | gap (points) | epochs "
@@ -191,7 +200,7 @@ def render_table(rows: list[dict[str, str]]) -> str:
         mark = "" if gap >= -1.5 else " ⚠"
         lines.append(f"| {r['system']} | `{r['registry_name']}` | {r['classes']} | {float(r['reported']):.1%} | "
                      f"{float(r['public_test']):.2%} | **{float(r['private_test']):.2%}** | {gap:+.1f}{mark} | "
-                     f"{r['epochs']} | {r['train_minutes']} | {r['hardware']} |")
+                     f"{epochs_label(r)} | {r['train_minutes']} | {r['hardware']} |")
     return "\n".join(lines)
 
 

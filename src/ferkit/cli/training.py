@@ -154,7 +154,7 @@ def reproduce(
 ) -> None:
     """Retrain a published FER2013 system with its recipe and record its measured accuracy."""
     from ferkit.data import DataError
-    from ferkit.reproduce import RECIPES, write_report
+    from ferkit.reproduce import RECIPES, epochs_label, write_report
     from ferkit.reproduce import reproduce as run_reproduce
 
     if report:
@@ -168,7 +168,7 @@ def reproduce(
         measured = {row["name"]: row for row in read_rows(results / "seeds.csv")}
         for r in RECIPES.values():
             row = measured.get(r.name)
-            status = (f"measured {float(row['private_test']):.3f} ({row['epochs']} epochs)" if row
+            status = (f"measured {float(row['private_test']):.3f} ({epochs_label(row)} epochs)" if row
                       else "not run yet")
             typer.echo(f"{r.name:<22} reported {r.reported:.3f}  {status:<28} {r.system}")
             typer.echo(f"{'':<22} {' '.join(r.overrides)}" + (f"  tta={r.tta}" if r.tta != "none" else ""))
