@@ -123,9 +123,8 @@ def random_crop(x: torch.Tensor, size: int, generator: torch.Generator | None = 
     The training view of ten-crop recipes (Khaireddin & Chen train on 40-pixel crops of 48-pixel faces): the
     crop keeps the face's scale, so the ten crops at test time show faces at the scale seen in training.
     """
-    b, _, h, w = x.shape
-    if size > min(h, w):
-        raise ValueError(f"crop size {size} is larger than the image {h}x{w}")
+    b = x.shape[0]
+    h, w, _, _ = _crop_corners(x, size)
     offsets = torch.arange(size)
     rows = (torch.randint(0, h - size + 1, (b, 1), generator=generator) + offsets).to(x.device)
     cols = (torch.randint(0, w - size + 1, (b, 1), generator=generator) + offsets).to(x.device)

@@ -134,8 +134,7 @@ class OnnxClassifier:
     def predict_proba(self, images: Any, *, input_size: int, norm: str = "dataset", tta: str = "none",
                       batch_size: int = 256) -> np.ndarray:
         """(N, C) float32 probabilities for uint8 faces (N, H, W); the ONNX twin of models.predict.predict_proba."""
-        from ferkit.data.augment import center_crop, hflip, ten_crop
-        from ferkit.models.predict import CROP_MODES, TTA_MODES, preprocess, tencrop_source_size
+        from ferkit.models.predict import CROP_MODES, TTA_MODES, preprocess, tencrop_source_size, tta_views
 
         if tta not in TTA_MODES:
             raise ValueError(f"unknown TTA mode {tta!r}; choose one of {TTA_MODES}")
@@ -153,14 +152,7 @@ class OnnxClassifier:
         out = []
         for i in range(0, len(images), batch_size):
             x = preprocess(images[i:i + batch_size], prep_size, norm)
-            if tta == "none":
-                views = x.unsqueeze(0)
-            elif tta == "flip":
-                views = torch.stack([x, hflip(x)])
-            elif tta == "center":
-                views = center_crop(x, input_size).unsqueeze(0)
-            else:
-                views = ten_crop(x, input_size)
+            views = tta_views(x, tta, input_size)
             n, b = views.shape[:2]
             probs = self.run(views.flatten(0, 1).contiguous())
             out.append(probs.reshape(n, b, -1).mean(0))

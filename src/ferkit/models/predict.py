@@ -26,22 +26,27 @@ def tencrop_source_size(input_size: int) -> int:
     return round(input_size * 48 / 40)
 
 
+def tta_views(x: torch.Tensor, tta: str, input_size: int | None = None) -> torch.Tensor:
+    """The TTA views of a preprocessed batch (B, 1, S, S): (V, B, 1, input_size, input_size); one place for both
+    backends (models.predict and the ONNX backend)."""
+    size = input_size or x.shape[-1]
+    if tta == "none":
+        return x.unsqueeze(0)
+    if tta == "flip":
+        return torch.stack([x, hflip(x)])
+    if tta == "tencrop":
+        return ten_crop(x, size)
+    if tta == "center":
+        return center_crop(x, size).unsqueeze(0)
+    raise ValueError(f"unknown TTA mode {tta!r}; choose one of {TTA_MODES}")
+
+
 @torch.no_grad()
 def predict_batch(model: nn.Module, x: torch.Tensor, tta: str = "none", input_size: int | None = None,
                          dtype: torch.dtype | None = None) -> torch.Tensor:
     """Class probabilities for a preprocessed batch, averaged over the TTA views."""
     device = next(model.parameters()).device
-    x = x.to(device)
-    if tta == "none":
-        views = x.unsqueeze(0)
-    elif tta == "flip":
-        views = torch.stack([x, hflip(x)])
-    elif tta == "tencrop":
-        views = ten_crop(x, input_size or x.shape[-1])
-    elif tta == "center":
-        views = center_crop(x, input_size or x.shape[-1]).unsqueeze(0)
-    else:
-        raise ValueError(f"unknown TTA mode {tta!r}; choose one of {TTA_MODES}")
+    views = tta_views(x.to(device), tta, input_size)
     n, b = views.shape[:2]
     with autocast(device, dtype):
         logits = model(views.flatten(0, 1).contiguous())
