@@ -534,6 +534,24 @@ def test_greedy_ensemble_saves_only_chosen_members(two_members: list[Path], tmp_
     assert predict_proba(ens, faces, input_size=48) == pytest.approx(alone, abs=1e-5)
 
 
+def test_auto_tta_runs_each_member_under_its_own_view(two_members: list[Path], tiny_csv: Path,
+                                                     tmp_path: Path) -> None:
+    model, _ = load_model(two_members[1])
+    cropped = tmp_path / "cropped.safetensors"
+    save_weights(model, cropped, member_meta(train_view="crop"))
+    members = predict_members([two_members[0], cropped], load_dataset(str(tiny_csv), "fer6"), device="cpu",
+                              precision="fp32")
+    assert members.ttas == ["none", "center"]
+    # One saved ensemble runs all members under one view, so mixed views need an explicit --tta to --save.
+    base = ["ensemble", "--weights", str(two_members[0]), str(cropped), "--data", str(tiny_csv), "--method", "mean",
+            "--device", "cpu", "--precision", "fp32"]
+    refused = runner.invoke(app, [*base, "--save", str(tmp_path / "ens.safetensors")])
+    assert refused.exit_code == 2 and "different views" in refused.output
+    saved = runner.invoke(app, [*base, "--tta", "center", "--save", str(tmp_path / "ens.safetensors")])
+    assert saved.exit_code == 0, saved.output
+    assert load_ensemble(tmp_path / "ens.safetensors")[1]["tta"] == "center"
+
+
 def test_members_must_share_preprocessing(two_members: list[Path], tmp_path: Path) -> None:
     model, _ = load_model(two_members[0])
     weights = EnsembleWeights("mean", "mean", np.array([0.5, 0.5]))

@@ -207,3 +207,15 @@ def test_crop_views_feed_input_size_windows_of_larger_faces() -> None:
                           torch.from_numpy(centre), atol=1e-5)
     assert torch.allclose(torch.from_numpy(predict_proba(model, faces, input_size=48, tta="tencrop")),
                           torch.from_numpy(ten), atol=1e-5)
+
+
+def test_model_tta_picks_the_selection_view_of_the_weights() -> None:
+    from ferkit.models.predict import TTA_MODES, model_tta
+
+    assert model_tta("auto", {"train_view": "crop"}) == "center"
+    assert model_tta("auto", {"train_view": "resize"}) == "none"
+    assert model_tta("auto", {}) == "none"  # weights written before the view was recorded, or by other tools
+    for mode in TTA_MODES:
+        assert model_tta(mode, {"train_view": "crop"}) == mode  # an explicit mode is honoured
+    with pytest.raises(ValueError, match="auto, none, flip"):
+        model_tta("mirror", {})

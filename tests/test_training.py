@@ -112,12 +112,27 @@ def test_crop_view_trains_on_crops_and_selects_on_the_centre_crop(tiny_csv: Path
 
     monkeypatch.setattr(trainer, "augment", spy_augment)
     monkeypatch.setattr(trainer, "predict_proba", spy_predict)
-    train(small_config(tiny_csv, tmp_path / "crop", epochs=1, train_view="crop"))
+    crop_run = train(small_config(tiny_csv, tmp_path / "crop", epochs=1, train_view="crop"))
     assert seen_sizes == {(58, 48)} and val_modes == {"center"}  # 48-pixel crops of faces at 58 = 48 * 48 / 40
     seen_sizes.clear()
     val_modes.clear()
-    train(small_config(tiny_csv, tmp_path / "resize", epochs=1))
+    resize_run = train(small_config(tiny_csv, tmp_path / "resize", epochs=1))
     assert seen_sizes == {(48, 0)} and val_modes == {"none"}
+    # The weights record their training view, so evaluation (tta "auto") and the Recognizer default to the view
+    # the weights were selected on and reproduce the trainer's PublicTest accuracy.
+    monkeypatch.undo()
+    from ferkit.data import load_dataset
+    from ferkit.evaluation import evaluate
+    from ferkit.inference import Recognizer
+
+    data = load_dataset(str(tiny_csv))
+    for run, view, tta in ((crop_run, "crop", "center"), (resize_run, "resize", "none")):
+        model, meta = load_model(run.run_dir / "best.safetensors")
+        assert meta["train_view"] == view
+        result = evaluate(model, meta, data, "PublicTest", device="cpu", precision="fp32")
+        assert result.tta == tta and result.accuracy == pytest.approx(run.best_val_acc)
+        assert Recognizer(run.run_dir / "best.safetensors", detector="none", device="cpu").tta == tta
+        assert Recognizer(run.run_dir / "best.safetensors", detector="none", device="cpu", tta="flip").tta == "flip"
     with pytest.raises(ValueError, match="train_view"):
         small_config(tiny_csv, tmp_path, train_view="tencrop").validate()
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ferkit.cli._app import PRECISION_HELP, WEIGHTS_HELP, _fail, app
+from ferkit.cli._app import PRECISION_HELP, TTA_HELP, WEIGHTS_HELP, _fail, app
 
 EVALUATE_EPILOG = """
 Examples:
@@ -39,7 +39,7 @@ def evaluate(
         help=WEIGHTS_HELP)] = None,
     split: Annotated[str, typer.Option(
         help="Training | PublicTest | PrivateTest (or train / val / test).")] = "PrivateTest",
-    tta: Annotated[str, typer.Option(help="Test-time augmentation: none | flip | tencrop | center.")] = "none",
+    tta: Annotated[str, typer.Option(help=TTA_HELP)] = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print only a JSON object on stdout.")] = False,
     save_probs: Annotated[Path | None, typer.Option(
         help="Write class probabilities, labels and row indices to this .npz file.")] = None,
@@ -59,11 +59,11 @@ def evaluate(
     from ferkit.evaluation import evaluate as run_evaluation
     from ferkit.evaluation import format_confusion, format_report, format_summary, write_artifacts
     from ferkit.evaluation import save_probs as write_probs
-    from ferkit.models.predict import TTA_MODES
+    from ferkit.models.predict import TTA_CHOICES
     from ferkit.models.weights import load_model, resolve_weights
 
-    if tta not in TTA_MODES:
-        _fail(f"unknown --tta {tta!r}; choose one of {', '.join(TTA_MODES)}")
+    if tta not in TTA_CHOICES:
+        _fail(f"unknown --tta {tta!r}; choose one of {', '.join(TTA_CHOICES)}")
     if batch_size < 1:
         _fail(f"--batch-size must be positive, got {batch_size}")
     try:
@@ -168,7 +168,7 @@ def ensemble(
     method: Annotated[str, typer.Option(
         help="mean | accuracy_weighted | class_weighted | vote | greedy | log_linear | all.")] = "all",
     tta: Annotated[str, typer.Option(
-        help="Test-time augmentation when running models: none | flip | tencrop | center.")] = "none",
+        help=TTA_HELP.replace("Test-time augmentation", "Test-time augmentation when running models"))] = "auto",
     label_set: Annotated[str | None, typer.Option(
         help="Keep only the members that predict this label set (fer7 | fer6) and say which were left out; "
              "lets one glob over results/predictions/ hold both.")] = None,
@@ -206,7 +206,7 @@ def ensemble(
         save_member_predictions,
         snapshot_members,
     )
-    from ferkit.models.predict import TTA_MODES
+    from ferkit.models.predict import TTA_CHOICES, model_tta
     from ferkit.models.weights import read_metadata
 
     methods: list[str] = []
@@ -214,8 +214,8 @@ def ensemble(
         methods = list(METHODS) if method.strip().lower() == "all" else [canonical_method(method)]
     except ValueError as e:
         _fail(f"{e} (or all)")
-    if tta not in TTA_MODES:
-        _fail(f"unknown --tta {tta!r}; choose one of {', '.join(TTA_MODES)}")
+    if tta not in TTA_CHOICES:
+        _fail(f"unknown --tta {tta!r}; choose one of {', '.join(TTA_CHOICES)}")
     if batch_size < 1:
         _fail(f"--batch-size must be positive, got {batch_size}")
     if max_members is not None and max_members < 1:
@@ -278,7 +278,7 @@ def ensemble(
     if mode == "--from-predictions":
         if save is not None:
             _fail("--save needs the members' weights (--weights or --snapshots); prediction files hold no model")
-        if tta != "none":
+        if tta not in ("auto", "none"):
             _fail("--tta applies when running models; each prediction file already records the TTA it used")
         if data is not None:
             _fail("--data is not used with --from-predictions (the files already hold both test splits)")
@@ -295,11 +295,17 @@ def ensemble(
             _fail(f"{mode} runs the members: pass --data PATH to fer2013.csv or fer2013.csv.gz")
         if not Path(data).exists():
             _fail(f"data file {data!r} not found (pass --data PATH to fer2013.csv or fer2013.csv.gz)")
+        member_ttas = set()
         for p in paths:
             try:
-                read_metadata(p)
+                member_ttas.add(model_tta(tta, read_metadata(p)))
             except Exception as e:  # corrupt or foreign file: safetensors raises its own error type
                 _fail(f"cannot load weights {str(p)!r}: {e}")
+        if save is not None and len(member_ttas) > 1:
+            # A saved ensemble runs every member under one TTA mode; its weights must be fitted under that mode.
+            _fail(f"--tta auto runs these members under different views ({', '.join(sorted(member_ttas))}); "
+                  "pass one --tta for all of them to --save the ensemble")
+        tta = member_ttas.pop() if len(member_ttas) == 1 else tta
         try:
             members = predict_members(paths, data, tta=tta, batch_size=batch_size, device=device,
                                       precision=precision)

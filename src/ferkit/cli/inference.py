@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ferkit.cli._app import BACKEND_HELP, WEIGHTS_HELP, _fail, app
+from ferkit.cli._app import BACKEND_HELP, TTA_HELP, WEIGHTS_HELP, _fail, app
 
 PREDICT_EPILOG = """
 Examples:
@@ -40,11 +40,11 @@ the other files are still processed and the exit code is 1 (2 for a usage error)
 def _recognizer(weights: Path | None, detector: str, tta: str, device: str, min_face_score: float = 0.0,
                 backend: str = "torch"):
     from ferkit.inference import Recognizer
-    from ferkit.models.predict import TTA_MODES
+    from ferkit.models.predict import TTA_CHOICES
     from ferkit.models.weights import resolve_weights
 
-    if tta not in TTA_MODES:
-        _fail(f"unknown --tta {tta!r}; choose one of {', '.join(TTA_MODES)}")
+    if tta not in TTA_CHOICES:
+        _fail(f"unknown --tta {tta!r}; choose one of {', '.join(TTA_CHOICES)}")
     path = resolve_weights(weights)
     if weights is None and not path.is_file():
         _fail(f"no --weights given and the shipped default weights {path} do not exist yet; "
@@ -121,7 +121,7 @@ def predict(
     detector: Annotated[str, typer.Option(help="Face detector: retinaface | haar | none.")] = "retinaface",
     weights: Annotated[Path | None, typer.Option(
         help=WEIGHTS_HELP)] = None,
-    tta: Annotated[str, typer.Option(help="Test-time augmentation: none | flip | tencrop | center.")] = "none",
+    tta: Annotated[str, typer.Option(help=TTA_HELP)] = "auto",
     min_face_score: Annotated[float, typer.Option(help="Ignore faces the detector is less sure of.")] = 0.0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "torch",
@@ -153,7 +153,7 @@ def demo(
     detector: Annotated[str, typer.Option(help="Face detector: retinaface | haar | none.")] = "retinaface",
     weights: Annotated[Path | None, typer.Option(
         help=WEIGHTS_HELP)] = None,
-    tta: Annotated[str, typer.Option(help="Test-time augmentation: none | flip | tencrop | center.")] = "none",
+    tta: Annotated[str, typer.Option(help=TTA_HELP)] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
 ) -> None:
     """Run the recognizer on the bundled sample photo and write the annotated result."""

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ferkit.cli._app import BACKEND_HELP, WEIGHTS_HELP, _fail, app
+from ferkit.cli._app import BACKEND_HELP, TTA_HELP, WEIGHTS_HELP, _fail, app
 from ferkit.cli.inference import _recognizer
 from ferkit.models.weights import SHIPPED_MODELS
 
@@ -107,7 +107,7 @@ def serve(
     weights: Annotated[Path | None, typer.Option(
         help=WEIGHTS_HELP)] = None,
     detector: Annotated[str, typer.Option(help="Face detector: retinaface | haar | none.")] = "retinaface",
-    tta: Annotated[str, typer.Option(help="Test-time augmentation: none | flip | tencrop | center.")] = "none",
+    tta: Annotated[str, typer.Option(help=TTA_HELP)] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     min_face_score: Annotated[float, typer.Option(help="Ignore faces the detector is less sure of.")] = 0.0,
     max_batch: Annotated[int, typer.Option(help="Most face crops in one model call.")] = 32,

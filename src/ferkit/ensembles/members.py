@@ -21,7 +21,7 @@ import torch
 from ferkit.data import FaceData, load_dataset
 from ferkit.ensembles.predictions import MemberPredictions, MemberSet, build_member_set, member_names
 from ferkit.evaluation import check_label_set, evaluate
-from ferkit.models.predict import TTA_MODES
+from ferkit.models.predict import TTA_CHOICES
 from ferkit.models.weights import load_model, read_metadata
 
 _SNAPSHOT = re.compile(r"^step(\d+)\.safetensors$")
@@ -51,16 +51,17 @@ def member_classes(path: str | os.PathLike) -> list[str]:
     return [str(c) for c in read_metadata(path).get("classes", [])]
 
 
-def predict_members(weights: Sequence[str | os.PathLike], data: str | os.PathLike | FaceData, *, tta: str = "none",
+def predict_members(weights: Sequence[str | os.PathLike], data: str | os.PathLike | FaceData, *, tta: str = "auto",
                     batch_size: int = 256, device: str | torch.device = "auto", precision: str = "auto",
                     names: Sequence[str] | None = None) -> MemberSet:
     """Run every weights file on PublicTest and PrivateTest of `data` (via `ferkit.evaluation.evaluate`).
 
     data: a dataset path (loaded with the first member's label set) or a loaded FaceData.
     Every member must predict the data's label set (ValueError naming the file otherwise).
+    tta: one mode for every member, or "auto": each member's own selection view (models.predict.model_tta).
     """
-    if tta not in TTA_MODES:
-        raise ValueError(f"unknown TTA mode {tta!r}; choose one of {', '.join(TTA_MODES)}")
+    if tta not in TTA_CHOICES:
+        raise ValueError(f"unknown TTA mode {tta!r}; choose one of {', '.join(TTA_CHOICES)}")
     paths = [Path(p) for p in weights]
     if not paths:
         raise ValueError("no weights files given")
@@ -84,7 +85,7 @@ def predict_members(weights: Sequence[str | os.PathLike], data: str | os.PathLik
             r = evaluate(model, meta, dataset, split, tta=tta, batch_size=batch_size, device=device,
                          precision=precision)
             splits[split] = (r.probs, r.labels, r.rows)
-        out.append(MemberPredictions(name=name, source=str(path), model=str(meta.get("model", "")), tta=tta,
+        out.append(MemberPredictions(name=name, source=str(path), model=str(meta.get("model", "")), tta=r.tta,
                            classes=list(dataset.label_set.classes), splits=splits))
         del model
     return build_member_set(out)

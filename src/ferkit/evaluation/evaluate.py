@@ -24,7 +24,7 @@ from ferkit.data.labels import LabelSet
 from ferkit.device import resolve_device, resolve_precision
 from ferkit.evaluation.metrics import confusion_matrix, format_report, report_from_confusion
 from ferkit.evaluation.plots import plot_confusion_matrix, plot_error_gallery
-from ferkit.models.predict import TTA_MODES, predict_proba
+from ferkit.models.predict import model_tta, predict_proba
 
 ARTIFACTS = (
     "confusion_matrix.png", "confusion_matrix_normalized.png", "errors.png", "report.txt", "metrics.json",
@@ -105,19 +105,19 @@ def check_label_set(meta: dict[str, Any], label_set: LabelSet) -> None:
 
 
 def evaluate(model: nn.Module, meta: dict[str, Any], data: FaceData, split: str = "PrivateTest",
-             tta: str = "none", batch_size: int = 256, device: str | torch.device = "auto",
+             tta: str = "auto", batch_size: int = 256, device: str | torch.device = "auto",
              precision: str = "auto", weights_path: str | os.PathLike | None = None) -> EvaluationResult:
     """Run `model` on one split of `data` and score it.
 
     meta: the weights metadata from `load_model` (classes, label_set, input_size, normalize, model).
     split: 'Training', 'PublicTest', 'PrivateTest' or an alias ('train', 'val', 'test').
-    tta: 'none', 'flip' (average with the mirror image), 'tencrop' or 'center' (see models.predict.TTA_MODES).
+    tta: 'auto' (the view the weights were selected on, see models.predict.model_tta), 'none', 'flip' (average
+    with the mirror image), 'tencrop' or 'center' (see models.predict.TTA_MODES); the result records the mode run.
     device: 'auto' | 'cpu' | 'cuda[:N]'; the model is moved there. precision: 'auto' (bf16 autocast on CPU,
     bf16/fp16 on CUDA) | 'fp32' | 'bf16' | 'fp16'.
     weights_path: the weights file, only to record its sha256.
     """
-    if tta not in TTA_MODES:
-        raise ValueError(f"unknown TTA mode {tta!r}; choose one of {list(TTA_MODES)}")
+    tta = model_tta(tta, meta)
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
     check_label_set(meta, data.label_set)

@@ -29,16 +29,16 @@ BACKENDS = ("torch", "onnx")
 
 
 def resolve_tta(tta: bool | str | None) -> str:
-    """False / None / "none" -> "none"; True / "flip" -> "flip"; any other mode of TTA_MODES by its name."""
-    from ferkit.models.predict import TTA_MODES
+    """False / None / "none" -> "none"; True / "flip" -> "flip"; "auto" or a mode of TTA_MODES by its name."""
+    from ferkit.models.predict import TTA_CHOICES
 
     if tta is None or tta is False:
         return "none"
     if tta is True:
         return "flip"
-    if isinstance(tta, str) and tta.lower() in TTA_MODES:
+    if isinstance(tta, str) and tta.lower() in TTA_CHOICES:
         return tta.lower()
-    raise ValueError(f"unknown tta {tta!r}; use False, True (flip) or one of {', '.join(repr(m) for m in TTA_MODES)}")
+    raise ValueError(f"unknown tta {tta!r}; use False, True (flip) or one of {', '.join(repr(m) for m in TTA_CHOICES)}")
 
 
 def resolve_model(model: Any = "default", weights: str | os.PathLike | None = None,
@@ -83,8 +83,9 @@ class Recognizer:
     detector: "retinaface" (CNN, default), "haar" (OpenCV cascade, classical), "none" (the image is the face),
         or an object with ``.detect(rgb_image) -> list[Detection]``.
     device: "auto" (CUDA when available), "cpu", "cuda", "cuda:N".
-    tta: test-time augmentation: False, True (= "flip": average with the mirrored face), "tencrop" or "center"
-        (for models trained on 40-pixel crops of 48-pixel faces, such as khaireddin_vgg).
+    tta: test-time augmentation: "auto" (default: the view the weights were selected on, the centre crop for
+        models trained on 40-pixel crops of 48-pixel faces such as khaireddin_vgg, else the whole face), False
+        ("none"), True (= "flip": average with the mirrored face), "tencrop" or "center".
     min_face_score: drop detections less confident than this (on top of the detector's own threshold).
     align: align faces on their landmarks when the detector gives them (see ferkit.inference.faces).
     precision: "fp32" (default, reproducible), "auto", "bf16" or "fp16" autocast for the emotion model.
@@ -95,7 +96,7 @@ class Recognizer:
     """
 
     def __init__(self, model: Any = "default", detector: str | FaceDetector = "retinaface", device: str = "auto",
-                 tta: bool | str = False, *, weights: str | os.PathLike | None = None,
+                 tta: bool | str = "auto", *, weights: str | os.PathLike | None = None,
                  min_face_score: float = 0.0, align: bool = True, batch_size: int = 64,
                  precision: str = "fp32", backend: str = "torch") -> None:
         from ferkit.device import resolve_device, resolve_precision
@@ -126,6 +127,9 @@ class Recognizer:
         if len(self.classes) != self.meta.get("num_classes", len(self.classes)) or not self.classes:
             raise ValueError(f"the weights' metadata lists {len(self.classes)} class names for "
                              f"{self.meta.get('num_classes')} classes")
+        from ferkit.models.predict import model_tta
+
+        self.tta = model_tta(self.tta, self.meta)
         self.input_size = int(self.meta.get("input_size", FER_SIZE))
         self.normalize = self.meta.get("normalize", "dataset")
         self.dtype = None if self.backend == "onnx" else resolve_precision(precision, self.device)

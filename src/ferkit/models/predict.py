@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
@@ -14,6 +17,19 @@ from ferkit.device import autocast
 # trained model learnt on: how such a model is validated while it trains).
 TTA_MODES = ("none", "flip", "tencrop", "center")
 CROP_MODES = ("tencrop", "center")
+# What callers holding a model's metadata accept: "auto" is the view its weights were selected on (model_tta).
+TTA_CHOICES = ("auto", *TTA_MODES)
+
+
+def model_tta(tta: str, meta: Mapping[str, Any]) -> str:
+    """The TTA mode to run weights with metadata `meta` under: "auto" -> "center" for models trained on crops
+    (train_view "crop": fed whole faces they see faces smaller than any in training), else "none"; any mode of
+    TTA_MODES is returned as given."""
+    if tta == "auto":
+        return "center" if meta.get("train_view") == "crop" else "none"
+    if tta not in TTA_MODES:
+        raise ValueError(f"unknown TTA mode {tta!r}; choose one of {', '.join(TTA_CHOICES)}")
+    return tta
 
 
 def preprocess(images: torch.Tensor, input_size: int, norm: str) -> torch.Tensor:

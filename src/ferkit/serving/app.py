@@ -56,7 +56,7 @@ class ServeSettings:
     weights: str | None = None
     detector: str = "retinaface"    # retinaface | haar | none
     device: str = "auto"
-    tta: str = "none"
+    tta: str = "auto"               # auto (the view the weights were selected on) | none | flip | tencrop | center
     min_face_score: float = 0.0
     max_upload_bytes: int = 10 * 1024 * 1024   # whole request body; more -> 413
     max_pixels: int = 25_000_000                # per decoded image (header checked before decoding); more -> 413

@@ -148,7 +148,7 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
         history = _read_metrics(run_dir / "metrics.csv")[:start_epoch]
     weights_meta = {"model": cfg.model, "num_classes": num_classes, "classes": list(data.label_set.classes),
                     "label_set": data.label_set.name, "input_size": input_size, "normalize": cfg.normalize,
-                    "model_kwargs": cfg.model_kwargs}
+                    "model_kwargs": cfg.model_kwargs, "train_view": cfg.train_view}  # train_view: see model_tta
 
     print(f"ferkit train: {cfg.model} ({count_parameters(model) / 1e6:.2f} M params) on {device}"
           f" [{'fp32' if amp_dtype is None else str(amp_dtype).removeprefix('torch.')}]; "
