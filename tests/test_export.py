@@ -244,7 +244,7 @@ def test_cli_export_usage_errors(weights: Path, args: list[str], message: str) -
 
 # -- Recognizer(backend="onnx") ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("tta", [False, "flip", "tencrop", "center"])
+@pytest.mark.parametrize("tta", [False, "flip", "tencrop", "center", "shift"])
 def test_recognizer_onnx_backend_matches_torch(weights: Path, cache_dir: Path, tta: bool | str) -> None:
     torch_rec = Recognizer(model=weights, device="cpu", tta=tta)
     onnx_rec = Recognizer(model=weights, device="cpu", tta=tta, backend="onnx")

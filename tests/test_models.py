@@ -209,6 +209,25 @@ def test_crop_views_feed_input_size_windows_of_larger_faces() -> None:
                           torch.from_numpy(ten), atol=1e-5)
 
 
+def test_shift_views_are_the_face_and_four_two_pixel_translations() -> None:
+    from ferkit.models.predict import predict_proba, preprocess, shifted, tta_views
+
+    x = torch.arange(2 * 48 * 48, dtype=torch.float32).view(2, 1, 48, 48)
+    views = tta_views(x, "shift")
+    assert views.shape == (5, 2, 1, 48, 48) and torch.equal(views[0], x)
+    right = views[1]  # content moved 2 pixels right; the two left columns repeat the first column
+    assert torch.equal(right[..., 2:], x[..., :-2]) and torch.equal(right[..., :2], x[..., :1].expand(-1, -1, -1, 2))
+    assert torch.equal(views[2][..., :-2], x[..., 2:])  # moved left
+    assert torch.equal(views[3][..., 2:, :], x[..., :-2, :]) and torch.equal(views[4][..., :-2, :], x[..., 2:, :])
+    assert torch.equal(shifted(x, 0, 0), x)
+    model = create_model("sixclass_cnn4", num_classes=6).eval()
+    faces = torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = torch.stack([model(v).softmax(-1) for v in tta_views(preprocess(faces, 48, "dataset"), "shift")])
+    assert torch.allclose(torch.from_numpy(predict_proba(model, faces, input_size=48, tta="shift")),
+                          expected.mean(0), atol=1e-5)
+
+
 def test_model_tta_picks_the_selection_view_of_the_weights() -> None:
     from ferkit.models.predict import TTA_MODES, model_tta
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ferkit.data.augment import center_crop, hflip, normalize, resize, ten_crop, to_float
@@ -15,7 +16,9 @@ from ferkit.device import autocast
 # none: the whole face; flip: it and its mirror image; tencrop: the four corner and the centre input-size crops of
 # a face 48/40 larger, and their mirror images; center: that centre crop alone (one view, the scale a ten-crop-
 # trained model learnt on: how such a model is validated while it trains).
-TTA_MODES = ("none", "flip", "tencrop", "center")
+# shift: the whole face and four copies moved by ~4 % of its side (2 pixels at 48) up, down, left and right, edge
+# pixels repeated: the small translations training augmentation shows the model.
+TTA_MODES = ("none", "flip", "tencrop", "center", "shift")
 CROP_MODES = ("tencrop", "center")
 # What callers holding a model's metadata accept: "auto" is the view its weights were selected on (model_tta).
 TTA_CHOICES = ("auto", *TTA_MODES)
@@ -54,7 +57,18 @@ def tta_views(x: torch.Tensor, tta: str, input_size: int | None = None) -> torch
         return ten_crop(x, size)
     if tta == "center":
         return center_crop(x, size).unsqueeze(0)
+    if tta == "shift":
+        step = max(1, round(x.shape[-1] / 24))
+        return torch.stack([x, *(shifted(x, dx, dy) for dx, dy in ((step, 0), (-step, 0), (0, step), (0, -step)))])
     raise ValueError(f"unknown TTA mode {tta!r}; choose one of {TTA_MODES}")
+
+
+def shifted(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """x (B, 1, H, W) with its content moved dx pixels right and dy down; the uncovered border repeats the edge."""
+    pad = max(abs(dx), abs(dy))
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    h, w = x.shape[-2:]
+    return padded[..., pad - dy:pad - dy + h, pad - dx:pad - dx + w]
 
 
 @torch.no_grad()
