@@ -112,7 +112,8 @@ def evaluate(model: nn.Module, meta: dict[str, Any], data: FaceData, split: str 
     meta: the weights metadata from `load_model` (classes, label_set, input_size, normalize, model).
     split: 'Training', 'PublicTest', 'PrivateTest' or an alias ('train', 'val', 'test').
     tta: 'auto' (the view the weights were selected on, see models.predict.model_tta), 'none', 'flip' (average
-    with the mirror image), 'tencrop' or 'center' (see models.predict.TTA_MODES); the result records the mode run.
+    with the mirror image), 'tencrop', 'center' or 'shift' (see models.predict.TTA_MODES); the result records the
+    mode run.
     device: 'auto' | 'cpu' | 'cuda[:N]'; the model is moved there. precision: 'auto' (bf16 autocast on CPU,
     bf16/fp16 on CUDA) | 'fp32' | 'bf16' | 'fp16'.
     weights_path: the weights file, only to record its sha256.

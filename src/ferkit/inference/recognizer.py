@@ -85,7 +85,8 @@ class Recognizer:
     device: "auto" (CUDA when available), "cpu", "cuda", "cuda:N".
     tta: test-time augmentation: "auto" (default: the view the weights were selected on, the centre crop for
         models trained on 40-pixel crops of 48-pixel faces such as khaireddin_vgg, else the whole face), False
-        ("none"), True (= "flip": average with the mirrored face), "tencrop" or "center".
+        ("none"), True (= "flip": average with the mirrored face), "tencrop", "center" or "shift" (the face and
+        four 2-pixel translations); see ferkit.models.predict.TTA_MODES.
     min_face_score: drop detections less confident than this (on top of the detector's own threshold).
     align: align faces on their landmarks when the detector gives them (see ferkit.inference.faces).
     precision: "fp32" (default, reproducible), "auto", "bf16" or "fp16" autocast for the emotion model.
