@@ -370,8 +370,10 @@ def _write_metrics(path: Path, history: list[dict[str, float]]) -> None:
 
 
 def _read_metrics(path: Path) -> list[dict[str, float]]:
+    """metrics.csv rows as numbers; epoch and step stay integers, so a resumed run rewrites them unchanged."""
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: int(float(v)) if k in ("epoch", "step") else float(v) for k, v in row.items()}
+                for row in csv.DictReader(f)]
 
 
 def _read_json(path: Path) -> dict:
