@@ -496,3 +496,16 @@ def test_emotion_timeline_uses_the_largest_face(tmp_path: Path) -> None:
     path = plot_emotion_timeline([0.0, 0.5, 1.0], [[small, big], [], [small]], CLASSES, tmp_path / "t.png")
     with Image.open(path) as im:
         assert im.format == "PNG"
+
+
+def test_annotator_names_keep_every_dot_and_stay_unique(tmp_path: Path) -> None:
+    from ferkit.inference.batch import Annotator
+
+    annotator = Annotator(tmp_path)
+    # Date-stamped names: only the extension is replaced, so two photos of one day stay apart.
+    assert annotator.target(Path("party.2024.01.05.jpg")) == tmp_path / "party.2024.01.05.jpg"
+    assert annotator.target(Path("party.2024.01.06.jpg")) == tmp_path / "party.2024.01.06.jpg"
+    # The same stem twice (a .png beside a .jpg) gets a numbered second name, and a third.
+    assert annotator.target(Path("party.2024.01.06.png")) == tmp_path / "party.2024.01.06-2.jpg"
+    assert annotator.target(Path("party.2024.01.06.webp")) == tmp_path / "party.2024.01.06-3.jpg"
+    assert annotator.target(Path("sub/x.y.png")) == tmp_path / "sub" / "x.y.jpg"

@@ -234,6 +234,9 @@ def test_model_tta_picks_the_selection_view_of_the_weights() -> None:
     assert model_tta("auto", {"train_view": "crop"}) == "center"
     assert model_tta("auto", {"train_view": "resize"}) == "none"
     assert model_tta("auto", {}) == "none"  # weights written before the view was recorded, or by other tools
+    # a saved ensemble runs under the mode its weights were fitted with
+    assert model_tta("auto", {"ensemble": True, "tta": "flip"}) == "flip"
+    assert model_tta("auto", {"ensemble": True, "tta": "center", "train_view": "resize"}) == "center"
     for mode in TTA_MODES:
         assert model_tta(mode, {"train_view": "crop"}) == mode  # an explicit mode is honoured
     with pytest.raises(ValueError, match="auto, none, flip"):

@@ -10,9 +10,9 @@ WEIGHTS_HELP = ("Weights file (.safetensors: a model or a saved ensemble) writte
                 f"shipped in the package ({' | '.join(SHIPPED_MODELS)}). Default: default.")
 BACKEND_HELP = ("Who runs the emotion model: torch, or onnx (ONNX Runtime, needs ferkit[onnx]; faster per face on "
                 "CPU, the export is made once and cached).")
-TTA_HELP = ("Test-time augmentation: auto (the view the weights were selected on: the centre crop for models "
-            "trained on crops, else the whole face) | none | flip | tencrop | center | shift (the face and 4 copies "
-            "moved 2 pixels).")
+TTA_HELP = ("Test-time augmentation: auto (the view the weights were selected on: a saved ensemble's fitted "
+            "mode, the centre crop for models trained on crops, else the whole face) | none | flip | tencrop | "
+            "center | shift (the face and 4 copies moved 2 pixels).")
 PRECISION_HELP = "auto (CPU: bf16 where the CPU has it natively, else fp32; CUDA: mixed) | fp32 | bf16 | fp16."
 
 app = typer.Typer(

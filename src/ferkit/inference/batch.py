@@ -86,10 +86,12 @@ class Annotator:
     def target(self, rel: Path, suffix: str = "") -> Path:
         if self.single_file is not None:
             return self.single_file
+        # Names are built whole, not with with_suffix: "party.2024.01.05" would lose ".05" (and its "-2"
+        # variant would turn back into the same name, looping forever).
         base = self.out_dir / rel.parent / (rel.stem + suffix)
-        out, n = base.with_suffix(".jpg"), 2
+        out, n = base.with_name(f"{base.name}.jpg"), 2
         while out in self.used:
-            out, n = base.with_name(f"{base.name}-{n}").with_suffix(".jpg"), n + 1
+            out, n = base.with_name(f"{base.name}-{n}.jpg"), n + 1
         self.used.add(out)
         return out
 

@@ -25,10 +25,12 @@ TTA_CHOICES = ("auto", *TTA_MODES)
 
 
 def model_tta(tta: str, meta: Mapping[str, Any]) -> str:
-    """The TTA mode to run weights with metadata `meta` under: "auto" -> "center" for models trained on crops
-    (train_view "crop": fed whole faces they see faces smaller than any in training), else "none"; any mode of
-    TTA_MODES is returned as given."""
+    """The TTA mode to run weights with metadata `meta` under: "auto" -> for a saved ensemble, the mode its
+    weights were fitted with (meta["tta"]); for a model trained on crops (train_view "crop": fed whole faces it
+    sees faces smaller than any in training) "center"; else "none". Any mode of TTA_MODES is returned as given."""
     if tta == "auto":
+        if meta.get("ensemble"):
+            return str(meta.get("tta") or "none")
         return "center" if meta.get("train_view") == "crop" else "none"
     if tta not in TTA_MODES:
         raise ValueError(f"unknown TTA mode {tta!r}; choose one of {', '.join(TTA_CHOICES)}")
