@@ -65,6 +65,14 @@ def test_models_lists_every_registered_model() -> None:
         assert name in result.output
     md = runner.invoke(app, ["models", "frivas*", "--markdown"])
     assert md.exit_code == 0 and md.output.count("| `frivas_cnn") == 6
+    # FLOPs are counted only when asked for, in both layouts
+    rows = [line.split("|") for line in md.output.splitlines() if line.startswith("| `")]
+    assert all(float(r[4]) > 0 for r in rows)
+    quick = runner.invoke(app, ["models", "frivas*", "--markdown", "--no-flops"])
+    assert [r[4].strip() for r in (line.split("|") for line in quick.output.splitlines() if line.startswith("| `"))
+            ] == ["-"] * 6
+    plain = [line.split() for line in result.output.splitlines() if line.startswith("frivas_cnn")]
+    assert [r[3] for r in plain] == ["-"] * 6
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate", "models", "reproduce"])

@@ -106,21 +106,20 @@ def models(
     if markdown:
         typer.echo("| registry name | input | params | MFLOPs/image | published accuracy | source |")
         typer.echo("|---|---|---|---|---|---|")
-        for n in names:
-            spec = get_spec(n)
-            m = create_model(n)
-            typer.echo(f"| `{n}` | {spec.input_size} | {count_parameters(m) / 1e6:.2f} M | "
-                       f"{count_flops(m, spec.input_size) / 1e6:.0f} | {spec.reported} | {spec.source} |")
-        return
-    header = f"{'name':<24} {'input':>5} {'params':>9} {'MFLOPs':>8}  published accuracy — source"
-    typer.echo(header)
-    typer.echo("-" * len(header))
+    else:
+        header = f"{'name':<24} {'input':>5} {'params':>9} {'MFLOPs':>8}  published accuracy — source"
+        typer.echo(header)
+        typer.echo("-" * len(header))
     for n in names:
         spec = get_spec(n)
         m = create_model(n)
-        mflops = f"{count_flops(m, spec.input_size) / 1e6:8.1f}" if flops else f"{'-':>8}"
-        typer.echo(f"{n:<24} {spec.input_size:>5} {count_parameters(m) / 1e6:>8.2f}M {mflops}  "
-                   f"{spec.reported} — {spec.source}")
+        mflops = count_flops(m, spec.input_size) / 1e6 if flops else None
+        if markdown:
+            typer.echo(f"| `{n}` | {spec.input_size} | {count_parameters(m) / 1e6:.2f} M | "
+                       f"{'-' if mflops is None else f'{mflops:.0f}'} | {spec.reported} | {spec.source} |")
+        else:
+            typer.echo(f"{n:<24} {spec.input_size:>5} {count_parameters(m) / 1e6:>8.2f}M "
+                       f"{'-' if mflops is None else f'{mflops:.1f}':>8}  {spec.reported} — {spec.source}")
 
 
 

@@ -175,7 +175,14 @@ async def read_images(request: Request, settings: ServeSettings, max_files: int,
         return {"type": "http.request", "body": body, "more_body": False}
 
     form_request = Request(request.scope, receive=replay)
-    form = await form_request.form(max_files=max_files + 1, max_fields=32, max_part_size=64 * 1024)
+    try:
+        # One file over the limit is still parsed, so the answer can say how many came; Starlette stops at more.
+        form = await form_request.form(max_files=max_files + 1, max_fields=32, max_part_size=64 * 1024)
+    except StarletteHTTPException as e:
+        if "too many files" in str(e.detail).lower():
+            raise ApiError(422, "too_many_files", f"more than {max_files + 1} files in one request; the limit is "
+                                                  f"{max_files}") from e
+        raise
     try:
         files = [(key, value) for key, value in form.multi_items() if isinstance(value, UploadFile)]
         if not files:
