@@ -473,6 +473,21 @@ def test_saved_ensemble_round_trip(two_members: list[Path], tmp_path: Path, meth
     assert isinstance(same, EnsembleModel) and meta2 == meta
 
 
+@pytest.mark.parametrize("method", ["vote", "log_linear", "class_weighted", "accuracy_weighted"])
+@pytest.mark.parametrize("tta", ["flip", "shift"])
+def test_saved_ensemble_under_multi_view_tta_matches_the_fitted_one(two_members: list[Path], tmp_path: Path,
+                                                                     method: str, tta: str) -> None:
+    # Fitting combines each member's TTA-averaged probabilities; the saved file must do the same, not combine
+    # view by view and average afterwards (the same only for linear combiners).
+    rng = np.random.default_rng(1)
+    faces = rng.integers(0, 256, size=(40, 48, 48), dtype=np.uint8)
+    member_probs = np.stack([predict_proba(load_model(p)[0], faces, input_size=48, tta=tta) for p in two_members])
+    weights = fit_ensemble(method, member_probs, rng.integers(0, 6, 40))
+    ens, _ = load_ensemble(save_ensemble(tmp_path / "ens.safetensors", two_members, weights, tta=tta))
+    got = predict_proba(ens, faces, input_size=48, tta=tta)
+    assert got == pytest.approx(apply_ensemble(weights, member_probs), abs=1e-5)
+
+
 def test_saved_ensemble_evaluates_like_a_model(two_members: list[Path], tiny_csv: Path, tmp_path: Path) -> None:
     data = load_dataset(str(tiny_csv), "fer6")
     members = predict_members(two_members, data, device="cpu", precision="fp32")

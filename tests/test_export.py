@@ -20,7 +20,7 @@ from typer.testing import CliRunner  # noqa: E402
 from ferkit.cli import app  # noqa: E402
 from ferkit.data.labels import FER2013_NAMES  # noqa: E402
 from ferkit.ensembles.artifact import load_ensemble, save_ensemble  # noqa: E402
-from ferkit.ensembles.combine import EnsembleWeights  # noqa: E402
+from ferkit.ensembles.combine import EnsembleWeights, apply_ensemble  # noqa: E402
 from ferkit.export import (  # noqa: E402
     check_parity,
     export_onnx,
@@ -173,6 +173,23 @@ def test_saved_ensemble_parity(tmp_path: Path, method: str) -> None:
     assert meta["ensemble"] is True and meta["method"] == method and meta["classes"] == CLASSES
     model, meta = load_ensemble(ens)
     assert _parity(model, meta, path) <= 1e-4
+
+
+@pytest.mark.parametrize("method", ["vote", "log_linear"])
+@pytest.mark.parametrize("tta", ["flip", "shift"])
+def test_saved_ensemble_onnx_under_multi_view_tta(tmp_path: Path, method: str, tta: str) -> None:
+    # The export carries the members' probabilities, so the ONNX backend can average each member over the views
+    # before combining, as the ensemble was fitted (and as the torch backend does).
+    members = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        members.append((_perturb_bn(create_model("frivas_cnn3"), seed), _meta("frivas_cnn3")))
+    faces = _random_faces(30, seed=3)
+    member_probs = np.stack([predict_proba(m, faces, input_size=48, tta=tta) for m, _ in members])
+    weights = EnsembleWeights(method, method, np.array([1.0, 2.0]) if method == "vote" else np.array([0.7, 0.9]))
+    ens = save_ensemble(tmp_path / "ens.safetensors", members, weights, tta=tta)
+    got = OnnxClassifier(export_onnx(ens, tmp_path / "ens.onnx")).predict_proba(faces, input_size=48, tta=tta)
+    assert got == pytest.approx(apply_ensemble(weights, member_probs), abs=1e-4)
 
 
 def test_export_needs_metadata_for_a_bare_module(tmp_path: Path) -> None:

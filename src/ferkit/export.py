@@ -12,7 +12,9 @@ The exported graph is the classifier only (no face detection, no preprocessing):
   ``normalize`` says: "dataset" = (x - 0.5077) / 0.2550, "per_image" = zero mean and unit std per face,
   "none" = as is). The batch axis B is dynamic.
 * output ``probabilities``: float32 (B, C) class probabilities (softmax applied inside the graph; for an
-  ensemble, its combined probabilities).
+  ensemble, its combined probabilities). An ensemble has a second output, ``member_probabilities``: float32
+  (M, B, C), each member's probabilities, so a multi-view TTA can average every member over the views before
+  combining them, as the ensemble was fitted (`ferkit.inference.onnx_backend` does).
 * metadata_props: ``ferkit`` (the weights' full metadata as JSON), ``classes`` (JSON list), ``input_size``,
   ``normalize``, ``num_classes``, ``model``, ``label_set``, ``ferkit_version``, ``source_sha256`` (of the
   weights file), ``exporter``, ``input_name``, ``output_name``, ``preprocessing`` (the recipe above, in words).
@@ -47,10 +49,12 @@ from ferkit.data import file_sha256
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
+MEMBER_OUTPUT_NAME = "member_probabilities"  # ensembles only
 DEFAULT_OPSET = 18
 # Bumped when the exported graph of the same weights changes (2: contiguous weights, native strided 1x1 convs),
 # so cached exports (ferkit.inference.onnx_backend.cached_export) made by older code are not reused.
-EXPORT_REVISION = 2
+# 3: ensembles add the member_probabilities output.
+EXPORT_REVISION = 3
 EXPORTERS = ("auto", "dynamo", "legacy")
 PREPROCESSING = ("gray uint8 face / 255 -> float32 (B, 1, S, S), resized to input_size (bilinear, antialiased "
                  "when shrinking), normalized: dataset = (x - 0.5077) / 0.2550, per_image = (x - mean) / std "
@@ -58,14 +62,25 @@ PREPROCESSING = ("gray uint8 face / 255 -> float32 (B, 1, S, S), resized to inpu
 
 
 class ProbabilityModel(nn.Module):
-    """`model`'s softmax probabilities in float32 (an EnsembleModel's log-probabilities become its probabilities)."""
+    """The exported graph: `model`'s softmax probabilities in float32; for an ensemble (an EnsembleModel), its
+    combined probabilities and, as a second output, its members' (M, B, C)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.ensemble = hasattr(model, "probs_over_views")
+        self.output_names = [OUTPUT_NAME, MEMBER_OUTPUT_NAME] if self.ensemble else [OUTPUT_NAME]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.ensemble:
+            members = self.model.member_probs(x)
+            return self.model.combine(members).float(), members.float()
         return self.model(x).float().softmax(-1)
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """The first output only: (B, C) probabilities."""
+        out = self(x)
+        return out[0] if self.ensemble else out
 
 
 def onnx_available() -> bool:
@@ -208,7 +223,7 @@ def export_onnx(source: Any, out: str | os.PathLike, *, meta: dict[str, Any] | N
     return out
 
 
-def _verify(net: nn.Module, path: Path, input_size: int, name: str, kind: str, tol: float = 1e-4) -> None:
+def _verify(net: ProbabilityModel, path: Path, input_size: int, name: str, kind: str, tol: float = 1e-4) -> None:
     try:
         from ferkit.inference.onnx_backend import OnnxClassifier
 
@@ -219,28 +234,31 @@ def _verify(net: nn.Module, path: Path, input_size: int, name: str, kind: str, t
     for batch in (1, 3):
         x = torch.randn(batch, 1, input_size, input_size, generator=g)
         with torch.no_grad():
-            ref = net(x).numpy()
-        try:
-            got = session.run(x.numpy())
-        except Exception as e:  # onnxruntime raises its own error types
-            raise ValueError(f"the ONNX export of {name} ({kind} exporter) fails at batch size {batch}: "
-                             f"{str(e).splitlines()[0][:300]}") from e
-        diff = float(np.abs(got - ref).max()) if got.shape == ref.shape else float("inf")
-        if not diff <= tol:
-            raise ValueError(f"the ONNX export of {name} ({kind} exporter) differs from PyTorch at batch size "
-                             f"{batch}: max |probability difference| {diff:.2e} > {tol:g}")
+            refs = net(x)
+        for output, ref in zip(net.output_names, refs if net.ensemble else (refs,), strict=True):
+            try:
+                got = session.run(x.numpy(), output)
+            except Exception as e:  # onnxruntime raises its own error types
+                raise ValueError(f"the ONNX export of {name} ({kind} exporter) fails at batch size {batch}: "
+                                 f"{str(e).splitlines()[0][:300]}") from e
+            diff = float(np.abs(got - ref.numpy()).max()) if got.shape == ref.shape else float("inf")
+            if not diff <= tol:
+                raise ValueError(f"the ONNX export of {name} ({kind} exporter) differs from PyTorch at batch size "
+                                 f"{batch} in {output}: max |probability difference| {diff:.2e} > {tol:g}")
 
 
-def _export(net: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamo: bool) -> None:
+def _export(net: ProbabilityModel, example: torch.Tensor, path: Path, opset: int, dynamo: bool) -> None:
+    names = net.output_names
     if dynamo:
         _require("onnxscript")
-        torch.onnx.export(net, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        torch.onnx.export(net, (example,), str(path), input_names=[INPUT_NAME], output_names=names,
                           dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}}, dynamo=True,
                           external_data=False, opset_version=opset, verbose=False)
     else:
-        torch.onnx.export(net, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, dynamo=False,
-                          opset_version=opset)
+        # the batch is axis 0 of the probabilities, axis 1 of the members' (M, B, C)
+        axes = {name: {int(name == MEMBER_OUTPUT_NAME): "batch"} for name in names}
+        torch.onnx.export(net, (example,), str(path), input_names=[INPUT_NAME], output_names=names,
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, **axes}, dynamo=False, opset_version=opset)
 
 
 def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -276,6 +294,6 @@ def check_parity(model: nn.Module, onnx_path: str | os.PathLike, input_size: int
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, input_size, input_size, generator=g)
     with torch.no_grad():
-        ref = ProbabilityModel(model).eval()(x.to(next(model.parameters()).device)).cpu().numpy()
+        ref = ProbabilityModel(model).eval().probabilities(x.to(next(model.parameters()).device)).cpu().numpy()
     got = OnnxClassifier(onnx_path).run(x.numpy())
     return float(np.abs(got - ref).max())

@@ -11,9 +11,11 @@ does not resize internally, so it is fed exactly as each member would be.
 
 `load_ensemble(path)` (and `ferkit.models.weights.load_model(path)`, which delegates here) returns an
 `EnsembleModel`: an nn.Module whose forward returns the LOG of the combined probabilities, because ferkit
-treats model outputs as logits and applies softmax; softmax(log p) == p, so `predict_proba`, `evaluate`
-and TTA (which averages softmax outputs over views) work unchanged. Store and pass the same `tta` the weights
-were fitted with (meta["tta"]) for the numbers to match the fitted ensemble.
+treats model outputs as logits and applies softmax; softmax(log p) == p, so `predict_proba` and `evaluate`
+work unchanged. The weights were fitted on each member's TTA-averaged probabilities, so under a multi-view TTA
+the members' views are averaged first and then combined (`EnsembleModel.probs_over_views`, which
+`ferkit.models.predict` and the ONNX backend use); `--tta auto` runs the file under the mode it was fitted with
+(meta["tta"]), and the numbers match the fitted ensemble's.
 """
 
 from __future__ import annotations
@@ -84,11 +86,20 @@ class EnsembleModel(nn.Module):
             return (votes + eps * mean) / (1.0 + eps)
         raise ValueError(f"unknown combiner {combiner!r}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def probs_over_views(self, x: torch.Tensor, views: int = 1) -> torch.Tensor:
+        """(B, C) float64 combined probabilities of x: `views` TTA views of B faces, view-major (V*B, 1, S, S).
+
+        Each member's probabilities are averaged over the views before they are combined, as in fitting (on
+        members' TTA-averaged predictions); combining per view and then averaging differs for every combiner
+        but the linear ones (mean, accuracy_weighted).
+        """
         probs = self.member_probs(x)
+        probs = probs.view(probs.shape[0], views, -1, probs.shape[-1]).mean(1)
         with torch.autocast(device_type=probs.device.type, enabled=False):  # combine in float64, not bf16/fp16
-            combined = self.combine(probs)
-        return combined.clamp_min(1e-30).log().float()
+            return self.combine(probs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.probs_over_views(x).clamp_min(1e-30).log().float()
 
 
 def _member_state_and_meta(member: Member) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:

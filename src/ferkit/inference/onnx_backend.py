@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from ferkit.data.augment import FER2013_MEAN, FER2013_STD
+from ferkit.ensembles.combine import EnsembleWeights, apply_ensemble
+from ferkit.export import MEMBER_OUTPUT_NAME
 
 
 def onnx_cache_dir() -> Path:
@@ -88,7 +90,12 @@ class OnnxClassifier:
         self.session = self._session(self.threads)
         self.meta = metadata_from_session(self.session, str(self.path))
         self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output_name = outputs[0]
+        # A saved ensemble's export also gives its members' probabilities (M, B, C): under a multi-view TTA they
+        # are averaged over the views and then combined, as the ensemble was fitted (see _probs_over_views).
+        self.member_output = MEMBER_OUTPUT_NAME if MEMBER_OUTPUT_NAME in outputs else None
+        self.ensemble_weights = EnsembleWeights.from_json(self.meta["weights"]) if self.meta.get("ensemble") else None
         # Small batches of a small network are faster on one thread (waking workers costs more than they
         # save); which one wins depends on the network, so the first small batch measures both (see _small).
         self._small_session: Any = None
@@ -115,21 +122,37 @@ class OnnxClassifier:
                 self._small_session = min((self.session, single), key=lambda s: _best_time(s, x, self.input_name))
         return self._small_session
 
-    def run(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
-        """(B, C) float32 probabilities for preprocessed faces (B, 1, S, S)."""
+    def run(self, x: np.ndarray | torch.Tensor, output: str | None = None) -> np.ndarray:
+        """(B, C) float32 probabilities for preprocessed faces (B, 1, S, S) (or the graph's output `output`)."""
         if isinstance(x, torch.Tensor):
             x = x.detach().cpu().numpy()
         x = np.ascontiguousarray(x, dtype=np.float32)
         session = self._small(x) if len(x) <= SMALL_BATCH else self.session
-        return session.run([self.output_name], {self.input_name: x})[0].astype(np.float32, copy=False)
+        return session.run([output or self.output_name], {self.input_name: x})[0].astype(np.float32, copy=False)
+
+    def _probs_over_views(self, x: np.ndarray, views: int) -> np.ndarray:
+        """(B, C) probabilities of `views` TTA views of B faces, view-major (V*B, 1, S, S), averaged over the
+        views; a saved ensemble averages each member over the views and then combines (the ONNX twin of
+        EnsembleModel.probs_over_views)."""
+        ensemble = self.ensemble_weights
+        if views == 1 or ensemble is None or (self.member_output is None and
+                                              ensemble.combiner in ("mean", "accuracy_weighted")):
+            probs = self.run(x)  # for linear combiners, averaging combined views is the same
+            return probs.reshape(views, -1, probs.shape[-1]).mean(0) if views > 1 else probs
+        if self.member_output is None:
+            raise ValueError(f"{self.path} is an ensemble exported by an older ferkit, without its members' "
+                             f"outputs; re-export it (ferkit export) to run its {ensemble.combiner} combiner under a "
+                             "multi-view TTA, or use the torch backend")
+        members = self.run(x, self.member_output)
+        members = members.reshape(members.shape[0], views, -1, members.shape[-1]).mean(1)
+        return apply_ensemble(ensemble, members).astype(np.float32)
 
     def _run_views(self, x: np.ndarray, tta: str) -> np.ndarray:
         """Probabilities of normalized faces (B, 1, S, S); "flip" averages them with their mirror images, run in
         the same batch (one session call instead of two)."""
         if tta == "none":
             return self.run(x)
-        probs = self.run(np.concatenate([x, x[..., ::-1]]))
-        return (probs[:len(x)] + probs[len(x):]) * np.float32(0.5)
+        return self._probs_over_views(np.concatenate([x, x[..., ::-1]]), 2)
 
     def predict_proba(self, images: Any, *, input_size: int, norm: str = "dataset", tta: str = "none",
                       batch_size: int = 256) -> np.ndarray:
@@ -153,9 +176,7 @@ class OnnxClassifier:
         for i in range(0, len(images), batch_size):
             x = preprocess(images[i:i + batch_size], prep_size, norm)
             views = tta_views(x, tta, input_size)
-            n, b = views.shape[:2]
-            probs = self.run(views.flatten(0, 1).contiguous())
-            out.append(probs.reshape(n, b, -1).mean(0))
+            out.append(self._probs_over_views(views.flatten(0, 1).contiguous().numpy(), len(views)))
         if not out:
             return np.zeros((0, len(self.meta.get("classes") or [])), dtype=np.float32)
         return np.concatenate(out).astype(np.float32)

@@ -81,6 +81,8 @@ def predict_batch(model: nn.Module, x: torch.Tensor, tta: str = "none", input_si
     views = tta_views(x.to(device), tta, input_size)
     n, b = views.shape[:2]
     with autocast(device, dtype):
+        if hasattr(model, "probs_over_views"):  # a saved ensemble: members are view-averaged, then combined
+            return model.probs_over_views(views.flatten(0, 1).contiguous(), n).float()
         logits = model(views.flatten(0, 1).contiguous())
     return logits.float().softmax(-1).view(n, b, -1).mean(0)
 
