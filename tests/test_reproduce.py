@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import synthetic_rows, write_csv
 from typer.testing import CliRunner
 
 from ferkit.cli import app
@@ -58,6 +59,15 @@ def test_reproduce_writes_row_predictions_and_manifest(tiny_csv: Path, tmp_path:
     with open(results / "seeds.csv", newline="") as f:
         command = next(csv.DictReader(f))["command"]
     assert command.endswith("epochs=1 precision=fp32 threads=1 time_limit=30"), command
+
+
+def test_reproduce_evaluates_with_the_runs_skip_bad_rows(tmp_path: Path, cache_dir: Path) -> None:
+    # A CSV with a malformed row trains with skip_bad_rows=true; the evaluation must read it the same way.
+    rows = synthetic_rows({"Training": 70, "PublicTest": 35, "PrivateTest": 35})
+    bad = write_csv(tmp_path / "bad.csv", [*rows[:10], (0, "1 2 3", "PrivateTest"), *rows[10:]])
+    row = reproduce("sixclass_cnn4", bad, runs_dir=tmp_path / "runs", results_dir=tmp_path / "results",
+                    extra=["epochs=1", "precision=fp32", "skip_bad_rows=true"], progress=False)
+    assert 0 <= float(row["private_test"]) <= 1
 
 
 def test_cli_reproduce_list_and_unknown_system(tiny_csv: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +203,17 @@ def test_config_overrides() -> None:
         TrainConfig().override(["epochs"])
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig(optimizer="lion").validate()
+    # Values must fit the setting's type; the error names the key (a typo used to end in a TypeError later).
+    for bad, expected in [("time_limit=2h", "time_limit=2h: expected a number"),
+                          ("batch_size=64x", "batch_size=64x: expected a whole number"),
+                          ("batch_size=6.5", "expected a whole number"), ("nesterov=yes", "true or false"),
+                          ("augment.crop_scale=0.9", "a list of 2 numbers"),
+                          ("model_kwargs=3", "a JSON object")]:
+        with pytest.raises(ValueError, match=expected):
+            TrainConfig().override([bad])
+    cfg = TrainConfig().override(["lr=1", "batch_size=32.0", "run_name=2024", "model_kwargs.dropout=0.2"])
+    assert (cfg.lr, cfg.batch_size, cfg.run_name) == (1.0, 32, "2024") and cfg.model_kwargs == {"dropout": 0.2}
+    assert type(cfg.lr) is float and type(cfg.batch_size) is int
 
 
 def test_config_round_trips_through_json() -> None:
@@ -283,3 +295,9 @@ def test_git_commit_outside_git_comes_from_the_environment(tmp_path: Path, monke
     monkeypatch.delenv("FERKIT_GIT_COMMIT")
     assert git_commit(tmp_path) == ""
     assert len(git_commit().removesuffix("-dirty")) in (0, 40)  # this checkout: its HEAD (or '' without git)
+
+
+def test_unknown_device_is_a_clear_error_before_any_run_directory(tiny_csv: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=re.escape("unknown device 'gpu'; use auto | cpu | cuda | cuda:N")):
+        train(small_config(tiny_csv, tmp_path / "runs", device="gpu"))
+    assert not (tmp_path / "runs").exists()

@@ -17,7 +17,10 @@ import torch
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:  # torch lists every backend it knows; say what ferkit supports
+        raise ValueError(f"unknown device {name!r}; use auto | cpu | cuda | cuda:N") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
     return dev

@@ -137,7 +137,8 @@ def reproduce(name: str, data: str | os.PathLike, *, runs_dir: str | os.PathLike
         result = train(cfg)
 
     model, meta = load_model(result.run_dir / "best.safetensors")
-    dataset = load_dataset(str(data), meta["label_set"])
+    trained = json.loads((result.run_dir / "config.json").read_text())
+    dataset = load_dataset(str(data), meta["label_set"], skip_bad_rows=bool(trained.get("skip_bad_rows")))
     scores = {split: evaluate(model, meta, dataset, split, tta=recipe.tta, weights_path=run_dir / "best.safetensors")
               for split in ("PublicTest", "PrivateTest")}
 

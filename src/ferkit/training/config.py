@@ -87,7 +87,8 @@ class TrainConfig:
         return cfg
 
     def override(self, assignments: list[str]) -> TrainConfig:
-        """Apply `key=value` strings; nested keys use dots (`augment.rotation=15`). Values parse as JSON."""
+        """Apply `key=value` strings; nested keys use dots (`augment.rotation=15`, `model_kwargs.dropout=0.3`).
+        Values parse as JSON and must fit the setting's type (ValueError naming the key otherwise)."""
         d = self.to_dict()
         for item in assignments:
             if "=" not in item:
@@ -103,9 +104,12 @@ class TrainConfig:
                 if not isinstance(target.get(p), dict):
                     raise ValueError(f"unknown config key {key!r}")
                 target = target[p]
-            if leaf not in target:
+            if leaf in target:
+                target[leaf] = _as_type_of(target[leaf], value, raw, key)
+            elif parents == ["model_kwargs"]:  # the model builder's keyword arguments: any name it takes
+                target[leaf] = value
+            else:
                 raise ValueError(f"unknown config key {key!r}; known: {sorted(target)}")
-            target[leaf] = value
         return TrainConfig.from_dict(d)
 
     def resume_changes(self, assignments: list[str]) -> dict[str, Any]:
@@ -134,3 +138,33 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be at least 1")
         if self.time_limit < 0:
             raise ValueError(f"time_limit must be minutes >= 0 (0 = off), got {self.time_limit}")
+
+
+def _as_type_of(current: Any, value: Any, raw: str, key: str) -> Any:
+    """`value` (parsed from the text `raw`) as a value of the setting `key`, whose current value is `current`."""
+    def wrong(kind: str) -> ValueError:
+        return ValueError(f"{key}={raw}: expected {kind}")
+
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return value
+    if isinstance(current, int):
+        if not (is_number and float(value).is_integer()):
+            raise wrong("a whole number")
+        return int(value)
+    if isinstance(current, float):
+        if not is_number:
+            raise wrong("a number (e.g. 0.001 or 1e-3)")
+        return float(value)
+    if isinstance(current, str):
+        return value if isinstance(value, str) else raw  # run_name=2024 is the name "2024"
+    if isinstance(current, tuple | list):
+        if not (isinstance(value, list) and len(value) == len(current)
+                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)):
+            raise wrong(f"a list of {len(current)} numbers, e.g. {json.dumps(list(current))}")
+        return [float(v) for v in value]
+    if isinstance(current, dict) and not isinstance(value, dict):
+        raise wrong('a JSON object, e.g. {"dropout": 0.3}')
+    return value

@@ -75,6 +75,8 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
     if cfg is None:
         raise ValueError("train() needs a TrainConfig or a run directory to resume")
     cfg.validate()
+    device = resolve_device(cfg.device)  # a bad device or precision fails here, before a run directory is made
+    amp_dtype = resolve_precision(cfg.precision, device)
     if not resume:
         name = cfg.run_name or f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = Path(cfg.out_dir) / name
@@ -85,13 +87,11 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
     # the run trains must not be credited with it.
     commit = git_commit()
 
-    # ---- determinism and device --------------------------------------------------------------
+    # ---- determinism -------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    amp_dtype = resolve_precision(cfg.precision, device)
     gen = torch.Generator().manual_seed(cfg.seed)  # drives shuffling and augmentation
 
     # ---- data --------------------------------------------------------------------------------
