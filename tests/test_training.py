@@ -154,6 +154,11 @@ def test_early_stopping_and_snapshots(tiny_csv: Path, tmp_path: Path) -> None:
     # Resuming a run that stopped early (as `ferkit reproduce` does to re-report it) trains nothing more.
     resumed = train(TrainConfig(progress=False), resume=result.run_dir)
     assert resumed.epochs_run == 2 and len(resumed.history) == 2
+    # More patience continues it, with the epochs a run started with that patience trains.
+    patient = train(TrainConfig(progress=False), resume=result.run_dir, changes={"early_stopping": 3})
+    fresh = train(small_config(tiny_csv, tmp_path / "fresh", epochs=6, lr=0.0, early_stopping=3, save_every=2))
+    assert patient.epochs_run == fresh.epochs_run == 4
+    assert without_timing(patient.history) == without_timing(fresh.history)
 
 
 def test_time_limit_ends_the_run_after_the_epoch_that_reaches_it(tiny_csv: Path, tmp_path: Path) -> None:
@@ -183,7 +188,7 @@ def test_resume_may_change_run_settings_only(tiny_csv: Path, tmp_path: Path) -> 
     saved = json.loads((cut.run_dir / "config.json").read_text())
     assert saved["time_limit"] == 0 and saved["threads"] == 1 and saved["epochs"] == 3
     assert "stopped_by" not in json.loads((cut.run_dir / "manifest.json").read_text())
-    with pytest.raises(ValueError, match="only threads, time_limit, progress can change .got lr"):
+    with pytest.raises(ValueError, match="only threads, time_limit, early_stopping, progress can change .got lr"):
         TrainConfig().resume_changes(["lr=0.1", "threads=2"])
     with pytest.raises(ValueError, match="time_limit must be"):
         TrainConfig().resume_changes(["time_limit=-5"])

@@ -57,7 +57,8 @@ def train(
     save_every: Annotated[int | None, typer.Option(help="Keep a snapshot every N steps (0 = off).")] = None,
     limit_train: Annotated[int | None, typer.Option(help="Use only the first N training faces.")] = None,
     resume: Annotated[Path | None, typer.Option(
-        help="Resume the run in this directory with its saved config; only --time-limit, threads=N change.")] = None,
+        help="Resume the run in this directory with its saved config; only --time-limit, --early-stopping and "
+             "threads=N change.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Train a model on the Training split, selecting the best epoch on PublicTest."""
@@ -72,7 +73,7 @@ def train(
              "seed": seed, "out_dir": out, "run_name": name, "save_every": save_every, "limit_train": limit_train}
     assignments = [f"{k}={_json(v)}" for k, v in flags.items() if v is not None] + list(overrides or [])
     try:
-        if resume is not None:  # the run's saved config, with only its run settings (threads, time limit) changed
+        if resume is not None:  # the run's saved config, with only its run settings (RESUME_SETTINGS) changed
             run_training(TrainConfig(progress=progress), resume=resume,
                          changes=TrainConfig().resume_changes(assignments))
             return

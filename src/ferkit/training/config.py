@@ -13,8 +13,10 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 TRAIN_VIEWS = ("resize", "crop")
 SCHEDULES = ("none", "step", "plateau", "cosine", "onecycle")
 # Settings that say how a run trains on this machine and for how long, not what it learns: a resumed run may
-# change them (more threads on a freer machine, a longer time limit to finish a run that used up its own).
-RESUME_SETTINGS = ("threads", "time_limit", "progress")
+# change them (more threads on a freer machine, a longer time limit to finish a run that used up its own, more
+# early-stopping patience to continue a run that stopped on a noisy plateau: the epochs it goes on with are
+# those a run started with that patience would have trained, as training is deterministic).
+RESUME_SETTINGS = ("threads", "time_limit", "early_stopping", "progress")
 
 
 @dataclass

@@ -48,7 +48,7 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
 
     cfg: the run's configuration (ignored when resuming: the run directory's config.json is used).
     resume: a run directory; continues from its checkpoint.pt with its saved config.
-    changes: when resuming, new values for RESUME_SETTINGS (threads, time_limit, progress), e.g. from
+    changes: when resuming, new values for RESUME_SETTINGS (threads, time_limit, early_stopping, progress), e.g. from
         `TrainConfig.resume_changes`; they are saved to the run's config.json for the rest of the run.
     data: an already loaded dataset (tests, notebooks); by default `cfg.data` is loaded.
     stop_after_epochs: end this call after that many epochs, as a kill would (tests of resume).
