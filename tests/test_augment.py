@@ -73,6 +73,15 @@ def test_random_erasing_changes_some_pixels(batch: torch.Tensor) -> None:
     assert torch.equal(random_erasing(batch, cfg, gen(1)), batch)
 
 
+def test_each_geometric_setting_alone_augments(batch: torch.Tensor) -> None:
+    for key, value in [("crop_scale", (0.8, 1.0)), ("crop_ratio", (0.8, 1.25)), ("rotation", 10.0),
+                       ("translate", 0.1), ("hflip", 1.0)]:
+        cfg = AugmentConfig.off()
+        setattr(cfg, key, value)
+        assert not torch.allclose(augment(batch, cfg, gen(1)), batch), key
+    assert torch.equal(augment(batch, AugmentConfig.off(), gen(1)), batch)
+
+
 def test_ten_crop_shape_and_centre(batch: torch.Tensor) -> None:
     size = 40
     crops = ten_crop(batch, size)

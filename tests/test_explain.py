@@ -151,6 +151,23 @@ def test_explain_faces_and_plot(vgg: nn.Module, tmp_path: Path) -> None:
         assert im.format == "PNG" and im.size[0] > 3 * im.size[1] // 2
 
 
+def test_explain_faces_uses_the_crop_view_of_crop_trained_weights() -> None:
+    # Weights trained on 40-pixel crops of 48-pixel faces are explained on that view, as `--tta auto` runs them.
+    from ferkit.models.predict import predict_proba
+
+    model = tiny_cnn(7).eval()
+    meta = {"input_size": 40, "normalize": "dataset", "train_view": "crop"}
+    faces = np.random.default_rng(1).integers(0, 256, (3, 60, 60), dtype=np.uint8)
+    exps = explain_faces(model, meta, faces)
+    expected = predict_proba(model, faces, input_size=40, tta="center")
+    assert np.allclose(np.stack([e.probs for e in exps]), expected, atol=1e-6)
+    assert exps[0].saliency.shape == (40, 40) and exps[0].face.shape == (50, 50)  # the central 40/48 of 60
+    assert np.array_equal(exps[0].face, faces[0][5:55, 5:55])
+    plain = explain_faces(model, meta | {"train_view": "resize"}, faces)
+    assert np.allclose(np.stack([e.probs for e in plain]), predict_proba(model, faces, input_size=40), atol=1e-6)
+    assert plain[0].face.shape == (60, 60)
+
+
 def test_cli_explain_image_and_fer2013_row(weights: Path, tiny_csv: Path, tmp_path: Path) -> None:
     out = tmp_path / "ex"
     result = runner.invoke(app, ["explain", str(sample_image_path()), "--weights", str(weights), "--out", str(out),

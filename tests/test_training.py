@@ -14,6 +14,7 @@ from conftest import synthetic_rows, write_csv
 from safetensors.torch import load_file
 
 from ferkit.data.augment import AugmentConfig
+from ferkit.data.labels import FER2013_NAMES
 from ferkit.models.weights import load_model
 from ferkit.training import TrainConfig, train
 from ferkit.training.trainer import distillation_loss
@@ -306,3 +307,22 @@ def test_unknown_device_is_a_clear_error_before_any_run_directory(tiny_csv: Path
     with pytest.raises(ValueError, match=re.escape("unknown device 'gpu'; use auto | cpu | cuda | cuda:N")):
         train(small_config(tiny_csv, tmp_path / "runs", device="gpu"))
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("train_view, tta", [("crop", "center"), ("resize", "flip")])
+def test_teacher_targets_use_the_teachers_view(tiny_csv: Path, tmp_path: Path, train_view: str, tta: str) -> None:
+    from ferkit.data import load_dataset
+    from ferkit.models import create_model
+    from ferkit.models.predict import predict_proba
+    from ferkit.models.weights import save_weights
+    from ferkit.training.trainer import _teacher_probabilities
+
+    torch.manual_seed(0)
+    meta = {"model": SMALL_MODEL, "num_classes": 7, "classes": list(FER2013_NAMES), "label_set": "fer7",
+            "input_size": 48, "normalize": "dataset", "model_kwargs": {}, "train_view": train_view}
+    model = create_model(SMALL_MODEL, num_classes=7).eval()
+    save_weights(model, tmp_path / "teacher.safetensors", meta)
+    faces = load_dataset(str(tiny_csv)).split("Training")
+    got = _teacher_probabilities(TrainConfig(teacher=str(tmp_path / "teacher.safetensors")), faces,
+                                 list(FER2013_NAMES), torch.device("cpu"))
+    assert np.allclose(got.numpy(), predict_proba(model, faces.images, input_size=48, tta=tta), atol=1e-6)

@@ -210,7 +210,7 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: Target = None, layer: nn
 class Explanation:
     """One face: its crop, the model's probabilities and both maps (at the model's input size)."""
 
-    face: np.ndarray  # uint8 (H, W) grayscale crop as given
+    face: np.ndarray  # uint8 (H, W) grayscale face: the part the model saw (see explain_faces)
     probs: np.ndarray  # (C,) float32 probabilities (no TTA)
     target: int  # the class the maps explain
     saliency: np.ndarray  # (S, S) float32, >= 0
@@ -223,16 +223,28 @@ class Explanation:
 
 def explain_faces(model: nn.Module, meta: dict[str, Any], faces: np.ndarray, target: Target = None,
                   batch_size: int = 64) -> list[Explanation]:
-    """Probabilities, saliency and Grad-CAM for uint8 faces (N, H, W), preprocessed as `meta` says."""
+    """Probabilities, saliency and Grad-CAM for uint8 faces (N, H, W), preprocessed as `meta` says.
+
+    The model sees one view of each face, the one `--tta auto` starts from: the whole face, or for weights
+    trained on crops (and ensembles fitted on crop views) the centre crop of the face enlarged to 48/40 of the
+    input size; each Explanation's `face` is then the part of the face the model saw, so the maps line up.
+    """
+    from ferkit.data.augment import center_crop
     from ferkit.inference.faces import FER_SIZE
-    from ferkit.models.predict import preprocess
+    from ferkit.models.predict import CROP_MODES, model_tta, preprocess, tencrop_source_size
 
     faces = np.asarray(faces)
     if faces.ndim == 2:
         faces = faces[None]
     input_size = int(meta.get("input_size", getattr(model, "input_size", FER_SIZE)))
     norm = meta.get("normalize", "dataset")
-    x_all = preprocess(torch.as_tensor(np.ascontiguousarray(faces)), input_size, norm)
+    batch = torch.as_tensor(np.ascontiguousarray(faces))
+    if model_tta("auto", meta) in CROP_MODES:
+        source = tencrop_source_size(input_size)
+        x_all = center_crop(preprocess(batch, source, norm), input_size)
+        faces = np.stack([_central_part(f, input_size / source) for f in faces]) if len(faces) else faces
+    else:
+        x_all = preprocess(batch, input_size, norm)
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -248,6 +260,14 @@ def explain_faces(model: nn.Module, meta: dict[str, Any], faces: np.ndarray, tar
         for j in range(len(x)):
             out.append(Explanation(faces[i + j], probs[i + j].numpy(), int(t[j]), sal[j].numpy(), cam[j].numpy()))
     return out
+
+
+def _central_part(face: np.ndarray, fraction: float) -> np.ndarray:
+    """The centred window covering `fraction` of each side of `face`."""
+    h, w = face.shape[:2]
+    ch, cw = max(1, round(h * fraction)), max(1, round(w * fraction))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return face[top:top + ch, left:left + cw]
 
 
 def plot_explanation(exp: Explanation, classes: Sequence[str], path: str | os.PathLike,

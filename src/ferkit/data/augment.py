@@ -140,7 +140,8 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | No
     crop: when > 0, cut a random crop x crop window out of each warped image (`random_crop`) before random
     erasing, which then falls inside the crop, as in a ten-crop recipe that erases each crop.
     """
-    geometric = (cfg.crop_scale != (1.0, 1.0) or cfg.rotation > 0 or cfg.translate > 0 or cfg.hflip > 0)
+    geometric = (tuple(cfg.crop_scale) != (1.0, 1.0) or tuple(cfg.crop_ratio) != (1.0, 1.0) or cfg.rotation > 0
+                 or cfg.translate > 0 or cfg.hflip > 0)
     if geometric:
         x = random_affine(x, cfg, generator)
     if crop:

@@ -49,8 +49,9 @@ class TrainConfig:
     # per-step schedule such as cosine is laid out for `epochs` and so is cut short, not compressed).
     time_limit: float = 0.0
     grad_clip: float = 0.0  # max gradient norm; 0 = off
-    # Knowledge distillation from a trained teacher (a .safetensors model or saved ensemble): its flip-TTA
-    # probabilities on the un-augmented training faces are computed once and used as soft targets.
+    # Knowledge distillation from a trained teacher (a .safetensors model or saved ensemble): its probabilities
+    # on the un-augmented training faces (flip TTA, or the teacher's own view: trainer._teacher_probabilities)
+    # are computed once and used as soft targets.
     teacher: str = ""
     distill_weight: float = 0.7  # loss = (1 - w) * CE(labels) + w * T^2 * KL(teacher_T || student_T)
     distill_temperature: float = 4.0

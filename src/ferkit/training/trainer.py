@@ -24,7 +24,7 @@ from ferkit.data import FaceData, file_sha256, load_dataset
 from ferkit.data.augment import augment, normalize, resize, to_float
 from ferkit.device import autocast, resolve_device, resolve_precision
 from ferkit.models import count_parameters, create_model
-from ferkit.models.predict import predict_proba, tencrop_source_size
+from ferkit.models.predict import model_tta, predict_proba, tencrop_source_size
 from ferkit.models.weights import load_model, save_weights
 from ferkit.shared_files import write_rows
 from ferkit.training.config import RESUME_SETTINGS, TrainConfig
@@ -271,7 +271,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
 
 def _teacher_probabilities(cfg: TrainConfig, train_set: FaceData, classes: tuple[str, ...] | list[str],
                            device: torch.device) -> torch.Tensor:
-    """The teacher's flip-TTA probabilities on the un-augmented training faces, (N, C), computed once.
+    """The teacher's probabilities on the un-augmented training faces, (N, C), computed once, under its own
+    view (`--tta auto`: a saved ensemble's fitted mode, the centre crop for crop-trained weights), or with
+    flip TTA where that view is the plain whole face.
 
     Offline targets cost one teacher pass instead of one per epoch; under the mild augmentations used here
     (flips, small crops and shifts) a face's emotion distribution does not change, so the targets still fit.
@@ -281,8 +283,9 @@ def _teacher_probabilities(cfg: TrainConfig, train_set: FaceData, classes: tuple
         raise ValueError(f"teacher {cfg.teacher} predicts {meta.get('classes')}, but this run trains {list(classes)}")
     print(f"distilling from {cfg.teacher} ({meta['model']}): computing its probabilities on {len(train_set)} "
           "training faces", flush=True)
+    view = model_tta("auto", meta)
     probs = predict_proba(teacher, train_set.images, input_size=meta["input_size"],
-                          norm=meta.get("normalize", "dataset"), tta="flip")
+                          norm=meta.get("normalize", "dataset"), tta="flip" if view == "none" else view)
     acc = float((probs.argmax(1) == train_set.labels).mean())
     print(f"teacher accuracy on the training faces: {acc:.4f}", flush=True)
     return torch.from_numpy(probs)
