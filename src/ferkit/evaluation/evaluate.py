@@ -114,8 +114,8 @@ def evaluate(model: nn.Module, meta: dict[str, Any], data: FaceData, split: str 
     tta: 'auto' (the view the weights were selected on, see models.predict.model_tta), 'none', 'flip' (average
     with the mirror image), 'tencrop', 'center' or 'shift' (see models.predict.TTA_MODES); the result records the
     mode run.
-    device: 'auto' | 'cpu' | 'cuda[:N]'; the model is moved there. precision: 'auto' (bf16 autocast on CPU,
-    bf16/fp16 on CUDA) | 'fp32' | 'bf16' | 'fp16'.
+    device: 'auto' | 'cpu' | 'cuda[:N]'; the model is moved there. precision: 'auto' (CPU: bf16 autocast
+    where the CPU has native bf16, else fp32; CUDA: bf16/fp16) | 'fp32' | 'bf16' | 'fp16'.
     weights_path: the weights file, only to record its sha256.
     """
     tta = model_tta(tta, meta)
