@@ -258,6 +258,26 @@ def test_image_folder_labels_splits_and_order(image_tree: Path) -> None:
     assert len(data.split("train")) == 5 and len(data.split("val")) == 1 and len(data.split("test")) == 1
 
 
+def test_image_folder_pixels_match_prediction_for_16_bit_and_alpha(tmp_path: Path) -> None:
+    # A 16-bit gradient and a half-transparent RGBA face read as prediction reads them (scaled, on white),
+    # not clipped to 255 / composited on black.
+    from ferkit.inference.image_io import load_image, rgb_to_gray
+
+    root = tmp_path / "faces"
+    (root / "train" / "happy").mkdir(parents=True)
+    Image.fromarray(np.tile(np.linspace(0, 65535, 48).astype(np.uint16), (48, 1))).save(
+        root / "train" / "happy" / "deep.png")
+    rgba = np.zeros((48, 48, 4), np.uint8)
+    rgba[..., :3], rgba[:24, :, 3] = 90, 255  # lower half fully transparent
+    Image.fromarray(rgba, "RGBA").save(root / "train" / "happy" / "glass.png")
+    data = load_image_folder(root)
+    for face, name in zip(data.images, ["deep.png", "glass.png"], strict=True):
+        expected = rgb_to_gray(load_image(root / "train" / "happy" / name, color="rgb"))
+        assert np.array_equal(face, expected), name
+    assert data.images[0, 0, -1] == 255 and data.images[0, 0, 0] == 0  # the full 16-bit range, scaled
+    assert (data.images[1, 30:] == 255).all() and (data.images[1, :20] == 90).all()
+
+
 def test_image_folder_sha256_names_the_content(image_tree: Path) -> None:
     first = load_image_folder(image_tree).sha256
     assert load_image_folder(image_tree).sha256 == first

@@ -6,7 +6,8 @@ Class folders: the label set's class names, case-insensitive, plus common aliase
 `sadness`, `surprised`, ...). A folder of a FER2013 class that the label set leaves out (`disgust` under
 'fer6') is skipped and counted; any other folder name is an error.
 
-Every image is converted to 8-bit grayscale and resized to 48x48 when it is another size. Files are read
+Every image is converted to 8-bit grayscale as prediction converts it (ferkit.data.pixels) and resized to 48x48
+when it is another size. Files are read
 in natural sort order of their path relative to root (`im2.png` before `im10.png`), so loads are
 deterministic; `FaceData.rows` is that running index and `FaceData.sha256` hashes the relative paths and
 bytes of every image file in the tree, so a manifest can name the data.
@@ -135,13 +136,18 @@ def _natural_key(text: str) -> tuple:
 
 
 def _decode(path: Path, data: bytes) -> np.ndarray:
-    from PIL import Image  # imported here: `import ferkit.data` stays light
+    # Imported here: `import ferkit.data` stays light. The pixels are those prediction gives the same file
+    # (ferkit.data.pixels: 16-bit scaled, alpha on white, EXIF orientation applied).
+    from PIL import Image, ImageOps
+
+    from ferkit.data.pixels import pil_to_rgb, rgb_to_gray
 
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
+            im = ImageOps.exif_transpose(im)
             if im.mode != "L":
-                im = im.convert("L")
+                im = Image.fromarray(rgb_to_gray(pil_to_rgb(im, str(path))))
             if im.size != (IMAGE_SIDE, IMAGE_SIDE):
                 im = im.resize((IMAGE_SIDE, IMAGE_SIDE), Image.Resampling.BILINEAR)
             return np.asarray(im, dtype=np.uint8)

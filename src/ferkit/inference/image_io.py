@@ -16,6 +16,15 @@ from typing import Any
 
 import numpy as np
 
+from ferkit.data.pixels import (  # noqa: F401  (ImageError, gray_to_rgb, rgb_to_gray: re-exported)
+    ImageError,
+    composite_white,
+    gray_to_rgb,
+    pil_to_rgb,
+    rgb_to_gray,
+    scale_to_uint8,
+)
+
 # 50 megapixels: a 8660 x 5773 photo; above anything a camera phone writes, far below memory trouble.
 MAX_PIXELS = 50_000_000
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm",
@@ -29,15 +38,6 @@ def sample_image_path() -> Path:
     from importlib import resources
 
     return Path(str(resources.files("ferkit") / "assets" / "astronaut.jpg"))
-
-
-class ImageError(ValueError):
-    """An input that cannot be used as an image; `source` names it and `reason` says why."""
-
-    def __init__(self, source: str, reason: str) -> None:
-        super().__init__(f"{source}: {reason}")
-        self.source = source
-        self.reason = reason
 
 
 def is_image_path(path: str | os.PathLike) -> bool:
@@ -62,7 +62,7 @@ def load_image(source: Any, color: str = "bgr", max_pixels: int = MAX_PIXELS, na
     label = name or ("<PIL image>" if isinstance(source, Image.Image) else "<array>")
     if isinstance(source, Image.Image):
         _check_pixels(label, source.size[0], source.size[1], max_pixels)
-        return _pil_to_rgb(source, label)
+        return pil_to_rgb(source, label)
     if isinstance(source, np.ndarray) or hasattr(source, "__array__"):
         return array_to_rgb(np.asarray(source), color, label, max_pixels)
     raise ImageError(name or type(source).__name__,
@@ -99,7 +99,7 @@ def _load_path(path: Path, max_pixels: int, name: str | None) -> np.ndarray:
                 _check_pixels(label, im.size[0], im.size[1], max_pixels)
                 im.load()
                 im = ImageOps.exif_transpose(im)
-                return _pil_to_rgb(im, label)
+                return pil_to_rgb(im, label)
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
@@ -115,67 +115,6 @@ def _load_path(path: Path, max_pixels: int, name: str | None) -> np.ndarray:
         raise ImageError(label, "not enough memory to decode the image") from None
 
 
-def _pil_to_rgb(im: Any, label: str) -> np.ndarray:
-    """Any PIL mode -> uint8 RGB. Alpha is composited on white; high bit depths are scaled, not clipped."""
-    mode = im.mode
-    if mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-        mode = im.mode
-    if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
-        return gray_to_rgb(_scale_to_uint8(np.asarray(im), label))
-    if mode in ("LA", "La", "PA", "RGBA", "RGBa"):
-        rgba = np.asarray(im.convert("RGBA"))
-        return _composite_white(rgba)
-    if mode == "1":
-        im = im.convert("L")
-    if mode == "L" or im.mode == "L":
-        return gray_to_rgb(np.asarray(im))
-    if im.mode != "RGB":
-        try:
-            im = im.convert("RGB")
-        except (ValueError, OSError) as e:
-            raise ImageError(label, f"cannot convert image mode {mode!r} to RGB ({e})") from None
-    arr = np.asarray(im)
-    if arr.dtype != np.uint8:  # pragma: no cover - PIL's RGB is always 8-bit
-        arr = _scale_to_uint8(arr, label)
-    return np.ascontiguousarray(arr)
-
-
-def _composite_white(rgba: np.ndarray) -> np.ndarray:
-    alpha = rgba[..., 3:4].astype(np.float32) / 255.0
-    rgb = rgba[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
-    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
-
-
-def _scale_to_uint8(arr: np.ndarray, label: str) -> np.ndarray:
-    """Integers wider than 8 bits are scaled from their range (16-bit: /257); floats in [0, 1] are x255."""
-    if arr.dtype == np.uint8:
-        return arr
-    if arr.dtype == np.bool_:
-        return arr.astype(np.uint8) * 255
-    if np.issubdtype(arr.dtype, np.integer):
-        a = arr.astype(np.int64)
-        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
-        if lo < 0:
-            raise ImageError(label, "negative pixel values")
-        if arr.dtype == np.uint16 or hi > 255:  # 16-bit data (or wider integers holding it)
-            top = max(65535, hi)
-            return ((a * 255 + top // 2) // top).astype(np.uint8)
-        return a.astype(np.uint8)
-    if np.issubdtype(arr.dtype, np.floating):
-        a = arr.astype(np.float32)
-        if not np.isfinite(a).all():
-            raise ImageError(label, "pixel values are NaN or infinite")
-        if a.size and a.max() <= 1.0 and a.min() >= 0.0:
-            a = a * 255.0
-        return np.clip(a + 0.5, 0, 255).astype(np.uint8)
-    raise ImageError(label, f"unsupported pixel type {arr.dtype}")
-
-
-def gray_to_rgb(gray: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=-1))
-
-
 def array_to_rgb(arr: np.ndarray, color: str = "bgr", label: str = "<array>",
                  max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """A NumPy image (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) of any numeric dtype -> uint8 RGB."""
@@ -186,19 +125,12 @@ def array_to_rgb(arr: np.ndarray, color: str = "bgr", label: str = "<array>",
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
         raise ImageError(label, f"unsupported array shape {arr.shape} (expected (H, W), (H, W, 3) or (H, W, 4))")
     _check_pixels(label, arr.shape[1], arr.shape[0], max_pixels)
-    arr = _scale_to_uint8(arr, label)
+    arr = scale_to_uint8(arr, label)
     if arr.ndim == 2:
         return gray_to_rgb(arr)
     if color == "gray":
         raise ImageError(label, f"color='gray' but the array has {arr.shape[-1]} channels")
     if arr.shape[-1] == 4:
         arr = arr[..., [2, 1, 0, 3]] if color == "bgr" else arr
-        return _composite_white(arr)
+        return composite_white(arr)
     return np.ascontiguousarray(arr[..., ::-1] if color == "bgr" else arr)
-
-
-def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
-    """ITU-R 601 luma (what PIL's "L" and OpenCV use), uint8 (H, W)."""
-    import cv2
-
-    return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
