@@ -68,6 +68,10 @@ def test_reproduce_evaluates_with_the_runs_skip_bad_rows(tmp_path: Path, cache_d
     row = reproduce("sixclass_cnn4", bad, runs_dir=tmp_path / "runs", results_dir=tmp_path / "results",
                     extra=["epochs=1", "precision=fp32", "skip_bad_rows=true"], progress=False)
     assert 0 <= float(row["private_test"]) <= 1
+    # Re-reporting the run with other data is refused: its numbers would mix two datasets.
+    with pytest.raises(ValueError, match="other data"):
+        reproduce("sixclass_cnn4", write_csv(tmp_path / "other.csv", rows), runs_dir=tmp_path / "runs",
+                  results_dir=tmp_path / "results", progress=False)
 
 
 def test_cli_reproduce_list_and_unknown_system(tiny_csv: Path) -> None:

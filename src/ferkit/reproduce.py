@@ -139,6 +139,11 @@ def reproduce(name: str, data: str | os.PathLike, *, runs_dir: str | os.PathLike
     model, meta = load_model(result.run_dir / "best.safetensors")
     trained = json.loads((result.run_dir / "config.json").read_text())
     dataset = load_dataset(str(data), meta["label_set"], skip_bad_rows=bool(trained.get("skip_bad_rows")))
+    trained_on = json.loads((run_dir / "manifest.json").read_text()).get("data", {})
+    if trained_on.get("sha256") and trained_on["sha256"] != dataset.sha256:
+        raise ValueError(f"{run_dir} was trained on {trained_on.get('path')} (sha256 {trained_on['sha256'][:12]}...), "
+                         f"but --data {data} is other data (sha256 {dataset.sha256[:12]}...); evaluate it on the "
+                         "data it was trained on")
     scores = {split: evaluate(model, meta, dataset, split, tta=recipe.tta, weights_path=run_dir / "best.safetensors")
               for split in ("PublicTest", "PrivateTest")}
 
