@@ -137,9 +137,10 @@ def reproduce(name: str, data: str | os.PathLike, *, runs_dir: str | os.PathLike
         result = train(cfg)
 
     model, meta = load_model(result.run_dir / "best.safetensors")
-    trained = json.loads((result.run_dir / "config.json").read_text())
-    dataset = load_dataset(str(data), meta["label_set"], skip_bad_rows=bool(trained.get("skip_bad_rows")))
-    trained_on = json.loads((run_dir / "manifest.json").read_text()).get("data", {})
+    manifest = json.loads((run_dir / "manifest.json").read_text())  # the run's config, data and timings
+    dataset = load_dataset(str(data), meta["label_set"],
+                           skip_bad_rows=bool(manifest["config"].get("skip_bad_rows")))
+    trained_on = manifest.get("data", {})
     if trained_on.get("sha256") and trained_on["sha256"] != dataset.sha256:
         raise ValueError(f"{run_dir} was trained on {trained_on.get('path')} (sha256 {trained_on['sha256'][:12]}...), "
                          f"but --data {data} is other data (sha256 {dataset.sha256[:12]}...); evaluate it on the "
@@ -155,7 +156,6 @@ def reproduce(name: str, data: str | os.PathLike, *, runs_dir: str | os.PathLike
     record.mkdir(parents=True, exist_ok=True)
     for f in ("manifest.json", "config.json", "metrics.csv", "curves.png"):
         shutil.copy2(run_dir / f, record / f)
-    manifest = json.loads((run_dir / "manifest.json").read_text())
     (record / "evaluation.json").write_text(json.dumps({s: r.to_json() for s, r in scores.items()}, indent=2) + "\n")
     hw = manifest.get("hardware") or hardware()  # where it trained (a resumed run is re-reported elsewhere)
     row = {"system": recipe.system, "registry_name": recipe.model, "classes": str(len(pub.classes)),
