@@ -443,8 +443,10 @@ def test_ferplus_validation_errors(ferplus_pair: tuple[Path, Path], tmp_path: Pa
         attach_ferplus(data, short)
     with pytest.raises(DataError, match=r"has 7 data rows but .* has 4 \(4 loaded \+ 0 skipped\)"):
         attach_ferplus(data.split("train"), fp_path)  # attach before splitting
-    shifted = tmp_path / "shifted.csv"
-    shifted.write_text(FERPLUS_HEADER + "\n" + "\n".join(FERPLUS_ROWS[1:] + FERPLUS_ROWS[:1]) + "\n")
+    shifted = tmp_path / "shifted.csv"  # rows rotated by one, image names left in place (those are checked below)
+    rotated = FERPLUS_ROWS[1:] + FERPLUS_ROWS[:1]
+    shifted.write_text(FERPLUS_HEADER + "\n" + "\n".join(
+        _with_name(r, orig.split(",")[1]) for r, orig in zip(rotated, FERPLUS_ROWS, strict=True)) + "\n")
     with pytest.raises(DataError, match=r"shifted\.csv, line 5: Usage 'PublicTest'.*do not line up"):
         attach_ferplus(data, shifted)
     no_nf = tmp_path / "no_nf.csv"
@@ -457,6 +459,63 @@ def test_ferplus_validation_errors(ferplus_pair: tuple[Path, Path], tmp_path: Pa
         load_ferplus_labels(bad_vote)
     with pytest.raises(ValueError, match="unknown FER\\+ mode"):
         attach_ferplus(data, fp_path, mode="vote")
+
+
+def _with_name(row: str, name: str) -> str:
+    fields = row.split(",")
+    return ",".join([fields[0], name, *fields[2:]])
+
+
+def _ferplus_file(path: Path, usages: list[str], names: list[str]) -> Path:
+    """A FER+ file with these Usage values and image names, everyone voting happiness."""
+    path.write_text(FERPLUS_HEADER + "\n" + "".join(f"{u},{n},0,10,0,0,0,0,0,0,0,0\n" for u, n in
+                                                     zip(usages, names, strict=True)))
+    return path
+
+
+def test_ferplus_row_deleted_and_another_duplicated_is_refused(tmp_path: Path, cache_dir: Path) -> None:
+    # Same row count, same Usage on every row: only the image names show that rows 3..5 got the labels of 4..6.
+    names = [f"fer{i:07d}.png" for i in range(10)]
+    names[7] = ""  # a not-a-face row (which used up a number) inside the stretch, as in the real file
+    usages = ["Training"] * 10
+    fine = _ferplus_file(tmp_path / "fine.csv", usages, names)
+    tampered = names[:3] + names[4:6] + [names[5]] + names[6:]  # delete row 3, duplicate row 5
+    bad = _ferplus_file(tmp_path / "tampered.csv", usages, tampered)
+    data = load_fer2013_csv(write_csv(tmp_path / "fer2013.csv", synthetic_rows({"Training": 10})))
+    assert len(attach_ferplus(data, fine)) == 9
+    for attempt in (lambda: load_ferplus_labels(bad), lambda: attach_ferplus(data, bad)):
+        with pytest.raises(DataError, match=r"tampered\.csv, line 5: image name 'fer0000004\.png' is out of "
+                                            r"sequence: expected .* N in 3\.\.3 after 'fer0000002\.png' on line 4"):
+            attempt()
+    # The duplicate first, the deletion further down: the duplicate's line is the first bad one.
+    dup_first = _ferplus_file(tmp_path / "dup_first.csv", usages, names[:3] + [names[2]] + names[3:8] + names[9:])
+    with pytest.raises(DataError, match=r"dup_first\.csv, line 5: image name 'fer0000002\.png'"):
+        load_ferplus_labels(dup_first)
+    wrong_form = _ferplus_file(tmp_path / "wrong_form.csv", usages[:2], ["fer0000000.png", "face1.jpg"])
+    with pytest.raises(DataError, match=r"wrong_form\.csv, line 3: image name 'face1\.jpg' is not fer<number>\.png"):
+        load_ferplus_labels(wrong_form)
+    late_start = _ferplus_file(tmp_path / "late_start.csv", usages[:2], ["", "fer0000002.png"])  # N > row index
+    with pytest.raises(DataError, match=r"line 3: .*N in 0\.\.1 on the first named row"):
+        load_ferplus_labels(late_start)
+
+
+def test_ferplus_split_sizes_must_match(tmp_path: Path, cache_dir: Path) -> None:
+    data = load_fer2013_csv(write_csv(tmp_path / "fer2013.csv", synthetic_rows({"Training": 3, "PublicTest": 2})))
+    names = [f"fer{i}.png" for i in range(5)]
+    moved = _ferplus_file(tmp_path / "moved.csv", ["Training"] * 4 + ["PublicTest"], names)
+    with pytest.raises(DataError, match=r"moved\.csv has 4 Training rows but .*fer2013\.csv has 3"):
+        attach_ferplus(data, moved)
+
+
+def test_ferplus_tie_labels_the_leftmost_column_not_argmax_of_soft(ferplus_pair: tuple[Path, Path]) -> None:
+    # Row 1 votes neutral 4 / anger 4: the majority (FER+ column order) is neutral, while the soft labels'
+    # first maximum in FER2013 class order is angry. `labels` keeps the documented majority rule.
+    data = attach_ferplus(load_fer2013_csv(ferplus_pair[0]), ferplus_pair[1], mode="soft")
+    classes = data.label_set.classes
+    assert data.rows[1] == 1 and classes[data.labels[1]] == "neutral"
+    assert classes[int(np.argmax(data.soft_labels[1]))] == "angry"
+    assert data.soft_labels[1, data.labels[1]] == data.soft_labels[1].max()
+    assert np.array_equal(attach_ferplus(load_fer2013_csv(ferplus_pair[0]), ferplus_pair[1]).labels, data.labels)
 
 
 def test_ferplus_rejects_image_folders(image_tree: Path, ferplus_pair: tuple[Path, Path]) -> None:
@@ -514,6 +573,21 @@ class TestRealDataFERPlus:
         fp = load_ferplus_labels(real_ferplus)
         assert len(fp) == 35887 and int((fp.image_names == "").sum()) == 173
         assert np.array_equal(fp.usage, _real_fer2013().usage)  # the two files line up row by row
+        # The name invariant `check_name_sequence` enforces holds on the real file: 35,714 names, 57 of them
+        # equal to fer<row index> (the drift starts at row 60), four stray repeats.
+        named = fp.image_names[fp.image_names != ""]
+        assert len(named) == 35714 and len(set(named.tolist())) == 35710
+        assert sum(n == f"fer{i:07d}.png" for i, n in enumerate(fp.image_names)) == 57
+
+    def test_name_check_refuses_a_real_row_deleted_and_another_duplicated(self, real_ferplus: Path,
+                                                                          tmp_path: Path) -> None:
+        lines = real_ferplus.read_text().splitlines(keepends=True)
+        del lines[1001]  # data row 1000
+        lines.insert(20001, lines[20000])  # data row 20000 (19,999 before the deletion) twice
+        bad = tmp_path / "fer2013new.csv"
+        bad.write_text("".join(lines))
+        with pytest.raises(DataError, match=r"fer2013new\.csv, line 1002: image name .* is out of sequence"):
+            attach_ferplus(_real_fer2013(), bad)
 
     def test_majority_counts_match_readme(self, real_ferplus: Path) -> None:
         data = attach_ferplus(_real_fer2013(), real_ferplus)

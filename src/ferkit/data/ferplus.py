@@ -3,10 +3,15 @@
 The file has one row per FER2013 data row, in the same order, with the votes of 10 annotators over
 `neutral, happiness, surprise, sadness, anger, disgust, fear, contempt, unknown, NF` (NF = not a face).
 FER+ joins FER2013 **by row position** (image names drift and repeat), so `attach_ferplus` uses
-`FaceData.rows` and checks that the row counts and every row's Usage agree.
+`FaceData.rows` and checks that the row counts, the row counts per split and every row's Usage agree.
+The image names still pin the row order down: `load_ferplus_labels` refuses a file whose names are out of
+sequence (a row deleted, duplicated or moved), see `check_name_sequence`.
 
 Majority label: the column with the most votes, ties going to the leftmost column in file order (the
 rule behind the counts in the data README). Soft labels: the vote fractions over the label set's classes.
+On a tie the majority label is the leftmost FER+ column, which need not be the class `np.argmax` picks from
+the soft labels (FER2013 class order): e.g. neutral 4 / anger 4 is labelled neutral, while the soft labels'
+first maximum is angry.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import csv
 import hashlib
 import io
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,6 +40,11 @@ FERPLUS_TO_FER2013: dict[str, str] = {
     "disgust": "disgust", "fear": "fear",
 }
 MODES = ("majority", "soft")
+IMAGE_NAME = re.compile(r"fer(\d+)\.png")
+# The four rows (0-based data rows) of Microsoft's fer2013new.csv (commit ae2128a) whose image name is out of
+# sequence: each repeats a name that another row holds in sequence. Only this name on this row is let through.
+KNOWN_STRAY_NAMES: dict[int, str] = {5274: "fer0006953.png", 5348: "fer0011785.png", 15835: "fer0008403.png",
+                                     34334: "fer0033120.png"}
 
 
 @dataclass
@@ -86,6 +97,7 @@ def load_ferplus_labels(path: str | os.PathLike) -> FerPlusLabels:
 
     usage: list[str] = []
     names: list[str] = []
+    line_numbers: list[int] = []
     votes: list[list[int]] = []
     for fields in reader:
         line_no = reader.line_num
@@ -106,11 +118,40 @@ def load_ferplus_labels(path: str | os.PathLike) -> FerPlusLabels:
         usage.append(use)
         names.append(fields[col["Image name"]].strip())
         votes.append(row)
+        line_numbers.append(line_no)
     if not votes:
         raise DataError(f"{path}: no data rows after the header")
+    check_name_sequence(names, line_numbers, str(path))
     return FerPlusLabels(usage=np.asarray(usage), image_names=np.asarray(names),
                          votes=np.asarray(votes, dtype=np.int64), columns=columns, source=str(path),
                          sha256=file_sha256(path))
+
+
+def check_name_sequence(names: list[str], line_numbers: list[int], where: str) -> None:
+    """Refuse rows deleted, duplicated or moved, as far as the FER+ image names can tell.
+
+    FER+ numbered its images in row order, so in the real file (all 35,714 named rows) a named row is
+    `fer<N>.png` and, between two named rows k rows apart, N rises by at least 1 and at most k (a row without a
+    name in between may or may not have used up a number); the first named row's N is at most its row index.
+    The only exceptions are the four `KNOWN_STRAY_NAMES`. A deleted named row makes the next name jump by 2
+    over 1 row, a duplicated row repeats its N: the error names the first line out of sequence, where the
+    labels start to shift.
+    """
+    prev_row, prev_num, prev = -1, -1, ""
+    for row, name in enumerate(names):
+        if not name or KNOWN_STRAY_NAMES.get(row) == name:
+            continue
+        match = IMAGE_NAME.fullmatch(name)
+        if match is None:
+            raise DataError(f"{where}, line {line_numbers[row]}: image name {name!r} is not fer<number>.png")
+        num = int(match.group(1))
+        if not 1 <= num - prev_num <= row - prev_row:
+            after = f"after {prev!r} on line {line_numbers[prev_row]}" if prev else "on the first named row"
+            raise DataError(
+                f"{where}, line {line_numbers[row]}: image name {name!r} is out of sequence: expected "
+                f"fer<N>.png with N in {prev_num + 1}..{prev_num + row - prev_row} {after}; a row was deleted, "
+                f"duplicated or moved here, which would shift every label below it")
+        prev_row, prev_num, prev = row, num, name
 
 
 def attach_ferplus(
@@ -126,7 +167,8 @@ def attach_ferplus(
     `data.skipped`), and each row's Usage must agree. Rows are dropped, and counted in `skipped`, when
     FER+ says they are not a face, or their majority is contempt, unknown, NF or a class outside the label
     set. mode 'majority': `labels` = the majority class. mode 'soft': additionally `soft_labels` = vote
-    fractions over the label set's classes (renormalized), with `labels` their argmax (the majority).
+    fractions over the label set's classes (renormalized); `labels` stays the majority class, one of the soft
+    labels' maxima but on a tie not necessarily `np.argmax`'s (ties follow the FER+ column order).
     `label_set` defaults to `data.label_set`; pass one to relabel into another set (e.g. load 'fer7',
     attach with 'fer6', so rows FER2013 called disgust can still be used when FER+ disagrees).
     """
@@ -144,6 +186,12 @@ def attach_ferplus(
             f"{where} has {len(fp)} data rows but {data.source or 'the data'} has {source_rows} "
             f"({len(data)} loaded + {sum(data.skipped.values())} skipped); FER+ joins FER2013 by row "
             f"position, so they must describe the same file (attach FER+ to the complete CSV before splitting)")
+    if not data.skipped:  # a complete load knows every row's split: compare the split sizes first
+        for split in SPLITS:
+            n_fp, n_data = int((fp.usage == split).sum()), int((data.usage == split).sum())
+            if n_fp != n_data:
+                raise DataError(f"{where} has {n_fp} {split} rows but {data.source or 'the data'} has {n_data}; "
+                                f"the files do not line up")
     rows = data.rows
     mismatch = np.flatnonzero(fp.usage[rows] != data.usage)
     if len(mismatch):
