@@ -6,9 +6,9 @@ Class folders: the label set's class names, case-insensitive, plus common aliase
 `sadness`, `surprised`, ...). A folder of a FER2013 class that the label set leaves out (`disgust` under
 'fer6') is skipped and counted; any other folder name is an error.
 
-Every image is converted to 8-bit grayscale as prediction converts it (ferkit.data.pixels) and resized to 48x48
-when it is another size. Files are read
-in natural sort order of their path relative to root (`im2.png` before `im10.png`), so loads are
+Every image is decoded and converted to 8-bit grayscale as prediction does it (ferkit.data.pixels: the same
+pixel-count guard, checked before decoding, and the same errors) and resized to 48x48 when it is another size.
+Files are read in natural sort order of their path relative to root (`im2.png` before `im10.png`), so loads are
 deterministic; `FaceData.rows` is that running index and `FaceData.sha256` hashes the relative paths and
 bytes of every image file in the tree, so a manifest can name the data.
 """
@@ -16,7 +16,6 @@ bytes of every image file in the tree, so a manifest can name the data.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
 from pathlib import Path
@@ -136,20 +135,17 @@ def _natural_key(text: str) -> tuple:
 
 
 def _decode(path: Path, data: bytes) -> np.ndarray:
-    # Imported here: `import ferkit.data` stays light. The pixels are those prediction gives the same file
-    # (ferkit.data.pixels: 16-bit scaled, alpha on white, EXIF orientation applied).
-    from PIL import Image, ImageOps
+    # The same decoder as prediction (ferkit.data.pixels): the same pixels (16-bit scaled, alpha on white, EXIF
+    # orientation applied), the same pixel-count guard before decoding, every decoder failure named.
+    # Imported here: `import ferkit.data` stays light.
+    from PIL import Image
 
-    from ferkit.data.pixels import pil_to_rgb, rgb_to_gray
+    from ferkit.data.pixels import ImageError, decode_image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            if im.mode != "L":
-                im = Image.fromarray(rgb_to_gray(pil_to_rgb(im, str(path))))
-            if im.size != (IMAGE_SIDE, IMAGE_SIDE):
-                im = im.resize((IMAGE_SIDE, IMAGE_SIDE), Image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+        gray = decode_image(data, str(path), gray=True)
+    except ImageError as e:
+        raise DataError(f"{path}: cannot read image ({e.reason})") from None
+    if gray.shape != (IMAGE_SIDE, IMAGE_SIDE):
+        gray = np.asarray(Image.fromarray(gray).resize((IMAGE_SIDE, IMAGE_SIDE), Image.Resampling.BILINEAR))
+    return gray

@@ -4,13 +4,23 @@ and for images at inference (ferkit.inference.image_io), so a model is trained a
 High bit depths are scaled (16-bit: /257), not clipped; alpha is composited on white; palette, 1-bit and CMYK
 images are converted; gray is ITU-R 601 luma (what PIL's "L" and OpenCV use). Failures raise `ImageError`,
 which names the image and the reason.
+
+`decode_image` is the one place encoded image files are decoded (image folders and prediction alike): a header
+declaring more than `MAX_PIXELS` pixels is refused before any pixel is decoded (decompression-bomb guard), and
+whatever a Pillow decoder raises on a corrupt file becomes an `ImageError`.
 """
 
 from __future__ import annotations
 
+import io
+import os
+import warnings
 from typing import Any
 
 import numpy as np
+
+# 50 megapixels: a 8660 x 5773 photo; above anything a camera phone writes, far below memory trouble.
+MAX_PIXELS = 50_000_000
 
 
 class ImageError(ValueError):
@@ -20,6 +30,54 @@ class ImageError(ValueError):
         super().__init__(f"{source}: {reason}")
         self.source = source
         self.reason = reason
+
+
+def check_pixels(label: str, width: int, height: int, max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse an empty image, or one over `max_pixels` (0: no limit)."""
+    if width <= 0 or height <= 0:
+        raise ImageError(label, f"empty image ({width}x{height})")
+    if max_pixels and width * height > max_pixels:
+        raise ImageError(label, f"image is {width}x{height} = {width * height:,} pixels, more than the "
+                                f"{max_pixels:,}-pixel limit (decompression-bomb guard)")
+
+
+def decode_image(source: str | os.PathLike | bytes, label: str, max_pixels: int = MAX_PIXELS, *,
+                 gray: bool = False) -> np.ndarray:
+    """Decode an image file (a path or its bytes) -> uint8 RGB (H, W, 3), or (H, W) luma with `gray`.
+
+    The size in the header is checked against `max_pixels` before any pixel is decoded; EXIF orientation is
+    applied. Every failure is an `ImageError` naming `label`.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if isinstance(source, bytes) and not source:
+        raise ImageError(label, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Our own limit decides; PIL's warning (and its 2x hard limit) must not leak out as noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+                check_pixels(label, im.size[0], im.size[1], max_pixels)  # Image.open has read the header only
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                if gray:
+                    return np.asarray(im) if im.mode == "L" else rgb_to_gray(pil_to_rgb(im, label))
+                return pil_to_rgb(im, label)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(label, f"refused by the decompression-bomb guard ({e})") from None
+    except UnidentifiedImageError:
+        raise ImageError(label, "not an image file, or a format Pillow cannot read") from None
+    except MemoryError:
+        raise ImageError(label, "not enough memory to decode the image") from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:  # opening the path, not decoding it
+        raise ImageError(label, f"cannot read file ({e.strerror or e})") from None
+    except Exception as e:
+        # Pillow's decoders are third-party parsers of untrusted bytes and raise whatever their format hits on
+        # a corrupt file: OSError ("image file is truncated"), SyntaxError (broken PNG chunks), ValueError,
+        # EOFError, struct.error, IndexError, NotImplementedError (a DDS with an unknown pixel format) ...
+        raise ImageError(label, f"corrupt or truncated image ({type(e).__name__}: {e})") from None
 
 
 def pil_to_rgb(im: Any, label: str) -> np.ndarray:

@@ -10,23 +10,23 @@ a file whose header declares more than `max_pixels` pixels is refused before any
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ferkit.data.pixels import (  # noqa: F401  (ImageError, gray_to_rgb, rgb_to_gray: re-exported)
+from ferkit.data.pixels import (  # noqa: F401  (ImageError, MAX_PIXELS, gray_to_rgb, rgb_to_gray: re-exported)
+    MAX_PIXELS,
     ImageError,
+    check_pixels,
     composite_white,
+    decode_image,
     gray_to_rgb,
     pil_to_rgb,
     rgb_to_gray,
     scale_to_uint8,
 )
 
-# 50 megapixels: a 8660 x 5773 photo; above anything a camera phone writes, far below memory trouble.
-MAX_PIXELS = 50_000_000
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm",
                             ".pnm", ".pbm", ".jfif"})
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"})
@@ -61,7 +61,7 @@ def load_image(source: Any, color: str = "bgr", max_pixels: int = MAX_PIXELS, na
         return _load_path(Path(source), max_pixels, name)
     label = name or ("<PIL image>" if isinstance(source, Image.Image) else "<array>")
     if isinstance(source, Image.Image):
-        _check_pixels(label, source.size[0], source.size[1], max_pixels)
+        check_pixels(label, source.size[0], source.size[1], max_pixels)
         return pil_to_rgb(source, label)
     if isinstance(source, np.ndarray) or hasattr(source, "__array__"):
         return array_to_rgb(np.asarray(source), color, label, max_pixels)
@@ -69,17 +69,7 @@ def load_image(source: Any, color: str = "bgr", max_pixels: int = MAX_PIXELS, na
                      f"unsupported input type {type(source).__name__} (expected a path, a NumPy array or a PIL image)")
 
 
-def _check_pixels(label: str, width: int, height: int, max_pixels: int) -> None:
-    if width <= 0 or height <= 0:
-        raise ImageError(label, f"empty image ({width}x{height})")
-    if max_pixels and width * height > max_pixels:
-        raise ImageError(label, f"image is {width}x{height} = {width * height:,} pixels, more than the "
-                                f"{max_pixels:,}-pixel limit (decompression-bomb guard)")
-
-
 def _load_path(path: Path, max_pixels: int, name: str | None) -> np.ndarray:
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     label = name or str(path)
     if not path.exists():
         raise ImageError(label, "file not found")
@@ -91,28 +81,7 @@ def _load_path(path: Path, max_pixels: int, name: str | None) -> np.ndarray:
         raise ImageError(label, f"cannot read file ({e.strerror or e})") from None
     if size == 0:
         raise ImageError(label, "empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            # Our own limit decides; PIL's warning (and its 2x hard limit) must not leak out as noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                _check_pixels(label, im.size[0], im.size[1], max_pixels)
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                return pil_to_rgb(im, label)
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise ImageError(label, f"refused by the decompression-bomb guard ({e})") from None
-    except UnidentifiedImageError:
-        raise ImageError(label, "not an image file, or a format Pillow cannot read") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        # Truncated / corrupt data surfaces as OSError ("image file is truncated"), SyntaxError (broken
-        # PNG chunks) or ValueError from the decoders.
-        reason = str(e) or type(e).__name__
-        raise ImageError(label, f"corrupt or truncated image ({reason})") from None
-    except MemoryError:
-        raise ImageError(label, "not enough memory to decode the image") from None
+    return decode_image(path, label, max_pixels)  # shared with the image-folder loader (ferkit.data.pixels)
 
 
 def array_to_rgb(arr: np.ndarray, color: str = "bgr", label: str = "<array>",
@@ -124,7 +93,7 @@ def array_to_rgb(arr: np.ndarray, color: str = "bgr", label: str = "<array>",
         arr = arr[..., 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
         raise ImageError(label, f"unsupported array shape {arr.shape} (expected (H, W), (H, W, 3) or (H, W, 4))")
-    _check_pixels(label, arr.shape[1], arr.shape[0], max_pixels)
+    check_pixels(label, arr.shape[1], arr.shape[0], max_pixels)
     arr = scale_to_uint8(arr, label)
     if arr.ndim == 2:
         return gray_to_rgb(arr)
