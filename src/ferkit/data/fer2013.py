@@ -2,7 +2,9 @@
 
 Every problem is reported with the file name and its 1-based line number (the header is line 1).
 With `skip_bad_rows=True` bad rows are left out instead, and `FaceData.skipped` counts them by reason.
-Clean files are cached as uint8 arrays keyed by the file's sha256, so a second load is sub-second.
+Clean files are cached as uint8 arrays keyed by the file's sha256, so a second load is sub-second. The cache
+is written atomically and checked on every read (zip CRCs, the source's sha256, shapes, value ranges); a
+cache that fails any check is deleted and rebuilt from the CSV.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import uuid
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -60,11 +63,11 @@ def load_fer2013_csv(
         raise DataError(f"{path}: no such file")
     sha = file_sha256(path)
     cache_file = Path(cache_dir or default_cache_dir()) / f"fer2013-{sha[:32]}.npz"
-    raw = _read_cache(cache_file) if cache else None
+    raw = _read_cache(cache_file, sha) if cache else None
     if raw is None:
         raw = _parse(path, skip_bad_rows)
         if cache and not raw["skipped"]:  # only clean files are cached: a bad file must always raise
-            _write_cache(cache_file, raw)
+            _write_cache(cache_file, raw, sha)
     skipped = dict(raw["skipped"])
     return _apply_label_set(raw, labels, source=str(path), sha256=sha, skipped=skipped)
 
@@ -235,20 +238,68 @@ def _describe_pixel_problem(pixels: bytes) -> str:
     return f"expected {NUM_PIXELS} pixel values (48x48), got {len(tokens)}"
 
 
-def _read_cache(cache_file: Path) -> dict | None:
-    try:
-        with np.load(cache_file) as z:
-            return {k: z[k] for k in ("images", "emotion", "usage", "rows")} | {"skipped": {}}
-    except (OSError, KeyError, ValueError):
+CACHE_VERSION = 2  # bump when the cached arrays change meaning: older caches are then rebuilt
+_CACHE_ARRAYS = ("images", "emotion", "usage", "rows")
+
+
+def _read_cache(cache_file: Path, sha256: str) -> dict | None:
+    """The cached arrays of the CSV with this sha256, or None (a corrupt cache is deleted) to parse the CSV."""
+    if not cache_file.is_file():
         return None
+    try:
+        with np.load(cache_file, allow_pickle=False) as z:
+            # Reading each array to its end checks its zip CRC-32: a flipped or truncated byte raises here.
+            raw = {k: z[k] for k in _CACHE_ARRAYS}
+            problem = _cache_problem(raw, int(z["version"]), str(z["source_sha256"]), sha256)
+    except Exception as e:  # whatever a damaged file makes numpy or zipfile raise, the cache is rebuilt
+        problem = f"unreadable ({type(e).__name__}: {e})"
+    if problem is None:
+        return raw | {"skipped": {}}
+    try:
+        cache_file.unlink()
+    except OSError:
+        pass  # the rewrite after parsing replaces it anyway
+    return None
 
 
-def _write_cache(cache_file: Path, raw: dict) -> None:
-    """Atomic write: a crash mid-write never leaves a truncated cache behind."""
+def _cache_problem(raw: dict, version: int, cached_sha256: str, sha256: str) -> str | None:
+    """Why the cached arrays cannot be the parse of the CSV with this sha256, or None when they can."""
+    if version != CACHE_VERSION:
+        return f"cache format {version}, expected {CACHE_VERSION}"
+    if cached_sha256 != sha256:
+        return "written for another file"
+    images, n = raw["images"], len(raw["rows"])
+    if images.dtype != np.uint8 or images.shape != (n, IMAGE_SIDE, IMAGE_SIDE):
+        return f"images {images.dtype} {images.shape} for {n} rows"
+    for key, top in (("emotion", NUM_EMOTIONS), ("usage", len(SPLITS)), ("rows", None)):
+        a = raw[key]
+        if a.dtype != np.int64 or a.shape != (n,) or (n and (a.min() < 0 or (top is not None and a.max() >= top))):
+            return f"{key} out of range"
+    if n and (np.diff(raw["rows"]) <= 0).any():
+        return "rows not increasing"
+    return None
+
+
+def _write_cache(cache_file: Path, raw: dict, sha256: str) -> None:
+    """Atomic write (a unique temp file, then os.replace): a crash or a full disk never leaves a partial cache
+    behind, the temp file is removed on any failure, and concurrent loads never read a half-written file."""
+    tmp: str | None = None
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}.npz")
-        np.savez(tmp, **{k: raw[k] for k in ("images", "emotion", "usage", "rows")})
+        # A unique name per writer (pid + random), created like any file (umask applies, unlike mkstemp's 0600).
+        tmp = str(cache_file.with_name(f"{cache_file.stem}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"))
+        with open(tmp, "xb") as f:
+            np.savez(f, **{k: raw[k] for k in _CACHE_ARRAYS}, version=np.array(CACHE_VERSION),
+                     source_sha256=np.array(sha256))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, cache_file)
+        tmp = None
     except OSError:
-        pass  # caching is an optimisation; a read-only home must not break loading
+        pass  # caching is an optimisation; a read-only or full disk must not break loading
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
