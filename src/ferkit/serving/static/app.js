@@ -102,23 +102,47 @@
     const fontPx = Math.round(Math.max(12, Math.min(18, w / 40)));
     ctx.font = "600 " + fontPx + "px system-ui, sans-serif";
     ctx.textBaseline = "top";
+    const boxes = data.faces.map(function (face) {
+      const [x, y, bw, bh] = face.box;
+      return { x: x * sx, y: y * sy, w: bw * sx, h: bh * sy };
+    });
+    const taken = [];  // labels already drawn
     data.faces.forEach(function (face, i) {
       const color = COLORS[i % COLORS.length];
-      const [x, y, bw, bh] = face.box;
-      const rx = x * sx, ry = y * sy, rw = bw * sx, rh = bh * sy;
+      const r = boxes[i];
       ctx.lineWidth = line;
       ctx.strokeStyle = color;
-      ctx.strokeRect(rx, ry, rw, rh);
-      const label = (i + 1) + " " + face.dominant + " " + pct(face.emotions[face.dominant]);
-      const tw = ctx.measureText(label).width + 10;
+      ctx.strokeRect(r.x, r.y, r.w, r.h);
+      // In a group photo the full label may cover a neighbour: then it shrinks to the face's number (its card
+      // below the photo has the rest), inside its own box if even that is not free above it.
+      const avoid = boxes.filter(function (b, j) { return j !== i; }).concat(taken);
       const th = fontPx + 8;
-      const ty = ry - th >= 0 ? ry - th : ry;
+      const texts = [(i + 1) + " " + face.dominant + " " + pct(face.emotions[face.dominant]), String(i + 1)];
+      let spot = null;
+      for (const text of texts) {
+        const tw = ctx.measureText(text).width + 10;
+        for (const ty of [r.y - th >= 0 ? r.y - th : r.y, r.y]) {
+          const rect = { x: Math.max(0, Math.min(r.x - line / 2, w - tw)), y: ty, w: tw, h: th };  // inside the photo
+          if (!avoid.some(function (b) { return overlaps(rect, b); })) { spot = { text: text, rect: rect }; break; }
+        }
+        if (spot) break;
+      }
+      if (!spot) {
+        spot = { text: texts[1], rect: { x: r.x - line / 2, y: r.y, w: ctx.measureText(texts[1]).width + 10, h: th } };
+      }
+      taken.push(spot.rect);
       ctx.fillStyle = color;
-      ctx.fillRect(rx - line / 2, ty, tw, th);
+      ctx.fillRect(spot.rect.x, spot.rect.y, spot.rect.w, spot.rect.h);
       ctx.fillStyle = "#fff";
-      ctx.fillText(label, rx + 5 - line / 2, ty + 4);
+      ctx.fillText(spot.text, spot.rect.x + 5, spot.rect.y + 4);
     });
     canvas.dataset.faces = String(data.faces.length);
+    canvas.dataset.labels = JSON.stringify(taken.map(function (r) { return [r.x, r.y, r.w, r.h]; }));
+    canvas.dataset.boxes = JSON.stringify(boxes.map(function (r) { return [r.x, r.y, r.w, r.h]; }));
+  }
+
+  function overlaps(a, b) {
+    return a.x < b.x + b.w && b.x < a.x + a.w && a.y < b.y + b.h && b.y < a.y + a.h;
   }
 
   function renderFaces(data) {
