@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
+
 import typer
+from rich.markup import escape as literal  # help texts are Rich markup: `ferkit[onnx]` would lose "[onnx]"
 
 from ferkit.models.weights import SHIPPED_MODELS
 
 WEIGHTS_HELP = ("Weights file (.safetensors: a model or a saved ensemble) written by ferkit, or the name of a model "
                 f"shipped in the package ({' | '.join(SHIPPED_MODELS)}). Default: default.")
-BACKEND_HELP = ("Who runs the emotion model: torch, or onnx (ONNX Runtime, needs ferkit[onnx]; faster per face on "
-                "CPU, the export is made once and cached).")
+BACKEND_HELP = literal("Who runs the emotion model: torch, or onnx (ONNX Runtime, needs ferkit[onnx]; faster per "
+                       "face on CPU, the export is made once and cached).")
 TTA_HELP = ("Test-time augmentation: auto (the view the weights were selected on: a saved ensemble's fitted "
             "mode, the centre crop for models trained on crops, else the whole face) | none | flip | tencrop | "
             "center | shift (the face and 4 copies moved 2 pixels).")
@@ -22,6 +25,25 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def package_version() -> str:
+    try:
+        return version("ferkit")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"ferkit {package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print ferkit's version and exit.")) -> None:
+    """Facial emotion recognition toolkit: train, evaluate and compare FER2013 models."""
 
 
 def _fail(message: str, code: int = 2) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ferkit.cli._app import BACKEND_HELP, TTA_HELP, WEIGHTS_HELP, _fail, app
+from ferkit.cli._app import BACKEND_HELP, TTA_HELP, WEIGHTS_HELP, _fail, app, literal
 from ferkit.cli.inference import _recognizer
 from ferkit.models.weights import SHIPPED_MODELS
 
@@ -27,7 +27,7 @@ against PyTorch on random faces and the largest probability difference is printe
 """
 
 
-@app.command(epilog=EXPORT_EPILOG)
+@app.command(epilog=literal(EXPORT_EPILOG))
 def export(
     fmt: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
     weights: Annotated[Path | None, typer.Option(

@@ -1,0 +1,42 @@
+"""The CLI's help and version: what a new user reads first."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from ferkit.cli import app
+from ferkit.cli._app import package_version
+
+runner = CliRunner()
+WIDE = {"COLUMNS": "400", "TERMINAL_WIDTH": "400"}  # one line per help entry: no wrapping inside a word
+
+
+def _command_texts() -> dict[str, str]:
+    """Every command's help, epilog and option help as written in the source."""
+    group = typer.main.get_command(app)
+    texts = {}
+    for name, cmd in group.commands.items():
+        parts = [cmd.help or "", cmd.epilog or ""] + [getattr(p, "help", None) or "" for p in cmd.params]
+        texts[name] = "\n".join(parts).replace("\\[", "[")
+    return texts
+
+
+@pytest.mark.parametrize("name", sorted(_command_texts()))
+def test_help_shows_package_extras_literally(name: str) -> None:
+    """Help is Rich markup: `ferkit[onnx]` printed as `ferkit` sent users to install the wrong thing."""
+    extras = set(re.findall(r"ferkit\[\w+\]", _command_texts()[name]))
+    result = runner.invoke(app, [name, "--help"], env=WIDE)
+    assert result.exit_code == 0
+    for extra in extras:
+        assert extra in result.stdout, (name, extra)
+
+
+def test_version_flag_prints_the_package_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"ferkit {package_version()}"
+    assert package_version()[0].isdigit()
