@@ -334,9 +334,11 @@ def test_predict_folder_with_a_bad_file(weights: Path, tmp_path: Path) -> None:
     _assert_result_schema(good["faces"])
     assert "truncated" in by_name["b_broken.jpg"]["error"]
     assert "empty file" in by_name["c_astronaut.png"]["error"]
-    assert "no face" in by_name["d_blank.png"]["error"]
+    assert by_name["d_blank.png"]["error"] is None and by_name["d_blank.png"]["faces"] == []  # a result
     assert by_name["e_clip.mp4"]["error"] and "frame" not in by_name["e_clip.mp4"]
-    assert doc["summary"] == {"entries": 5, "faces": 1, "errors": 4, "files": 5}
+    assert doc["summary"] == {"entries": 5, "faces": 1, "without_face": 1, "errors": 3, "files": 5,
+                              "failed_files": 3}
+    assert "3 of 5 file(s) could not be read" in result.output
     assert "b_broken.jpg" in result.stdout and "error:" in result.stdout and "1 non-image file" in result.stdout
     rows = out_csv.read_text().splitlines()
     assert rows[0].split(",") == ["file", "frame", "time", "face", "x", "y", "w", "h", "face_score", "dominant",
@@ -415,6 +417,18 @@ def test_predict_user_errors_exit_2_without_traceback(weights: Path, args: list[
     result = runner.invoke(app, base + args)
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_predict_picture_without_a_face_is_a_result_not_an_error(weights: Path, tmp_path: Path) -> None:
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (64, 64), (120, 120, 120)).save(blank)
+    out_json = tmp_path / "r.json"
+    result = runner.invoke(app, ["predict", str(blank), "--weights", str(weights), "--json", str(out_json),
+                                 "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "(no face)" in result.stdout and "1 picture(s) or frame(s) without a face, 0 error(s)" in result.stdout
+    entry = json.loads(out_json.read_text())["results"][0]
+    assert entry["faces"] == [] and entry["error"] is None
 
 
 def test_predict_missing_file_is_an_error_entry(weights: Path) -> None:

@@ -55,12 +55,13 @@ def evaluate(
     """Score a trained model on one split: accuracy, per-class precision/recall/F1, confusion matrix."""
     import json
 
+    from ferkit.cli.inference import weights_file
     from ferkit.data import DataError, canonical_split, load_dataset
     from ferkit.evaluation import evaluate as run_evaluation
     from ferkit.evaluation import format_confusion, format_report, format_summary, write_artifacts
     from ferkit.evaluation import save_probs as write_probs
     from ferkit.models.predict import TTA_CHOICES
-    from ferkit.models.weights import load_model, resolve_weights
+    from ferkit.models.weights import load_model
 
     if tta not in TTA_CHOICES:
         _fail(f"unknown --tta {tta!r}; choose one of {', '.join(TTA_CHOICES)}")
@@ -73,14 +74,11 @@ def evaluate(
     if not Path(data).exists():
         _fail(f"data file {data!r} not found "
               "(pass --data PATH to fer2013.csv, fer2013.csv.gz or an image folder)")
-    weights_path = resolve_weights(weights)
-    if not weights_path.is_file():
-        if weights is None:
-            _fail(f"no --weights given and the shipped default weights {weights_path} do not exist yet; "
-                  "pass --weights PATH (e.g. runs/<name>/best.safetensors from `ferkit train`)")
-        _fail(f"weights file {str(weights_path)!r} not found")
+    weights_path = weights_file(weights)
     try:
         model, meta = load_model(weights_path)
+    except ValueError as e:  # ferkit's own checks (WeightsError) name the file and the problem
+        _fail(str(e))
     except Exception as e:  # corrupt or foreign file: safetensors raises its own error type
         _fail(f"cannot load weights {str(weights_path)!r}: {e}")
     try:
@@ -99,7 +97,7 @@ def evaluate(
     if artifacts:
         result.extra["artifacts"] = artifacts
     if json_output:
-        typer.echo(json.dumps(result.to_json(), indent=2))
+        typer.echo(json.dumps(result.to_json(), indent=2, allow_nan=False))
         return
     typer.echo(format_summary(result))
     typer.echo(format_report(result.report))
@@ -207,7 +205,7 @@ def ensemble(
         snapshot_members,
     )
     from ferkit.models.predict import TTA_CHOICES, model_tta
-    from ferkit.models.weights import read_metadata
+    from ferkit.models.weights import read_metadata, resolve_weights
 
     methods: list[str] = []
     try:
@@ -247,6 +245,8 @@ def ensemble(
             _fail(str(e))
     else:
         paths = list(from_predictions or weights or []) + extra
+        if mode == "--weights":  # a training run's directory stands for its best.safetensors
+            paths = [resolve_weights(p) for p in paths]
     for p in paths:
         if not p.is_file():
             _fail(f"member file {str(p)!r} not found")
@@ -349,7 +349,8 @@ def ensemble(
     except (ValueError, OSError) as e:
         _fail(str(e))
     if json_output:
-        typer.echo(json.dumps(report.to_json() | ({"artifacts": artifacts} if artifacts else {}), indent=2))
+        doc = report.to_json() | ({"artifacts": artifacts} if artifacts else {})
+        typer.echo(json.dumps(doc, indent=2, allow_nan=False))
         return
     typer.echo(format_table(report))
     for name, path in artifacts.items():

@@ -31,26 +31,34 @@ Examples:
 Folders are searched recursively for images (.jpg .png .bmp .gif .tif .webp ...) and videos
 (.mp4 .avi .mov .mkv .webm ...). Detectors: retinaface (CNN, default), haar (OpenCV cascade, fast),
 none (the whole image is the face). Each face is cropped like FER2013's faces (tight, upright,
-grayscale, 48x48) before classification. A file that cannot be read (corrupt, truncated, empty, not
-an image, over the 50-megapixel guard) or has no face becomes an error entry in the table, JSON and CSV;
-the other files are still processed and the exit code is 1 (2 for a usage error).
+grayscale, 48x48) before classification. A picture without a face is a result (no faces; exit code 0).
+A file that cannot be read (corrupt, truncated, empty, not an image, over the 50-megapixel guard) becomes
+an error entry in the table, JSON and CSV; the other files are still processed, and the exit code is 1,
+with the number of such files on stderr. Bad weights (missing, corrupt, inconsistent metadata) stop the
+command before any file, with exit code 2, as usage errors do.
 """
+
+
+def weights_file(weights: Path | None) -> Path:
+    """The file --weights names (a shipped model's name, a run directory's best.safetensors, a path); a usage
+    error if there is none."""
+    from ferkit.models.weights import find_weights
+
+    try:
+        return find_weights(weights, how="pass --weights PATH")
+    except FileNotFoundError as e:
+        _fail(str(e))
+        raise  # unreachable: _fail exits
 
 
 def _recognizer(weights: Path | None, detector: str, tta: str, device: str, min_face_score: float = 0.0,
                 backend: str = "torch"):
     from ferkit.inference import Recognizer
     from ferkit.models.predict import TTA_CHOICES
-    from ferkit.models.weights import resolve_weights
 
     if tta not in TTA_CHOICES:
         _fail(f"unknown --tta {tta!r}; choose one of {', '.join(TTA_CHOICES)}")
-    path = resolve_weights(weights)
-    if weights is None and not path.is_file():
-        _fail(f"no --weights given and the shipped default weights {path} do not exist yet; "
-              "pass --weights PATH (e.g. runs/<name>/best.safetensors from `ferkit train`)")
-    if not path.is_file():
-        _fail(f"weights file {str(weights)!r} not found")
+    path = weights_file(weights)
     try:
         return Recognizer(model=path, detector=detector, device=device, tta=tta, min_face_score=min_face_score,
                           backend=backend)
@@ -78,8 +86,10 @@ def _run_predict(rec, paths: list[Path], json_out: str | None, csv_out: Path | N
             "detector": getattr(rec.detector, "name", str(rec.detector)), "tta": rec.tta,
             "classes": rec.classes}
     stats = batch.summary(entries)
-    note = (f"{stats['files']} file(s), {stats['faces']} face(s), {stats['errors']} error(s)"
-            + (f"; {skipped} non-image file(s) in folders skipped" if skipped else ""))
+    note = (f"{stats['files']} file(s), {stats['faces']} face(s), {stats['without_face']} picture(s) or frame(s) "
+            f"without a face, {stats['errors']} error(s)")
+    if skipped:
+        note += f"; {skipped} non-image file(s) in folders skipped"
     try:
         if json_out == "-":
             batch.write_json(entries, sys.stdout, info)
@@ -104,7 +114,9 @@ def _run_predict(rec, paths: list[Path], json_out: str | None, csv_out: Path | N
     if json_out != "-":
         for path in outputs:
             typer.echo(f"wrote {'emotion-over-time plot' if path.endswith('.png') else 'annotated video'}: {path}")
-    if stats["errors"]:
+    if stats["failed_files"]:
+        typer.secho(f"error: {stats['failed_files']} of {stats['files']} file(s) could not be read (see their "
+                    "error entries)", err=True, fg=typer.colors.RED)
         raise typer.Exit(1)
 
 
@@ -223,12 +235,9 @@ def explain(
             truths.append(None)
     else:
         from ferkit.data import DataError, load_dataset
-        from ferkit.models.weights import load_model, resolve_weights
+        from ferkit.models.weights import load_model
 
-        path = resolve_weights(weights)
-        if not path.is_file():
-            _fail(f"weights file {str(path)!r} not found" if weights is not None else
-                  f"no --weights given and the shipped default weights {path} do not exist yet; pass --weights")
+        path = weights_file(weights)
         if not data.exists():
             _fail(f"data file {str(data)!r} not found")
         try:

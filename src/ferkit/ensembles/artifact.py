@@ -20,7 +20,6 @@ the members' views are averaged first and then combined (`EnsembleModel.probs_ov
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,12 +27,22 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ferkit.ensembles.combine import LOG_FLOOR, EnsembleWeights, vote_tie_eps
-from ferkit.models.registry import create_model, get_spec
-from ferkit.models.weights import read_metadata
+from ferkit.models.registry import get_spec
+from ferkit.models.weights import (
+    DIGEST_KEY,
+    WeightsError,
+    build_model,
+    check_forward,
+    check_metadata,
+    load_state,
+    read_metadata,
+    read_tensors,
+    tensor_shapes,
+    write_safetensors,
+)
 
 ENSEMBLE_FORMAT = 1
 SHARED_KEYS = ("classes", "num_classes", "label_set", "input_size", "normalize")
@@ -110,7 +119,9 @@ def _member_state_and_meta(member: Member) -> tuple[dict[str, torch.Tensor], dic
     path = Path(member)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
-    return load_file(str(path)), read_metadata(path), str(path)
+    meta = read_metadata(path)
+    check_metadata(meta, path)
+    return read_tensors(path, meta), meta, str(path)
 
 
 def _complete_meta(meta: dict[str, Any], source: str) -> dict[str, Any]:
@@ -119,6 +130,7 @@ def _complete_meta(meta: dict[str, Any], source: str) -> dict[str, Any]:
     if "model" not in meta or "num_classes" not in meta:
         raise ValueError(f"{source} has no ferkit metadata (model, num_classes); was it written by ferkit?")
     meta = dict(meta)
+    meta.pop(DIGEST_KEY, None)  # the member's digest is of its own file's tensors; the ensemble records its own
     meta.setdefault("input_size", get_spec(meta["model"]).input_size)
     meta.setdefault("normalize", "dataset")
     return meta
@@ -137,10 +149,10 @@ def save_ensemble(path: str | os.PathLike, members: Sequence[Member], weights: E
         raise ValueError(f"{len(members)} members given for weights fitted on {weights.num_members} members")
     if prune:
         keep = weights.used_members()
+        if not keep:  # checked before subset(): EnsembleWeights refuses zero members
+            raise ValueError("the ensemble has no member with a non-zero weight")
         members = [members[i] for i in keep]
         weights = weights.subset(keep)
-    if not members:
-        raise ValueError("the ensemble has no member with a non-zero weight")
     state: dict[str, torch.Tensor] = {}
     metas: list[dict[str, Any]] = []
     sources: list[str] = []
@@ -166,9 +178,7 @@ def save_ensemble(path: str | os.PathLike, members: Sequence[Member], weights: E
     } | (extra or {})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(state, str(tmp), metadata={"ferkit": json.dumps(meta_out)})
-    os.replace(tmp, path)
+    write_safetensors(state, path, meta_out)
     return path
 
 
@@ -189,15 +199,45 @@ def load_ensemble(path: str | os.PathLike, device: str | torch.device = "cpu") -
         raise ValueError(f"{path} is not a ferkit ensemble (load single models with ferkit.models.weights.load_model)")
     if int(meta.get("format", 0)) > ENSEMBLE_FORMAT:
         raise ValueError(f"{path} uses ensemble format {meta['format']}; this ferkit reads up to {ENSEMBLE_FORMAT}")
-    state = load_file(str(path))
+    check_metadata(meta, path)
+    for key in ("members", "weights", "input_size", "num_classes"):
+        if key not in meta:
+            raise WeightsError(f"{path}: the ensemble metadata has no {key!r}")
+    members = meta["members"]
+    if not isinstance(members, list) or not members:
+        raise WeightsError(f"{path}: an ensemble file needs a non-empty 'members' list, got {members!r}")
+    try:
+        weights = EnsembleWeights.from_json(meta["weights"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise WeightsError(f"{path}: bad ensemble 'weights' in the metadata: {e}") from e
+    if weights.class_weights is not None and weights.class_weights.shape[1] != meta["num_classes"]:
+        raise WeightsError(f"{path}: the ensemble's class weights cover {weights.class_weights.shape[1]} classes, "
+                           f"num_classes is {meta['num_classes']}")
+    shapes = tensor_shapes(path)
     models = []
-    for i, mmeta in enumerate(meta["members"]):
-        model = create_model(mmeta["model"], num_classes=mmeta["num_classes"], **mmeta.get("model_kwargs", {}))
+    for i, mmeta in enumerate(members):
+        source = f"{path} (member {i})"
+        if not isinstance(mmeta, dict):
+            raise WeightsError(f"{source}: member metadata is not an object")
+        check_metadata(mmeta, source)
+        for key in SHARED_KEYS:
+            if mmeta.get(key) != meta.get(key):
+                raise WeightsError(f"{source}: {key} {mmeta.get(key)!r} differs from the ensemble's {meta.get(key)!r}")
         prefix = f"m{i}."
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        dtypes = {k: v.dtype for k, v in model.state_dict().items()}
-        model.load_state_dict({k: v.to(dtypes.get(k, v.dtype)) for k, v in sub.items()})
-        models.append(model)
-    weights = EnsembleWeights.from_json(meta["weights"])
-    ensemble = EnsembleModel(models, weights, input_size=int(meta["input_size"]), tta=str(meta.get("tta", "none")))
-    return ensemble.to(device).eval(), meta
+        models.append(build_model(mmeta, {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)},
+                                  source))
+    # Every tensor must belong to a member: a file is verified whole (NaN, digest), nothing in it goes unused.
+    stray = [k for k in shapes if not any(k.startswith(f"m{i}.") for i in range(len(members)))]
+    if stray:
+        raise WeightsError(f"{path}: tensor {stray[0]} belongs to no member")
+    state = read_tensors(path, meta)
+    for i, model in enumerate(models):
+        prefix = f"m{i}."
+        load_state(model, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    try:
+        ensemble = EnsembleModel(models, weights, input_size=int(meta["input_size"]), tta=str(meta.get("tta", "none")))
+    except ValueError as e:
+        raise WeightsError(f"{path}: {e}") from e
+    ensemble = ensemble.to(device).eval()
+    check_forward(ensemble, meta, path)
+    return ensemble, meta

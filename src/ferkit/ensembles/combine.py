@@ -89,6 +89,23 @@ def check_probs(probs: npt.ArrayLike, name: str = "probs") -> np.ndarray:
     return arr
 
 
+def _finite_nonnegative(w: np.ndarray) -> bool:
+    return bool(np.all(np.isfinite(w) & (w >= 0)))  # NaN compares False both ways: test for it explicitly
+
+
+def check_weights(weights: npt.ArrayLike, name: str, ndim: int) -> np.ndarray:
+    """Ensemble weights as a float64 array of `ndim` dimensions, none empty, every value finite and >= 0."""
+    try:
+        w = np.asarray(weights, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be numbers, got {weights!r}") from e
+    if w.ndim != ndim or w.size == 0:
+        raise ValueError(f"{name} must be a non-empty {ndim}-d array, got shape {w.shape}")
+    if not _finite_nonnegative(w):
+        raise ValueError(f"{name} must be finite and non-negative, got {w.tolist()}")
+    return w
+
+
 def _check_labels(labels: npt.ArrayLike, probs: np.ndarray) -> np.ndarray:
     y = np.asarray(labels)
     if y.shape != (probs.shape[1],):
@@ -144,7 +161,7 @@ def weighted_mean(probs: npt.ArrayLike, weights: npt.ArrayLike) -> np.ndarray:
     """sum_m w_m P[m] / sum_m w_m."""
     p = check_probs(probs)
     w = np.asarray(weights, dtype=np.float64)
-    if w.shape != (p.shape[0],) or np.any(w < 0) or w.sum() <= 0:
+    if w.shape != (p.shape[0],) or not _finite_nonnegative(w) or w.sum() <= 0:
         raise ValueError(f"member weights must be {p.shape[0]} non-negative numbers with a positive sum, got {w}")
     return np.tensordot(w / w.sum(), p, axes=1)
 
@@ -158,8 +175,8 @@ def mean(probs: npt.ArrayLike) -> np.ndarray:
 def accuracy_weights(accuracies: npt.ArrayLike) -> np.ndarray:
     """w_m = a_m / sum_j a_j (uniform if every accuracy is 0)."""
     a = np.asarray(accuracies, dtype=np.float64)
-    if np.any(a < 0):
-        raise ValueError(f"accuracies must be non-negative, got {a}")
+    if not _finite_nonnegative(a):
+        raise ValueError(f"accuracies must be finite and non-negative, got {a}")
     return a / a.sum() if a.sum() > 0 else np.full(a.shape, 1.0 / max(len(a), 1))
 
 
@@ -176,7 +193,7 @@ def class_weighted(probs: npt.ArrayLike, class_weights: npt.ArrayLike,
     """
     p = check_probs(probs)
     w = np.asarray(class_weights, dtype=np.float64)
-    if w.shape != (p.shape[0], p.shape[2]) or np.any(w < 0):
+    if w.shape != (p.shape[0], p.shape[2]) or not _finite_nonnegative(w):
         raise ValueError(f"class weights must be non-negative with shape {(p.shape[0], p.shape[2])}, got {w.shape}")
     scores = np.einsum("mc,mnc->nc", w, p)
     total = scores.sum(axis=1, keepdims=True)
@@ -198,7 +215,7 @@ def majority_vote(probs: npt.ArrayLike, weights: npt.ArrayLike | None = None) ->
     p = check_probs(probs)
     m, _, c = p.shape
     w = np.ones(m) if weights is None else np.asarray(weights, dtype=np.float64)
-    if w.shape != (m,) or np.any(w < 0) or w.sum() <= 0:
+    if w.shape != (m,) or not _finite_nonnegative(w) or w.sum() <= 0:
         raise ValueError(f"vote weights must be {m} non-negative numbers with a positive sum, got {w}")
     eps = vote_tie_eps(w)
     w = w / w.sum()
@@ -222,7 +239,7 @@ def log_linear(probs: npt.ArrayLike, weights: npt.ArrayLike) -> np.ndarray:
     """Log-linear pooling: softmax_c(sum_m w_m log P[m, n, c]) (all-zero weights give the uniform distribution)."""
     log_p = member_log_probs(probs)
     w = np.asarray(weights, dtype=np.float64)
-    if w.shape != (log_p.shape[0],) or np.any(w < 0):
+    if w.shape != (log_p.shape[0],) or not _finite_nonnegative(w):
         raise ValueError(f"log-linear weights must be {log_p.shape[0]} non-negative numbers, got {w}")
     return _softmax(np.tensordot(w, log_p, axes=1))
 
@@ -281,6 +298,18 @@ class EnsembleWeights:
     class_weights: np.ndarray | None = None
     selected: tuple[int, ...] = ()
     public_accuracy: float | None = None
+
+    def __post_init__(self) -> None:
+        # Weights come from fitting, from saved files and from users: NaN or negative weights would combine
+        # into NaN or negative "probabilities" (printed as a dominant class), so they are refused here.
+        self.member_weights = check_weights(self.member_weights, "member weights", ndim=1)
+        if self.class_weights is not None:
+            self.class_weights = check_weights(self.class_weights, "class weights", ndim=2)
+            if self.class_weights.shape[0] != self.num_members:
+                raise ValueError(f"class weights have {self.class_weights.shape[0]} rows for "
+                                 f"{self.num_members} members")
+        if any(not 0 <= i < self.num_members for i in self.selected):
+            raise ValueError(f"selected member indices {list(self.selected)} are outside 0..{self.num_members - 1}")
 
     @property
     def num_members(self) -> int:

@@ -227,5 +227,5 @@ def write_artifacts(result: EvaluationResult, images: np.ndarray,
     plot_error_gallery(images, result.labels, result.predictions, result.probs, names, paths["errors.png"])
     paths["report.txt"].write_text(format_summary(result) + "\n" + format_report(result.report) + "\n"
                                    + format_confusion(result))
-    paths["metrics.json"].write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    paths["metrics.json"].write_text(json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n")
     return paths

@@ -1,8 +1,9 @@
 """Run a Recognizer over many inputs (images, folders, videos) for `ferkit predict`.
 
 Every input becomes one or more `Entry` records: one per image, one per sampled video frame. A failure
-(unreadable file, decompression bomb, no face, a video that does not open) becomes an entry with `error`
-set, naming the file and the reason, and the run goes on.
+(unreadable file, decompression bomb, a video that does not open, a model output that is not finite) becomes
+an entry with `error` set, naming the file and the reason, and the run goes on. A picture without a face is
+a result (no faces), not an error.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ import cv2
 import numpy as np
 
 from ferkit.inference.image_io import ImageError, is_image_path, is_video_path, sample_image_path
+
+# What one input can raise that makes it, not the run, fail: memory, torch/OpenCV errors on odd images, and
+# ValueError (e.g. NonFiniteOutputError: the model gave NaN for this face). Weights problems never get here:
+# loading the weights refuses them before the first file.
+FILE_FAILURES = (MemoryError, RuntimeError, ValueError, cv2.error)
 
 
 @dataclass
@@ -113,22 +119,16 @@ def process_image(rec: Any, item: Input, annotator: Annotator | None = None) -> 
     entry = Entry(item.display)
     try:
         rgb, dets, faces = rec.detect_faces(item.path)
+        entry.faces = rec.describe(dets, faces)
     except ImageError as e:
         entry.error = e.reason
         return entry
-    except (MemoryError, RuntimeError, cv2.error) as e:  # one bad file must not end a batch run
+    except FILE_FAILURES as e:  # one bad file must not end a batch run
         entry.error = f"failed: {type(e).__name__}: {e}"
         return entry
-    entry.faces = rec.describe(dets, faces)
-    if not entry.faces:
-        entry.error = f"no face found (detector: {_detector_name(rec)})"
     if annotator is not None:
         entry.annotated = annotator.write(rgb, entry.faces, annotator.target(item.rel))
     return entry
-
-
-def _detector_name(rec: Any) -> str:
-    return getattr(rec.detector, "name", type(rec.detector).__name__)
 
 
 def process_video(rec: Any, item: Input, every: int, annotator: Annotator | None = None,
@@ -160,7 +160,7 @@ def process_video(rec: Any, item: Input, every: int, annotator: Annotator | None
         total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         bar = tqdm(total=math.ceil(total / every) if total > 0 else None, desc=item.path.name, unit="frame",
                    leave=False, disable=None if progress else True)
-        index, sampled, with_faces = 0, 0, 0
+        index, sampled = 0, 0
         while True:
             if index % every == 0:
                 ok, frame = cap.read()
@@ -178,10 +178,9 @@ def process_video(rec: Any, item: Input, every: int, annotator: Annotator | None
                         entry.annotated = annotator.write_bgr(drawn, target)
                 except ImageError as e:
                     entry.error = f"frame {index}: {e.reason}"
-                except (MemoryError, RuntimeError, cv2.error) as e:
+                except FILE_FAILURES as e:
                     entry.error = f"frame {index}: failed: {type(e).__name__}: {e}"
                 sampled += 1
-                with_faces += bool(entry.faces)
                 last_faces = entry.faces
                 times.append(ts)
                 frame_faces.append(entry.faces)
@@ -202,9 +201,6 @@ def process_video(rec: Any, item: Input, every: int, annotator: Annotator | None
         bar.close()
         if sampled == 0:
             yield Entry(item.display, error="no frames could be read (empty, corrupt or unsupported video)")
-        elif with_faces == 0:
-            yield Entry(item.display, error=f"no face found in any of the {sampled} sampled frames "
-                                            f"(detector: {_detector_name(rec)})")
     finally:
         cap.release()
         if writer is not None:
@@ -270,7 +266,7 @@ def run(rec: Any, paths: Iterable[str | os.PathLike], every: int = 10, annotate_
 def write_json(entries: list[Entry], out: str | os.PathLike | TextIO, info: dict[str, Any]) -> None:
     doc = {**info, "results": [e.to_json() for e in entries],
            "summary": summary(entries)}
-    text = json.dumps(doc, indent=2)
+    text = json.dumps(doc, indent=2, allow_nan=False)  # the last guard: NaN is not JSON
     if hasattr(out, "write"):
         out.write(text + "\n")
     else:
@@ -299,9 +295,13 @@ def write_csv(entries: list[Entry], out: str | os.PathLike, classes: list[str]) 
 
 
 def summary(entries: list[Entry]) -> dict[str, int]:
+    """Counts: entries (images and sampled frames), faces, entries without a face (a result, not an error),
+    errors (entries that failed), files, failed_files (files with at least one failed entry)."""
     return {"entries": len(entries), "faces": sum(len(e.faces) for e in entries),
+            "without_face": sum(not e.faces and e.error is None for e in entries),
             "errors": sum(e.error is not None for e in entries),
-            "files": len({e.file for e in entries})}
+            "files": len({e.file for e in entries}),
+            "failed_files": len({e.file for e in entries if e.error is not None})}
 
 
 def _short(text: str, width: int) -> str:

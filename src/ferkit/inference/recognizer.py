@@ -46,7 +46,7 @@ def resolve_model(model: Any = "default", weights: str | os.PathLike | None = No
     """(model, meta, weights path) from a shipped model's name (SHIPPED_MODELS), a .safetensors path, or a
     registry name + weights."""
     from ferkit.models.registry import list_models
-    from ferkit.models.weights import SHIPPED_MODELS, load_model, shipped_weights_path
+    from ferkit.models.weights import SHIPPED_MODELS, load_model, resolve_weights, shipped_weights_path
 
     if isinstance(model, torch.nn.Module):
         raise TypeError("pass a weights file (or 'default'), not a module: the file's metadata says how to "
@@ -58,10 +58,11 @@ def resolve_model(model: Any = "default", weights: str | os.PathLike | None = No
                                     "weights file, e.g. Recognizer(model='runs/<name>/best.safetensors')")
         return (*load_model(path, device), path)
     if isinstance(model, os.PathLike) or (isinstance(model, str) and (model.endswith(".safetensors")
-                                                                       or os.sep in model or Path(model).is_file())):
+                                                                       or os.sep in model or Path(model).exists())):
         if weights is not None:
             raise ValueError("give either a weights path as `model` or `weights`, not both")
-        return (*load_model(model, device), Path(model))
+        path = resolve_weights(model)  # a run directory -> its best.safetensors
+        return (*load_model(path, device), path)
     if isinstance(model, str) and model in list_models():
         if weights is None:
             raise ValueError(f"model {model!r} is a registry name; also pass weights= (a .safetensors file "
@@ -118,6 +119,9 @@ class Recognizer:
                 raise ValueError("give either an .onnx file as `model` or `weights`, not both")
             self._onnx = OnnxClassifier(model, device=self.device)
             self.model, self.meta, self.weights_path = None, self._onnx.meta, Path(model)
+            from ferkit.models.weights import check_metadata
+
+            check_metadata(self.meta, model)  # load_model checks .safetensors files; nothing else checks this one
         else:
             self.model, self.meta, self.weights_path = resolve_model(model, weights, self.device)
             if self.backend == "onnx":
@@ -163,8 +167,10 @@ class Recognizer:
         if len(faces) == 0:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
         if self._onnx is not None:
-            return self._onnx.predict_proba(np.ascontiguousarray(faces), input_size=self.input_size,
-                                            norm=self.normalize, tta=self.tta, batch_size=self.batch_size)
+            from ferkit.models.predict import check_finite
+
+            return check_finite(self._onnx.predict_proba(np.ascontiguousarray(faces), input_size=self.input_size,
+                                                         norm=self.normalize, tta=self.tta, batch_size=self.batch_size))
         return predict_proba(self.model, np.ascontiguousarray(faces), input_size=self.input_size,
                              norm=self.normalize, tta=self.tta, batch_size=self.batch_size, dtype=self.dtype)
 

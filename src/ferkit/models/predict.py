@@ -24,6 +24,21 @@ CROP_MODES = ("tencrop", "center")
 TTA_CHOICES = ("auto", *TTA_MODES)
 
 
+class NonFiniteOutputError(ValueError):
+    """A model produced NaN or infinite probabilities: no class can be reported for those faces."""
+
+
+def check_finite(probs: np.ndarray) -> np.ndarray:
+    """`probs` unchanged if every value is finite; else NonFiniteOutputError naming the faces. Every prediction
+    path ends here, so a NaN never becomes a "dominant" class or a bare NaN in JSON output."""
+    bad = np.flatnonzero(~np.isfinite(probs).all(axis=tuple(range(1, probs.ndim))))  # faces with a bad value
+    if len(bad):
+        faces = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        raise NonFiniteOutputError(f"the model produced NaN or infinite probabilities for {len(bad)} of "
+                                   f"{len(probs)} face(s) (index {faces})")
+    return probs
+
+
 def model_tta(tta: str, meta: Mapping[str, Any]) -> str:
     """The TTA mode to run weights with metadata `meta` under: "auto" -> for a saved ensemble, the mode its
     weights were fitted with (meta["tta"]); for a model trained on crops (train_view "crop": fed whole faces it
@@ -104,4 +119,4 @@ def predict_proba(model: nn.Module, images: np.ndarray | torch.Tensor, *, input_
     model.train(was_training)
     if not out:
         return np.zeros((0, 0), dtype=np.float32)
-    return torch.cat(out).numpy().astype(np.float32)
+    return check_finite(torch.cat(out).numpy().astype(np.float32))
