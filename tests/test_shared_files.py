@@ -5,7 +5,9 @@ from __future__ import annotations
 import multiprocessing as mp
 from pathlib import Path
 
-from ferkit.shared_files import locked, read_rows, write_rows
+import pytest
+
+from ferkit.shared_files import locked, read_rows, replacing, write_rows
 
 FIELDS = ("name", "value")
 
@@ -34,3 +36,16 @@ def test_concurrent_upserts_keep_every_row(tmp_path: Path) -> None:
 
 def test_missing_file_reads_as_no_rows(tmp_path: Path) -> None:
     assert read_rows(tmp_path / "absent.csv") == []
+
+
+def test_a_failed_replacement_leaves_the_file_and_no_temporary_file(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    path.write_text("previous")
+    with pytest.raises(OSError, match="No space left"):
+        with replacing(path) as tmp:
+            tmp.write_text("part of the new")
+            raise OSError(28, "No space left on device")
+    assert path.read_text() == "previous" and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    with replacing(path) as tmp:
+        tmp.write_text("new")
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import uuid
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 
 from ferkit.data.dataset import SPLITS, DataError, FaceData
 from ferkit.data.labels import LabelSet, get_label_set
+from ferkit.shared_files import replacing
 
 IMAGE_SIDE = 48
 NUM_PIXELS = IMAGE_SIDE * IMAGE_SIDE
@@ -281,25 +281,12 @@ def _cache_problem(raw: dict, version: int, cached_sha256: str, sha256: str) -> 
 
 
 def _write_cache(cache_file: Path, raw: dict, sha256: str) -> None:
-    """Atomic write (a unique temp file, then os.replace): a crash or a full disk never leaves a partial cache
-    behind, the temp file is removed on any failure, and concurrent loads never read a half-written file."""
-    tmp: str | None = None
+    """Atomic write (shared_files.replacing): a crash or a full disk never leaves a partial cache behind, the temp
+    file is removed on any failure, and concurrent loads never read a half-written file."""
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        # A unique name per writer (pid + random), created like any file (umask applies, unlike mkstemp's 0600).
-        tmp = str(cache_file.with_name(f"{cache_file.stem}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"))
-        with open(tmp, "xb") as f:
+        with replacing(cache_file) as tmp, open(tmp, "wb") as f:
             np.savez(f, **{k: raw[k] for k in _CACHE_ARRAYS}, version=np.array(CACHE_VERSION),
                      source_sha256=np.array(sha256))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, cache_file)
-        tmp = None
     except OSError:
         pass  # caching is an optimisation; a read-only or full disk must not break loading
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass

@@ -25,6 +25,7 @@ from ferkit.device import resolve_device, resolve_precision
 from ferkit.evaluation.metrics import confusion_matrix, format_report, report_from_confusion
 from ferkit.evaluation.plots import plot_confusion_matrix, plot_error_gallery
 from ferkit.models.predict import model_tta, predict_proba
+from ferkit.shared_files import replacing
 
 ARTIFACTS = (
     "confusion_matrix.png", "confusion_matrix_normalized.png", "errors.png", "report.txt", "metrics.json",
@@ -159,13 +160,11 @@ def save_probs(result: EvaluationResult, path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with replacing(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, probs=result.probs.astype(np.float32), labels=result.labels.astype(np.int64),
                  rows=result.rows.astype(np.int64), classes=np.asarray(result.classes, dtype=str),
                  split=np.asarray(result.split), tta=np.asarray(result.tta),
                  model=np.asarray(result.model_name))
-    os.replace(tmp, path)
     return path
 
 

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ferkit.models.registry import create_model
+from ferkit.shared_files import replacing
 
 # Bounds on sizes read from a file's metadata: far above any FER model, far below what could exhaust memory
 # (predict allocates batch x input_size^2 floats per view).
@@ -123,10 +124,8 @@ def write_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike, m
     """Write tensors and ferkit metadata atomically, recording the tensors' digest (replacing any in `meta`,
     which may come from another file). allow_nan=False: JSON with NaN in it is not JSON."""
     meta = {**meta, DIGEST_KEY: tensors_sha256(state)}
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(state, str(tmp), metadata={"ferkit": json.dumps(meta, allow_nan=False)})
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        save_file(state, str(tmp), metadata={"ferkit": json.dumps(meta, allow_nan=False)})
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
