@@ -23,7 +23,7 @@ from ferkit.ensembles.predictions import save_prediction_file
 from ferkit.evaluation import evaluate
 from ferkit.models.weights import load_model
 from ferkit.shared_files import locked, read_rows, write_rows, write_text
-from ferkit.training import RESUME_SETTINGS, TrainConfig, train
+from ferkit.training import RESUME_SETTINGS, TrainConfig, create_run, hold_run, train
 from ferkit.training.report import hardware
 
 # epochs: epochs trained; planned_epochs: the recipe's schedule (more than `epochs` when early stopping or a time
@@ -116,9 +116,10 @@ def reproduce(name: str, data: str | os.PathLike, *, runs_dir: str | os.PathLike
     run_dir = Path(runs_dir) / f"repro-{name}"
     extra = list(extra or [])
     overrides_file = run_dir / "reproduce_overrides.json"
-    if (run_dir / "checkpoint.pt").is_file():
-        # Resume. What the run learns with must be what it started with, so those overrides must agree; run
-        # settings (threads, time_limit) may change, and the recorded command carries their latest values.
+    if (run_dir / "config.json").is_file():
+        # Resume (from the first epoch when none was saved). What the run learns with must be what it started
+        # with, so those overrides must agree; run settings (threads, time_limit) may change, and the recorded
+        # command carries their latest values.
         started_with = json.loads(overrides_file.read_text()) if overrides_file.is_file() else []
         learned, settings = _split_settings(started_with)
         given_learned, given_settings = _split_settings(extra)
@@ -127,14 +128,14 @@ def reproduce(name: str, data: str | os.PathLike, *, runs_dir: str | os.PathLike
                              f"(only {', '.join(RESUME_SETTINGS)} may change) or delete that directory to start over")
         changes = TrainConfig().resume_changes([f"{k}={v}" for k, v in given_settings.items()])
         extra = [*learned, *(f"{k}={v}" for k, v in (settings | given_settings).items())]
-        overrides_file.write_text(json.dumps(extra))
-        result = train(TrainConfig(progress=progress), resume=run_dir, changes=changes)
     else:
+        changes = None
         cfg = TrainConfig(data=str(data), out_dir=str(runs_dir), run_name=run_dir.name, model=recipe.model,
                           progress=progress).override([*recipe.overrides, *extra])
-        run_dir.mkdir(parents=True, exist_ok=True)
-        overrides_file.write_text(json.dumps(extra))
-        result = train(cfg)
+        create_run(cfg)  # a new directory with its config.json, or an error when run_dir is taken
+    with hold_run(run_dir):  # no writes into a run another process trains
+        write_text(overrides_file, json.dumps(extra))
+        result = train(TrainConfig(progress=progress), resume=run_dir, changes=changes)
 
     model, meta = load_model(result.run_dir / "best.safetensors")
     manifest = json.loads((run_dir / "manifest.json").read_text())  # the run's config, data and timings

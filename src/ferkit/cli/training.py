@@ -63,7 +63,7 @@ def train(
 ) -> None:
     """Train a model on the Training split, selecting the best epoch on PublicTest."""
     from ferkit.data import DataError
-    from ferkit.training import TrainConfig
+    from ferkit.training import TrainConfig, TrainingError
     from ferkit.training import train as run_training
 
     flags = {"data": data, "model": model, "label_set": label_set, "epochs": epochs, "batch_size": batch_size,
@@ -82,7 +82,7 @@ def train(
         if not Path(cfg.data).exists():
             _fail(f"data file {cfg.data!r} not found (pass --data PATH to fer2013.csv or fer2013.csv.gz)")
         run_training(cfg)
-    except (DataError, ValueError, FileNotFoundError) as e:
+    except (DataError, TrainingError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
 
 
@@ -156,6 +156,7 @@ def reproduce(
     from ferkit.data import DataError
     from ferkit.reproduce import RECIPES, epochs_label, write_report
     from ferkit.reproduce import reproduce as run_reproduce
+    from ferkit.training import TrainingError
 
     if report:
         write_report(results)
@@ -180,7 +181,7 @@ def reproduce(
     try:
         row = run_reproduce(system, data, runs_dir=runs, results_dir=results, extra=list(overrides or []),
                             progress=progress)
-    except (DataError, ValueError, FileNotFoundError) as e:
+    except (DataError, TrainingError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo(f"{system}: PublicTest {row['public_test']}  PrivateTest {row['private_test']}  "
                f"(reported {row['reported']}); row written to {results / 'seeds.csv'}")

@@ -7,10 +7,13 @@ Selection uses PublicTest only; PrivateTest is never touched here (report it wit
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import itertools
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,17 +23,21 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ferkit.data import FaceData, file_sha256, load_dataset
+from ferkit.data import FaceData, file_sha256, get_label_set, load_dataset
 from ferkit.data.augment import augment, normalize, resize, to_float
 from ferkit.device import autocast, resolve_device, resolve_precision
 from ferkit.models import count_parameters, create_model
-from ferkit.models.predict import model_tta, predict_proba, tencrop_source_size
-from ferkit.models.weights import load_model, save_weights
-from ferkit.shared_files import write_rows
+from ferkit.models.predict import NonFiniteOutputError, model_tta, predict_proba, tencrop_source_size
+from ferkit.models.weights import SHIPPED_MODELS, load_model, read_metadata, resolve_weights, save_weights
+from ferkit.shared_files import claimed, replacing, write_rows
 from ferkit.training.config import RESUME_SETTINGS, TrainConfig
 from ferkit.training.report import command_line, git_commit, hardware, library_versions, plot_curves, write_json
 
 METRIC_FIELDS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
+CHECKPOINT_KEYS = frozenset({"model", "optimizer", "scheduler", "torch_rng", "generator", "epoch", "step", "best_acc",
+                             "best_epoch", "stale", "elapsed"})
+# Steps between checks that the training loss is finite: each check waits for the device, so not every step.
+FINITE_CHECK_EVERY = 50
 
 
 @dataclass
@@ -42,46 +49,136 @@ class RunResult:
     history: list[dict[str, float]]
 
 
+class TrainingError(Exception):
+    """A run that cannot start, go on or be saved; the message says why and what to do (the CLI prints it)."""
+
+
 def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = None, data: FaceData | None = None,
           stop_after_epochs: int | None = None, changes: dict[str, Any] | None = None) -> RunResult:
     """Train `cfg.model` on the Training split, selecting on PublicTest.
 
-    cfg: the run's configuration (ignored when resuming: the run directory's config.json is used).
-    resume: a run directory; continues from its checkpoint.pt with its saved config.
+    cfg: the run's configuration (ignored when resuming: the run directory's config.json is used). A new run gets
+        a directory of its own (`create_run`).
+    resume: a run directory; continues from its checkpoint.pt with its saved config (from the first epoch when
+        no epoch was saved yet).
     changes: when resuming, new values for RESUME_SETTINGS (threads, time_limit, early_stopping, progress), e.g. from
         `TrainConfig.resume_changes`; they are saved to the run's config.json for the rest of the run.
     data: an already loaded dataset (tests, notebooks); by default `cfg.data` is loaded.
     stop_after_epochs: end this call after that many epochs, as a kill would (tests of resume).
+
+    Raises TrainingError when the run directory is taken, in use, damaged or cannot be written, and when
+    training diverges.
     """
-    # ---- run directory and config ------------------------------------------------------------
-    state = None
-    if resume:
-        run_dir = Path(resume)
-        ckpt_path = run_dir / "checkpoint.pt"
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"cannot resume: {ckpt_path} does not exist")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        progress = cfg.progress if cfg is not None else True
-        cfg = TrainConfig.from_dict(_read_json(run_dir / "config.json"))
-        cfg.progress = progress
+    if resume is None:
         if changes:
-            if fixed := sorted(set(changes) - set(RESUME_SETTINGS)):
-                raise ValueError(f"cannot change {', '.join(fixed)} of a resumed run "
-                                 f"(only {', '.join(RESUME_SETTINGS)})")
-            cfg = replace(cfg, **changes)
-            write_json(run_dir / "config.json", cfg.to_dict())
-    elif changes:
-        raise ValueError("changes apply to a resumed run; pass the settings in cfg for a new one")
-    if cfg is None:
-        raise ValueError("train() needs a TrainConfig or a run directory to resume")
+            raise ValueError("changes apply to a resumed run; pass the settings in cfg for a new one")
+        if cfg is None:
+            raise ValueError("train() needs a TrainConfig or a run directory to resume")
+        run_dir = create_run(cfg)
+    else:
+        run_dir = Path(resume)
+        if not (run_dir / "config.json").is_file() and not (run_dir / "checkpoint.pt").is_file():
+            raise FileNotFoundError(f"cannot resume: {run_dir} holds no run (no config.json or checkpoint.pt)")
+    progress = cfg.progress if cfg is not None else True
+    with hold_run(run_dir):
+        cfg, state, history = _read_run(run_dir, changes)
+        cfg.progress = progress
+        if resume is not None and state is None:
+            print(f"{run_dir} saved no epoch yet: training it from its first epoch", flush=True)
+        return _train(cfg, run_dir, state, history, data, stop_after_epochs)
+
+
+_HELD: set[Path] = set()  # run directories this process holds
+
+
+@contextlib.contextmanager
+def hold_run(run_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold the run directory for this process while the block runs (a TrainingError at once when another
+    process holds it): one process at a time trains or updates a run. Nested holds in one process are free."""
+    key = Path(run_dir).resolve()
+    if key in _HELD:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(claimed(key))
+        except BlockingIOError:
+            raise TrainingError(f"{run_dir} is in use: another ferkit process is training in it") from None
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
+
+
+def create_run(cfg: TrainConfig) -> Path:
+    """Check `cfg` (settings, device, teacher and initial weights), then make its run directory with its
+    config.json, ready for `train(resume=...)`. The directory is always a new one: an explicit `run_name` that
+    exists is an error, a default name (<model>-<time>) taken by a run started in the same second gets a suffix.
+    """
     cfg.validate()
-    device = resolve_device(cfg.device)  # a bad device or precision fails here, before a run directory is made
+    resolve_precision(cfg.precision, resolve_device(cfg.device))  # a bad device or precision fails before any files
+    _start_weights(cfg)
+    out = Path(cfg.out_dir)
+    if cfg.run_name:
+        run_dir = out / cfg.run_name
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir()  # exclusive: never two runs in one directory
+        except FileExistsError:
+            what = (f"holds a run: continue it with `ferkit train --resume {run_dir}`"
+                    if (run_dir / "config.json").is_file() else "exists (not a ferkit run: no config.json)")
+            raise TrainingError(f"run directory {run_dir} {what}, or choose another --name") from None
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        for n in itertools.count(1):
+            run_dir = out / (stem if n == 1 else f"{stem}-{n}")
+            try:
+                run_dir.mkdir()
+                break
+            except FileExistsError:
+                continue
+    # Written before any training, so a run killed (or out of disk) before its first checkpoint can be resumed.
+    write_json(run_dir / "config.json", cfg.to_dict())
+    return run_dir
+
+
+def _read_run(run_dir: Path, changes: dict[str, Any] | None) -> tuple[TrainConfig, dict | None, list[dict]]:
+    """A run directory's config (with `changes` applied and saved), its checkpoint (None before the first) and
+    its metrics rows up to that checkpoint; a damaged file is a TrainingError naming it."""
+    config_path, ckpt_path = run_dir / "config.json", run_dir / "checkpoint.pt"
+    try:
+        cfg = TrainConfig.from_dict(_read_json(config_path))
+        cfg.validate()
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise TrainingError(f"cannot resume {run_dir}: its config.json is missing or damaged ({e}); manifest.json "
+                            "keeps a copy of it under \"config\" once an epoch was saved") from e
+    if changes:
+        if fixed := sorted(set(changes) - set(RESUME_SETTINGS)):
+            raise ValueError(f"cannot change {', '.join(fixed)} of a resumed run (only {', '.join(RESUME_SETTINGS)})")
+        cfg = replace(cfg, **changes)
+        write_json(config_path, cfg.to_dict())
+    if not ckpt_path.is_file():
+        return cfg, None, []
+    try:
+        # torch.load fails on a damaged file in many ways (EOFError, RuntimeError, UnpicklingError, ...).
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if missing := sorted(CHECKPOINT_KEYS - set(state)):
+            raise ValueError(f"it lacks {', '.join(missing)}")
+        history = _read_metrics(run_dir / "metrics.csv")[:int(state["epoch"])]
+    except Exception as e:
+        raise TrainingError(f"cannot resume {run_dir}: its checkpoint.pt or metrics.csv is damaged ({e}); delete "
+                            f"checkpoint.pt to train the run again from its first epoch") from e
+    return cfg, state, history
+
+
+def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[dict[str, float]],
+           data: FaceData | None, stop_after_epochs: int | None) -> RunResult:
+    """The run in `run_dir` with config `cfg`, from `state` (its checkpoint; None: from the start)."""
+    device = resolve_device(cfg.device)
     amp_dtype = resolve_precision(cfg.precision, device)
-    if not resume:
-        name = cfg.run_name or f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = Path(cfg.out_dir) / name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", cfg.to_dict())
+    start_weights = _start_weights(cfg)  # recorded in the manifest
 
     # The code this call runs, read before any long work (data loading, a teacher pass): commits made while
     # the run trains must not be credited with it.
@@ -115,7 +212,7 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
         # the fitted buffers live in the state dict, so resume and saved weights carry them.
         model.fit_preprocessing(normalize(resize(to_float(train_images), input_size), cfg.normalize).to(device))
     if cfg.init_weights and state is None:
-        _load_initial_weights(model, cfg, data.label_set.classes)
+        _load_initial_weights(model, cfg)
     # Crop training cuts input-size windows out of larger faces and selects on the centre window (see TrainConfig).
     crop = input_size if cfg.train_view == "crop" else 0
     face_size = tencrop_source_size(input_size) if crop else input_size
@@ -126,26 +223,26 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
     if cfg.class_weights == "balanced":
         counts = np.bincount(train_set.labels, minlength=num_classes).clip(min=1)
         class_weight = torch.tensor(len(train_set) / (num_classes * counts), dtype=torch.float32, device=device)
-    teacher_probs = (_teacher_probabilities(cfg, train_set, data.label_set.classes, device).to(device)
-                     if cfg.teacher else None)
+    teacher_probs = _teacher_probabilities(cfg, train_set, device).to(device) if cfg.teacher else None
     optimizer = _make_optimizer(cfg, model)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     scheduler = _make_scheduler(cfg, optimizer, steps_per_epoch)
 
     # ---- resume ------------------------------------------------------------------------------
     start_epoch, step, best_acc, best_epoch, stale, elapsed = 0, 0, -1.0, 0, 0, 0.0
-    history: list[dict[str, float]] = []
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        gen.set_state(state["generator"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["torch_rng"])
+            gen.set_state(state["generator"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise TrainingError(f"cannot resume {run_dir}: its checkpoint.pt does not fit its config.json ({e})") from e
         start_epoch, step = int(state["epoch"]), int(state["step"])
         best_acc, best_epoch, stale = float(state["best_acc"]), int(state["best_epoch"]), int(state["stale"])
         elapsed = float(state["elapsed"])
-        history = _read_metrics(run_dir / "metrics.csv")[:start_epoch]
     weights_meta = {"model": cfg.model, "num_classes": num_classes, "classes": list(data.label_set.classes),
                     "label_set": data.label_set.name, "input_size": input_size, "normalize": cfg.normalize,
                     "model_kwargs": cfg.model_kwargs, "train_view": cfg.train_view}  # train_view: see model_tta
@@ -159,6 +256,7 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
     # A run that stopped early or used up its time limit is finished: resuming it (e.g. to re-report it) must
     # not train on.
     finished = _stop_reason(cfg, stale, elapsed) is not None
+    checked = step  # the last step whose loss was checked finite
     for epoch in range(start_epoch, start_epoch if finished else cfg.epochs):
         t0 = time.perf_counter()
         model.train()
@@ -194,15 +292,24 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
             seen += len(y)
             if cfg.progress and (b % 20 == 0 or b == steps_per_epoch - 1):
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
-            if cfg.save_every and step % cfg.save_every == 0:
-                (run_dir / "snapshots").mkdir(exist_ok=True)
-                save_weights(model, run_dir / "snapshots" / f"step{step:07d}.safetensors",
-                             weights_meta | {"step": step})
+            snapshot = cfg.save_every and step % cfg.save_every == 0
+            if snapshot or step % FINITE_CHECK_EVERY == 0:
+                checked = _require_finite(cfg, epoch, checked, step, loss_sum, model if snapshot else None)
+            if snapshot:
+                with _saving(run_dir, epoch):
+                    (run_dir / "snapshots").mkdir(exist_ok=True)
+                    save_weights(model, run_dir / "snapshots" / f"step{step:07d}.safetensors",
+                                 weights_meta | {"step": step})
         bar.close()
+        # Nothing non-finite may become best, last or the checkpoint: the loss and the weights both.
+        checked = _require_finite(cfg, epoch, checked, step, loss_sum, model)
 
-        # Validation on PublicTest (model selection only).
-        probs = predict_proba(model, val_set.images, input_size=input_size, norm=cfg.normalize, tta=val_tta,
-                              dtype=amp_dtype)
+        # Validation on PublicTest (model selection only). Finite weights can still be too large to compute with.
+        try:
+            probs = predict_proba(model, val_set.images, input_size=input_size, norm=cfg.normalize, tta=val_tta,
+                                  dtype=amp_dtype)
+        except NonFiniteOutputError:
+            raise _diverged(cfg, epoch, "its PublicTest predictions became NaN or infinite") from None
         val_acc = float((probs.argmax(1) == val_set.labels).mean())
         val_loss = float(-np.log(probs[np.arange(len(probs)), val_set.labels].clip(1e-12)).mean())
         if cfg.schedule == "plateau":
@@ -216,8 +323,6 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
         improved = val_acc > best_acc
         if improved:
             best_acc, best_epoch, stale = val_acc, epoch + 1, 0
-            save_weights(model, run_dir / "best.safetensors", weights_meta | {"epoch": epoch + 1,
-                                                                               "public_test_acc": val_acc})
         else:
             stale += 1
         print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}  "
@@ -226,16 +331,23 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
 
         reason = _stop_reason(cfg, stale, elapsed) if epoch + 1 < cfg.epochs else None
 
-        # Persist: last weights, metrics, curves, manifest, then the resume checkpoint (atomically).
-        save_weights(model, run_dir / "last.safetensors", weights_meta | {"epoch": epoch + 1})
-        _write_metrics(run_dir / "metrics.csv", history)
-        plot_curves(history, run_dir / "curves.png", title=f"{cfg.model} ({run_dir.name})")
-        _write_manifest(run_dir, cfg, data, commit, best_acc, best_epoch, epoch + 1, elapsed, device, reason)
-        _save_checkpoint(run_dir / "checkpoint.pt", {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else {},
-            "torch_rng": torch.get_rng_state(), "generator": gen.get_state(), "epoch": epoch + 1, "step": step,
-            "best_acc": best_acc, "best_epoch": best_epoch, "stale": stale, "elapsed": elapsed})
+        # Persist: best and last weights, metrics, curves, manifest, then the resume checkpoint, each atomically.
+        # The checkpoint comes last: a run killed (or out of disk) before it resumes at this epoch, which
+        # rewrites the others as they were.
+        with _saving(run_dir, epoch):
+            if improved:
+                save_weights(model, run_dir / "best.safetensors", weights_meta | {"epoch": epoch + 1,
+                                                                                   "public_test_acc": val_acc})
+            save_weights(model, run_dir / "last.safetensors", weights_meta | {"epoch": epoch + 1})
+            _write_metrics(run_dir / "metrics.csv", history)
+            plot_curves(history, run_dir / "curves.png", title=f"{cfg.model} ({run_dir.name})")
+            _write_manifest(run_dir, cfg, data, commit, best_acc, best_epoch, epoch + 1, elapsed, device, reason,
+                            start_weights)
+            _save_checkpoint(run_dir / "checkpoint.pt", {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                "torch_rng": torch.get_rng_state(), "generator": gen.get_state(), "epoch": epoch + 1, "step": step,
+                "best_acc": best_acc, "best_epoch": best_epoch, "stale": stale, "elapsed": elapsed})
 
         epochs_this_call += 1
         if reason is not None:
@@ -258,6 +370,40 @@ def _stop_reason(cfg: TrainConfig, stale: int, elapsed: float) -> str | None:
     return None
 
 
+def _require_finite(cfg: TrainConfig, epoch: int, checked: int, step: int, loss_sum: torch.Tensor,
+                    model: torch.nn.Module | None = None) -> int:
+    """Stop a diverged run (TrainingError) before anything non-finite is saved; returns `step`, now checked.
+
+    `loss_sum` sums the epoch's losses, so it stays non-finite from the step that diverged on: one look (one wait
+    for the device) covers every step since the last check. `model`: check its weights too (a last step can
+    blow them up before any loss shows it)."""
+    where = f"step {step}" if step == checked + 1 else f"steps {checked + 1}-{step}"
+    if not bool(torch.isfinite(loss_sum)):
+        raise _diverged(cfg, epoch, f"the training loss became NaN or infinite ({where})")
+    if model is not None and not bool(torch.stack([t.isfinite().all() for t in model.state_dict().values()
+                                                   if t.is_floating_point()]).all()):
+        raise _diverged(cfg, epoch, f"the weights became NaN or infinite ({where})")
+    return step
+
+
+def _diverged(cfg: TrainConfig, epoch: int, what: str) -> TrainingError:
+    fixes = [f"a lower lr (it is {cfg.lr:g})"] + ([] if cfg.grad_clip else ["gradient clipping (e.g. grad_clip=1)"])
+    return TrainingError(f"training diverged in epoch {epoch + 1}: {what}; the run's files stop before that epoch "
+                         f"(none of it is saved as best or last). Start a new run with {' or '.join(fixes)}")
+
+
+@contextlib.contextmanager
+def _saving(run_dir: Path, epoch: int) -> Iterator[None]:
+    """Turn a failed write of epoch `epoch`'s files (a full disk) into a TrainingError that says what is left."""
+    try:
+        yield
+    except OSError as e:
+        kept = (f"its checkpoint of epoch {epoch} is intact: it goes on from there" if epoch
+                else "no epoch was saved yet: it starts again from its config.json")
+        raise TrainingError(f"could not save epoch {epoch + 1} in {run_dir} ({e}); {kept} after you free some "
+                            f"space and resume it (ferkit train --resume {run_dir})") from e
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
     """T^2 * KL(teacher_T || student_T) (Hinton et al. 2015), from the teacher's probabilities.
 
@@ -269,8 +415,38 @@ def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
     return F.kl_div(student_log_t, teacher_t, reduction="batchmean") * temperature ** 2
 
 
-def _teacher_probabilities(cfg: TrainConfig, train_set: FaceData, classes: tuple[str, ...] | list[str],
-                           device: torch.device) -> torch.Tensor:
+def _start_weights(cfg: TrainConfig) -> dict[str, dict[str, str]]:
+    """The run's teacher and initial weights as the manifest records them ({"teacher": {"path", "sha256"}}), after
+    checking that each is a ferkit weights file (a path or a shipped model's name) that fits the run: the teacher
+    predicts the run's classes; the initial weights are the run's model, with its model_kwargs and classes.
+    Checked before training, so a bad one fails before any work (or any run directory)."""
+    classes = list(get_label_set(cfg.label_set).classes)
+    found = {}
+    for key in ("teacher", "init_weights"):
+        spec = getattr(cfg, key)
+        if not spec:
+            continue
+        path = resolve_weights(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"{key} {spec}: no such weights file (nor a shipped model: "
+                                    f"{', '.join(SHIPPED_MODELS)})")
+        try:
+            meta = read_metadata(path)
+        except Exception as e:  # safetensors raises its own error types on a file that is not one
+            raise ValueError(f"{key} {spec}: not a ferkit weights file ({e})") from e
+        if key == "teacher" and list(meta.get("classes", [])) != classes:
+            raise ValueError(f"teacher {spec} predicts {meta.get('classes')}, but this run trains {classes}")
+        if key == "init_weights":
+            held = (meta.get("model"), meta.get("model_kwargs", {}), list(meta.get("classes", [])))
+            wanted = (cfg.model, cfg.model_kwargs, classes)
+            if held != wanted:
+                raise ValueError(f"init_weights {spec} holds model {held[0]} {held[1] or ''} predicting {held[2]}, "
+                                 f"but this run trains {wanted[0]} {wanted[1] or ''} predicting {wanted[2]}")
+        found[key] = {"path": spec, "sha256": file_sha256(path)}
+    return found
+
+
+def _teacher_probabilities(cfg: TrainConfig, train_set: FaceData, device: torch.device) -> torch.Tensor:
     """The teacher's probabilities on the un-augmented training faces, (N, C), computed once, under its own
     view (`--tta auto`: a saved ensemble's fitted mode, the centre crop for crop-trained weights), or with
     flip TTA where that view is the plain whole face.
@@ -279,8 +455,6 @@ def _teacher_probabilities(cfg: TrainConfig, train_set: FaceData, classes: tuple
     (flips, small crops and shifts) a face's emotion distribution does not change, so the targets still fit.
     """
     teacher, meta = load_model(cfg.teacher, device)
-    if list(meta.get("classes", [])) != list(classes):
-        raise ValueError(f"teacher {cfg.teacher} predicts {meta.get('classes')}, but this run trains {list(classes)}")
     print(f"distilling from {cfg.teacher} ({meta['model']}): computing its probabilities on {len(train_set)} "
           "training faces", flush=True)
     view = model_tta("auto", meta)
@@ -291,14 +465,9 @@ def _teacher_probabilities(cfg: TrainConfig, train_set: FaceData, classes: tuple
     return torch.from_numpy(probs)
 
 
-def _load_initial_weights(model: torch.nn.Module, cfg: TrainConfig, classes: tuple[str, ...] | list[str]) -> None:
-    """Copy the weights of `cfg.init_weights` into `model`; it must be the same model with the same classes."""
+def _load_initial_weights(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Copy the weights of `cfg.init_weights` (checked by `_start_weights` to be this model) into `model`."""
     init, meta = load_model(cfg.init_weights)
-    found = (meta.get("model"), meta.get("model_kwargs", {}), list(meta.get("classes", [])))
-    wanted = (cfg.model, cfg.model_kwargs, list(classes))
-    if found != wanted:
-        raise ValueError(f"init_weights {cfg.init_weights} holds model {found[0]} {found[1] or ''} predicting "
-                         f"{found[2]}, but this run trains {wanted[0]} {wanted[1] or ''} predicting {wanted[2]}")
     model.load_state_dict(init.state_dict())
     print(f"starting from the weights of {cfg.init_weights} ({meta.get('public_test_acc', 'n/a')} PublicTest)",
           flush=True)
@@ -339,13 +508,14 @@ def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_pe
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+    with replacing(path) as tmp:  # a kill or a full disk mid-write leaves the previous checkpoint intact
+        torch.save(state, tmp)
 
 
 def _write_manifest(run_dir: Path, cfg: TrainConfig, data: FaceData, commit: str, best_acc: float, best_epoch: int,
-                    epochs_done: int, elapsed: float, device: torch.device, stopped_by: str | None = None) -> None:
+                    epochs_done: int, elapsed: float, device: torch.device, stopped_by: str | None = None,
+                    start_weights: dict[str, dict[str, str]] | None = None) -> None:
+    """start_weights: the teacher and initial weights, as `_start_weights` gives them."""
     manifest_path = run_dir / "manifest.json"
     previous = _read_json(manifest_path) if manifest_path.is_file() else {}
     commands = previous.get("commands", [])
@@ -361,10 +531,7 @@ def _write_manifest(run_dir: Path, cfg: TrainConfig, data: FaceData, commit: str
         "device": str(device),
         "epochs_done": epochs_done, "best_epoch": best_epoch, "best_public_test_acc": best_acc,
         "train_seconds": round(elapsed, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **({"stopped_by": stopped_by} if stopped_by else {}),
-        **({"teacher": {"path": cfg.teacher, "sha256": file_sha256(cfg.teacher)}} if cfg.teacher else {}),
-        **({"init_weights": {"path": cfg.init_weights, "sha256": file_sha256(cfg.init_weights)}}
-           if cfg.init_weights else {}),
+        **({"stopped_by": stopped_by} if stopped_by else {}), **(start_weights or {}),
     })
 
 

@@ -1,0 +1,222 @@
+"""Trainer safety (issue #26): a run never writes into another run's directory, a diverged run stops before
+saving non-finite weights, a damaged or unsaved run resumes or fails clearly, and shipped model names work as
+teacher= and init_weights=."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_training import SMALL_MODEL, small_config, without_timing
+from typer.testing import CliRunner
+
+from ferkit.cli import app
+from ferkit.data import file_sha256
+from ferkit.models.weights import shipped_weights_path
+from ferkit.shared_files import claimed
+from ferkit.training import TrainingError, create_run, train
+
+
+def run_files(run_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir()) if p.is_file()}
+
+
+# ---- item 1: one run per directory --------------------------------------------------------------------------
+
+
+def test_an_explicit_name_that_exists_is_refused_and_its_run_left_alone(tiny_csv: Path, tmp_path: Path) -> None:
+    first = train(small_config(tiny_csv, tmp_path, epochs=1))
+    before = run_files(first.run_dir)
+    with pytest.raises(TrainingError, match=r"run directory .*run holds a run: continue it with `ferkit train "
+                                            r"--resume .*`, or choose another --name"):
+        train(small_config(tiny_csv, tmp_path, epochs=1, seed=7))
+    assert run_files(first.run_dir) == before
+    # A directory that is not a run is refused too (it may be anything of the user's).
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(TrainingError, match="exists .not a ferkit run"):
+        create_run(small_config(tiny_csv, tmp_path, run_name="mine"))
+    assert list((tmp_path / "mine").iterdir()) == []
+
+
+def test_cli_train_with_a_taken_name_fails_clearly(tiny_csv: Path, tmp_path: Path) -> None:
+    args = ["train", "--data", str(tiny_csv), "--model", SMALL_MODEL, "--epochs", "1", "--out", str(tmp_path),
+            "--name", "x", "--no-progress", "precision=\"fp32\""]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "error: run directory" in again.output and "--resume" in again.output
+
+
+def test_default_names_taken_in_the_same_second_get_a_suffix(tiny_csv: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import ferkit.training.trainer as trainer
+
+    monkeypatch.setattr(trainer.time, "strftime", lambda fmt: "20261206-120000")
+    dirs = [create_run(small_config(tiny_csv, tmp_path, run_name="", seed=seed)) for seed in (0, 7, 8)]
+    assert [d.name for d in dirs] == [f"{SMALL_MODEL}-20261206-120000{s}" for s in ("", "-2", "-3")]
+    assert [json.loads((d / "config.json").read_text())["seed"] for d in dirs] == [0, 7, 8]
+
+
+def test_a_run_in_use_by_another_process_is_refused(tiny_csv: Path, tmp_path: Path) -> None:
+    run_dir = create_run(small_config(tiny_csv, tmp_path, epochs=1))
+    with claimed(run_dir):  # as another process training in it holds it
+        with pytest.raises(TrainingError, match="in use"):
+            train(resume=run_dir)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]
+
+
+def test_reproduce_never_trains_in_a_directory_it_did_not_make(tiny_csv: Path, tmp_path: Path) -> None:
+    from ferkit.reproduce import reproduce
+
+    (tmp_path / "runs" / "repro-sixclass_cnn4").mkdir(parents=True)
+    with pytest.raises(TrainingError, match="not a ferkit run"):
+        reproduce("sixclass_cnn4", tiny_csv, runs_dir=tmp_path / "runs", results_dir=tmp_path / "results",
+                  extra=["epochs=1", "precision=fp32"], progress=False)
+    assert list((tmp_path / "runs" / "repro-sixclass_cnn4").iterdir()) == []
+
+
+# ---- item 10: resuming what a kill or a full disk left ------------------------------------------------------
+
+
+def test_a_run_with_no_epoch_saved_resumes_from_its_first_epoch(tiny_csv: Path, tmp_path: Path) -> None:
+    # config.json is written before training: a run killed in its first epoch is still a run to resume.
+    full = train(small_config(tiny_csv, tmp_path / "full", epochs=2))
+    run_dir = create_run(small_config(tiny_csv, tmp_path / "killed", epochs=2))
+    resumed = train(resume=run_dir)
+    assert without_timing(resumed.history) == without_timing(full.history)
+
+
+def test_reproduce_resumes_a_run_that_saved_no_epoch(tiny_csv: Path, tmp_path: Path) -> None:
+    import ferkit.training.trainer as trainer
+    from ferkit.reproduce import reproduce
+
+    def killed(path: Path, state: dict) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as m:  # the first attempt dies before its first checkpoint
+        m.setattr(trainer, "_save_checkpoint", killed)
+        with pytest.raises(KeyboardInterrupt):
+            reproduce("sixclass_cnn4", tiny_csv, runs_dir=tmp_path / "runs", results_dir=tmp_path / "results",
+                      extra=["epochs=1", "precision=fp32"], progress=False)
+    row = reproduce("sixclass_cnn4", tiny_csv, runs_dir=tmp_path / "runs", results_dir=tmp_path / "results",
+                    extra=["epochs=1", "precision=fp32"], progress=False)
+    assert row["epochs"] == "1" and row["command"].endswith("epochs=1 precision=fp32")
+
+
+def disk_full_at_checkpoint(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
+    """torch.save writes part of the checkpoint of `epoch`, then the disk is full."""
+    import ferkit.training.trainer as trainer
+
+    real_save = torch.save
+
+    def save(state, path):
+        if state["epoch"] == epoch:
+            Path(path).write_bytes(b"PK\x03\x04 partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_save(state, path)
+
+    monkeypatch.setattr(trainer.torch, "save", save)
+
+
+@pytest.mark.parametrize("failing_epoch", [1, 2])
+def test_a_full_disk_at_a_checkpoint_is_a_clear_error_and_the_run_resumes(
+        tiny_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing_epoch: int) -> None:
+    full = train(small_config(tiny_csv, tmp_path / "full", epochs=2))
+    with monkeypatch.context() as m:
+        disk_full_at_checkpoint(m, failing_epoch)
+        kept = ("its checkpoint of epoch 1 is intact" if failing_epoch == 2
+                else "no epoch was saved yet: it starts again from its config.json")
+        with pytest.raises(TrainingError, match=f"could not save epoch {failing_epoch} in .*No space left.*{kept}"):
+            train(small_config(tiny_csv, tmp_path / "run", epochs=2))
+    run_dir = tmp_path / "run" / "run"
+    assert not list(run_dir.glob("*.tmp*"))  # the partial temporary file is removed
+    if failing_epoch == 2:
+        assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    resumed = train(resume=run_dir)
+    assert without_timing(resumed.history) == without_timing(full.history)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ({"checkpoint.pt": b""}, "checkpoint.pt or metrics.csv is damaged"),
+    ({"checkpoint.pt": b"not a checkpoint at all"}, "checkpoint.pt or metrics.csv is damaged"),
+    ({"metrics.csv": b"epoch,step\nx,y\n"}, "checkpoint.pt or metrics.csv is damaged"),
+    ({"config.json": b"{\"epochs\": 2,"}, "config.json is missing or damaged"),
+    ({"config.json": b"{\"epochz\": 2}"}, "config.json is missing or damaged"),
+    ({"config.json": b"{\"epochs\": \"two\"}"}, "config.json is missing or damaged"),
+])
+def test_resuming_a_damaged_run_is_a_clear_error(tiny_csv: Path, tmp_path: Path, damage: dict[str, bytes],
+                                                  message: str) -> None:
+    run_dir = train(small_config(tiny_csv, tmp_path, epochs=2), stop_after_epochs=1).run_dir
+    for name, content in damage.items():
+        (run_dir / name).write_bytes(content)
+    with pytest.raises(TrainingError, match=f"cannot resume {run_dir}: its {message}"):
+        train(resume=run_dir)
+    result = CliRunner().invoke(app, ["train", "--resume", str(run_dir), "--no-progress"])
+    assert result.exit_code == 2 and f"error: cannot resume {run_dir}" in result.output
+
+
+# ---- item 2: divergence ---------------------------------------------------------------------------------------
+
+
+def test_a_diverged_run_stops_before_saving_non_finite_weights(tiny_csv: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match=r"training diverged in epoch 1: the training loss became NaN or "
+                                            r"infinite \(step.*\).*lower lr \(it is 1e\+06\) or gradient clipping"):
+        train(small_config(tiny_csv, tmp_path, epochs=2, lr=1e6, save_every=1))
+    run_dir = tmp_path / "run"
+    assert not any((run_dir / f).exists() for f in ("best.safetensors", "last.safetensors", "checkpoint.pt"))
+    for snapshot in (run_dir / "snapshots").glob("*.safetensors"):  # any kept snapshot is finite
+        assert all(torch.isfinite(t).all() for t in load_file(str(snapshot)).values()), snapshot.name
+
+
+def test_non_finite_weights_are_caught_even_with_a_finite_loss() -> None:
+    from ferkit.training import TrainConfig
+    from ferkit.training.trainer import _require_finite
+
+    model = torch.nn.Linear(2, 2)
+    assert _require_finite(TrainConfig(), 0, 0, 5, torch.tensor(3.0), model) == 5
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    assert _require_finite(TrainConfig(), 0, 0, 5, torch.tensor(3.0)) == 5  # the loss alone is checked
+    with pytest.raises(TrainingError, match=r"in epoch 1: the weights became NaN or infinite \(steps 1-5\)"):
+        _require_finite(TrainConfig(grad_clip=1.0), 0, 0, 5, torch.tensor(3.0), model)
+
+
+def test_cli_train_with_a_huge_lr_fails_clearly(tiny_csv: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["train", "--data", str(tiny_csv), "--model", SMALL_MODEL, "--epochs", "1",
+                                      "--out", str(tmp_path), "--lr", "1e6", "--no-progress", "precision=\"fp32\""])
+    # Two steps whose loss stays finite leave weights too large to compute with: validation finds it.
+    assert result.exit_code == 2 and "error: training diverged in epoch 1" in result.output, result.output
+    assert not list(tmp_path.rglob("*.safetensors")) and not list(tmp_path.rglob("checkpoint.pt"))
+
+
+# ---- item 13: shipped names as teacher= and init_weights= ------------------------------------------------------
+
+
+CONV = "blocks.0.body.0.0.weight"  # a convolution of mini_xception: lr 0 leaves it as loaded
+
+
+def test_shipped_names_work_as_teacher_and_init_weights(tiny_csv: Path, tmp_path: Path) -> None:
+    taught = train(small_config(tiny_csv, tmp_path / "kd", epochs=1, teacher="default"))
+    fast = load_file(str(shipped_weights_path("fast")))
+    kwargs = {"stem": 16, "stem_stride": 2, "widths": [32, 64, 128, 256]}
+    started = train(small_config(tiny_csv, tmp_path / "ft", epochs=1, model="mini_xception", model_kwargs=kwargs,
+                                 init_weights="fast", lr=0.0, weight_decay=0.0))
+    assert torch.equal(load_file(str(started.run_dir / "best.safetensors"))[CONV], fast[CONV])
+    for run, key, name in ((taught, "teacher", "default"), (started, "init_weights", "fast")):
+        manifest = json.loads((run.run_dir / "manifest.json").read_text())
+        assert manifest[key] == {"path": name, "sha256": file_sha256(shipped_weights_path(name))}
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"teacher": "nope.safetensors"}, "teacher nope.safetensors: no such weights file .nor a shipped model"),
+    ({"init_weights": "defualt"}, "init_weights defualt: no such weights file"),
+    ({"init_weights": "default"}, "init_weights default holds model ferkit_vgg_s"),
+])
+def test_bad_start_weights_fail_before_any_run_directory(tiny_csv: Path, tmp_path: Path, setting: dict,
+                                                         message: str) -> None:
+    with pytest.raises((FileNotFoundError, ValueError), match=message):
+        train(small_config(tiny_csv, tmp_path / "runs", **setting))
+    assert not (tmp_path / "runs").exists()
