@@ -6,8 +6,8 @@ Run:  python benchmarks/inference_speed.py [--seconds 3] [--repeats 3] [--weight
                                            [--tta flip]   (ferkit averages each face with its mirror image)
 
 (a) Classification: `Recognizer.predict_proba` on 48x48 uint8 faces (preprocessing included, no detection)
-    at batch 1 and batch 64, with PyTorch fp32, PyTorch bf16 autocast, and ONNX Runtime (fp32,
-    `Recognizer(backend="onnx")`).
+    at batch 1 and batch 64: the default `Recognizer()` (backend "auto": ONNX Runtime on CPU when installed),
+    PyTorch fp32, PyTorch bf16 autocast, and ONNX Runtime (fp32, `Recognizer(backend="onnx")`).
 (b) End to end: `Recognizer.detect_emotions` on a 640x480 photo (the bundled astronaut, resized to 480x480
     and padded to 640x480; one face), for each detector, with the PyTorch and the ONNX Runtime classifier.
 (c) The `fer` package (Justin Shenk's FER, TFLite mini-Xception) on the same inputs: in this interpreter, or
@@ -103,7 +103,8 @@ def bench_ferkit(args: argparse.Namespace, weights: Path, results: dict[str, Any
     from ferkit.inference import Recognizer
 
     faces = {b: np.random.default_rng(b).integers(0, 256, (b, 48, 48), dtype=np.uint8) for b in (1, 64)}
-    configs = [("torch fp32", {"backend": "torch", "precision": "fp32"}),
+    # "default": Recognizer() as users get it (backend "auto": ONNX Runtime on CPU when installed, else torch).
+    configs = [("default", {}), ("torch fp32", {"backend": "torch", "precision": "fp32"}),
                ("torch bf16 autocast", {"backend": "torch", "precision": "bf16"})]
     if args.onnx:
         try:
@@ -111,7 +112,7 @@ def bench_ferkit(args: argparse.Namespace, weights: Path, results: dict[str, Any
 
             configs.append(("onnxruntime fp32", {"backend": "onnx"}))
         except ImportError:
-            print("onnxruntime not installed: skipping the ONNX Runtime rows (pip install 'ferkit[onnx]')")
+            print("onnxruntime not installed: skipping the ONNX Runtime rows (pip install onnxruntime)")
     print("\n(a) classification, faces/s (Recognizer.predict_proba on 48x48 uint8 faces, no detection)")
     print(f"{'backend':<22} {'batch 1':>10} {'batch 64':>10}")
     recs = {}
@@ -123,7 +124,9 @@ def bench_ferkit(args: argparse.Namespace, weights: Path, results: dict[str, Any
         row = {f"batch{b}": rate(lambda f=f, r=rec: r.predict_proba(f), b, args.seconds) for b, f in faces.items()}
         row["setup_s"] = setup
         results["classification"][label] = row
-        note = f"   (setup {setup:.1f} s incl. ONNX export)" if kw.get("backend") == "onnx" else ""
+        note = f"   (setup {setup:.1f} s incl. ONNX export)" if rec.backend == "onnx" else ""
+        if label == "default":
+            note += f"   (backend {rec.backend}, {rec.threads} thread(s))"
         print(f"{label:<22} {row['batch1']:>10.1f} {row['batch64']:>10.1f}{note}", flush=True)
 
     if not e2e:

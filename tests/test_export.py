@@ -1,6 +1,7 @@
 """ONNX export (`ferkit export --format onnx`, ferkit.export) and the Recognizer's ONNX Runtime backend.
 
-Skipped as a whole when onnx / onnxruntime are not installed (they are the optional `ferkit[onnx]` extra).
+Skipped as a whole when onnx / onnxruntime are not installed (ferkit dependencies, but a broken environment may
+lack them).
 """
 
 from __future__ import annotations
@@ -298,3 +299,21 @@ def test_recognizer_backend_errors(weights: Path, onnx_file: Path) -> None:
         Recognizer(model=weights, device="cpu", backend="onnx", precision="bf16")
     with pytest.raises(ValueError, match="not both"):
         Recognizer(model=str(onnx_file), weights=weights, device="cpu")
+
+
+def test_a_cached_export_is_used_without_importing_onnx_or_onnxscript(weights: Path, tmp_path: Path) -> None:
+    # Importing onnx + onnxscript takes seconds: the default backend ("auto", ONNX Runtime on CPU) must not pay
+    # them at every start, only when it exports (once per weights file).
+    import os
+    import subprocess
+    import sys
+
+    from ferkit.inference.onnx_backend import cached_export
+
+    cached_export(weights, cache_dir=tmp_path / "onnx")
+    code = ("import sys; from ferkit import Recognizer; "
+            f"r = Recognizer(model={str(weights)!r}, detector='none', device='cpu'); "
+            "print(r.backend, 'onnx' in sys.modules, 'onnxscript' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FERKIT_CACHE": str(tmp_path)},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["onnx", "False", "False"]

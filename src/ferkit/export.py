@@ -21,7 +21,7 @@ The exported graph is the classifier only (no face detection, no preprocessing):
 
 Exporter: torch 2.13's `torch.onnx.export` defaults to the torch.export-based ("dynamo") exporter, which
 needs `onnxscript`; the TorchScript-based ("legacy") exporter works without it but is deprecated. ferkit
-uses the dynamo exporter when onnxscript is importable (it is part of the ``ferkit[onnx]`` extra) and the
+uses the dynamo exporter when onnxscript is importable (a ferkit dependency, like onnx and onnxruntime) and the
 legacy one otherwise, or when torch.export cannot trace the model (``exporter="auto"``; e.g. `tan_pca`,
 whose forward branches on a buffer's value); the ``exporter`` metadata says which ran. Every export is run
 with ONNX Runtime at batch sizes 1 and 3 before it is written (``verify``): the dynamo exporter matched
@@ -84,7 +84,7 @@ class ProbabilityModel(nn.Module):
 
 
 def onnx_available() -> bool:
-    """True when both `onnx` and `onnxruntime` import (the ``ferkit[onnx]`` extra)."""
+    """True when both `onnx` and `onnxruntime` import (ferkit dependencies)."""
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
@@ -93,14 +93,27 @@ def onnx_available() -> bool:
     return True
 
 
+def installed(module: str) -> bool:
+    """Whether `module` can be imported, without importing it (None in sys.modules counts as absent)."""
+    import sys
+    from importlib.util import find_spec
+
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    try:
+        return find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _require(module: str) -> Any:
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ImportError(f"ONNX export/inference needs the `{module}` package: pip install 'ferkit[onnx]' "
-                          "(onnx, onnxruntime, onnxscript)") from e
+        raise ImportError(f"ONNX export/inference needs the `{module}` package (a ferkit dependency): "
+                          "pip install onnx onnxruntime onnxscript") from e
 
 
 def resolve_exporter(exporter: str = "auto") -> str:
@@ -108,11 +121,9 @@ def resolve_exporter(exporter: str = "auto") -> str:
         raise ValueError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
     if exporter != "auto":
         return exporter
-    try:
-        import onnxscript  # noqa: F401
-    except ImportError:
-        return "legacy"
-    return "dynamo"
+    # Looked up, not imported: onnxscript takes seconds to import, and cached_export only needs the name for its
+    # cache key (an export that is already cached then costs no onnx/onnxscript import at all).
+    return "dynamo" if installed("onnxscript") else "legacy"
 
 
 @contextlib.contextmanager

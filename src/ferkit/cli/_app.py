@@ -9,10 +9,14 @@ from rich.markup import escape as literal  # help texts are Rich markup: `ferkit
 
 from ferkit.models.weights import SHIPPED_MODELS
 
-WEIGHTS_HELP = ("Weights file (.safetensors: a model or a saved ensemble) written by ferkit, or the name of a model "
-                f"shipped in the package ({' | '.join(SHIPPED_MODELS)}). Default: default.")
-BACKEND_HELP = literal("Who runs the emotion model: torch, or onnx (ONNX Runtime, needs ferkit[onnx]; faster per "
-                       "face on CPU, the export is made once and cached).")
+WEIGHTS_HELP = ("Weights file (.safetensors: a model or a saved ensemble) written by ferkit, a run directory (its "
+                "best.safetensors), or the name of a model shipped in the package "
+                f"({' | '.join(SHIPPED_MODELS)}). Default: default.")
+BACKEND_HELP = literal("Who runs the emotion model: auto (onnx on CPU when ONNX Runtime is installed, else torch) | "
+                       "torch | onnx (ONNX Runtime: ~10x faster per face on CPU, same probabilities; the export is "
+                       "made once and cached).")
+THREADS_HELP = ("CPU threads for the models (at least 1; more than this process may use is lowered). Default: the "
+                "CPUs this process may use (affinity mask, cgroup CPU quota).")
 TTA_HELP = ("Test-time augmentation: auto (the view the weights were selected on: a saved ensemble's fitted "
             "mode, the centre crop for models trained on crops, else the whole face) | none | flip | tencrop | "
             "center | shift (the face and 4 copies moved 2 pixels).")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ferkit.cli._app import BACKEND_HELP, TTA_HELP, WEIGHTS_HELP, _fail, app
+from ferkit.cli._app import BACKEND_HELP, THREADS_HELP, TTA_HELP, WEIGHTS_HELP, _fail, app
 
 PREDICT_EPILOG = """
 Examples:
@@ -52,20 +52,29 @@ def weights_file(weights: Path | None) -> Path:
 
 
 def _recognizer(weights: Path | None, detector: str, tta: str, device: str, min_face_score: float = 0.0,
-                backend: str = "torch"):
+                backend: str = "torch", threads: int | None = None):
     from ferkit.inference import Recognizer
     from ferkit.models.predict import TTA_CHOICES
 
     if tta not in TTA_CHOICES:
         _fail(f"unknown --tta {tta!r}; choose one of {', '.join(TTA_CHOICES)}")
+    check_threads_option(threads)
     path = weights_file(weights)
     try:
         return Recognizer(model=path, detector=detector, device=device, tta=tta, min_face_score=min_face_score,
-                          backend=backend)
+                          backend=backend, threads=threads)
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
         _fail(str(e))
     except Exception as e:  # corrupt or foreign weights file: safetensors raises its own error type
         _fail(f"cannot load weights {str(weights)!r}: {e}")
+
+
+def check_threads_option(threads: int | None) -> None:
+    """--threads below 1 is a usage error (more than the CPUs this process may use is lowered to them)."""
+    if threads is not None and threads < 1:
+        from ferkit.device import available_cpus
+
+        _fail(f"--threads must be at least 1, got {threads} (leave it out for the default: {available_cpus()} here)")
 
 
 def _run_predict(rec, paths: list[Path], json_out: str | None, csv_out: Path | None, annotate: Path | None,
@@ -109,7 +118,7 @@ def _run_predict(rec, paths: list[Path], json_out: str | None, csv_out: Path | N
         _fail(f"cannot write output: {e}")
     written = [e.annotated for e in entries if e.annotated]
     if written and json_out != "-":
-        typer.echo(f"wrote annotated image: {written[0]}" if annotate_file is not None
+        typer.echo(f"wrote annotated image: {Path(written[0]).resolve()}" if annotate_file is not None
                    else f"wrote {len(written)} annotated image(s) to {annotate}")
     if json_out != "-":
         for path in outputs:
@@ -136,13 +145,14 @@ def predict(
     tta: Annotated[str, typer.Option(help=TTA_HELP)] = "auto",
     min_face_score: Annotated[float, typer.Option(help="Ignore faces the detector is less sure of.")] = 0.0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
-    backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "torch",
+    backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP, show_default=False)] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Detect faces in images, folders and videos and classify their emotions."""
     from ferkit.inference.image_io import sample_image_path
 
-    rec = _recognizer(weights, detector, tta, device, min_face_score, backend)
+    rec = _recognizer(weights, detector, tta, device, min_face_score, backend, threads)
     annotate_file = None
     if not paths:
         paths = [sample_image_path()]
@@ -153,7 +163,7 @@ def predict(
 @app.command(epilog="""
 Examples:
 
-  ferkit demo                                  (writes ferkit-demo.jpg here)
+  ferkit demo                                  (writes ferkit-demo.jpg in the current folder)
 
   ferkit demo --out /tmp/demo.jpg --detector haar
 

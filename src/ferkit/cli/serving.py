@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from ferkit.cli._app import BACKEND_HELP, TTA_HELP, WEIGHTS_HELP, _fail, app, literal
-from ferkit.cli.inference import _recognizer
+from ferkit.cli._app import BACKEND_HELP, THREADS_HELP, TTA_HELP, WEIGHTS_HELP, _fail, app, literal
+from ferkit.cli.inference import _recognizer, check_threads_option
 from ferkit.models.weights import SHIPPED_MODELS
 
 EXPORT_EPILOG = """
@@ -118,8 +118,8 @@ def serve(
     max_faces: Annotated[int, typer.Option(help="Most faces in one analysed photo (more: 422).")] = 100,
     max_files: Annotated[int, typer.Option(help="Most face crops in one /v1/classify request.")] = 64,
     workers: Annotated[int, typer.Option(help="Threads for decoding and face detection.")] = 4,
-    threads: Annotated[int | None, typer.Option(help="Torch intra-op threads (default: torch's choice).")] = None,
-    backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "torch",
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP, show_default=False)] = None,
+    backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
     log_level: Annotated[str, typer.Option(help="uvicorn log level: critical | error | warning | info | debug.")
                          ] = "info",
 ) -> None:
@@ -138,23 +138,20 @@ def serve(
         settings.validate()
     except ValueError as e:
         _fail(str(e))
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(max(1, threads))
+    check_threads_option(threads)
     from ferkit.models.weights import SHIPPED_MODELS
 
     if model in SHIPPED_MODELS or model.endswith((".safetensors", ".onnx")) or Path(model).is_file():
         if model != "default" and weights is not None:
             _fail("give the weights file either as --model PATH or as --weights PATH, not both")
         rec = _recognizer(weights if model == "default" else Path(model), detector, tta, device, min_face_score,
-                          backend)
+                          backend, threads)
     else:
         from ferkit.inference import Recognizer
 
         try:
             rec = Recognizer(model=model, weights=weights, detector=detector, device=device, tta=tta,
-                             min_face_score=min_face_score, backend=backend)
+                             min_face_score=min_face_score, backend=backend, threads=threads)
         except (ValueError, FileNotFoundError, RuntimeError) as e:
             _fail(str(e))
     typer.echo(f"ferkit serve: {rec!r}; web page and API on http://{host}:{port}/ (API docs at /docs)", err=True)

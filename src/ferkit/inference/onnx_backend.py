@@ -20,6 +20,14 @@ from ferkit.data.augment import FER2013_MEAN, FER2013_STD
 from ferkit.export import MEMBER_OUTPUT_NAME
 
 
+def onnx_backend_installed() -> bool:
+    """True when onnxruntime (to run) and onnx (to export) are installed; looked up without importing them
+    (importing onnx takes ~1 s, onnxruntime is imported only when a session is made)."""
+    from ferkit.export import installed
+
+    return installed("onnxruntime") and installed("onnx")
+
+
 def onnx_cache_dir() -> Path:
     from ferkit.data.fer2013 import default_cache_dir
 

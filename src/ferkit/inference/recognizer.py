@@ -7,7 +7,8 @@
       'dominant': 'happy', 'face_score': 0.999}, ...]
     >>> rec.classify_faces(face_crop)               # already-cropped face(s): no detection
     {'emotions': {...}, 'dominant': 'neutral'}
-    >>> Recognizer(backend="onnx")                  # classify with ONNX Runtime (pip install 'ferkit[onnx]')
+    >>> Recognizer(backend="torch")                 # classify in PyTorch (default "auto": ONNX Runtime on CPU)
+    >>> Recognizer(threads=1)                       # CPU threads (default: the CPUs this process may use)
     >>> Recognizer(model="model.onnx")              # a `ferkit export --format onnx` file (ONNX Runtime)
 """
 
@@ -25,7 +26,22 @@ from ferkit.inference.detect import Detection, FaceDetector, get_detector
 from ferkit.inference.faces import FER_SIZE, crop_face, to_face_array
 from ferkit.inference.image_io import ImageError, load_image
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx")
+
+
+def resolve_backend(backend: str, device: torch.device, precision: str = "fp32") -> str:
+    """"auto" -> "onnx" on CPU in fp32 when ONNX Runtime and onnx (to export) are installed, else "torch";
+    "torch" and "onnx" as given. ONNX Runtime classifies a face one at a time ~10x faster than PyTorch on CPU
+    with the same probabilities (benchmarks/inference_speed.py); on CUDA, or in bf16/fp16, PyTorch runs it."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    from ferkit.inference.onnx_backend import onnx_backend_installed
+
+    if device.type == "cpu" and precision == "fp32" and onnx_backend_installed():
+        return "onnx"
+    return "torch"
 
 
 def resolve_tta(tta: bool | str | None) -> str:
@@ -91,24 +107,33 @@ class Recognizer:
     min_face_score: drop detections less confident than this (on top of the detector's own threshold).
     align: align faces on their landmarks when the detector gives them (see ferkit.inference.faces).
     precision: "fp32" (default, reproducible), "auto", "bf16" or "fp16" autocast for the emotion model.
-    backend: "torch" (default) runs the emotion model in PyTorch; "onnx" runs it in ONNX Runtime (fp32),
+    backend: "auto" (default): "onnx" on CPU in fp32 when ONNX Runtime is installed (it is a dependency), else
+        "torch" (on CUDA, for bf16/fp16, or for a model that does not export: the reason is in
+        `self.backend_note`); "torch" runs the emotion model in PyTorch; "onnx" runs it in ONNX Runtime (fp32),
         from the model's ONNX export (made once and cached, see ferkit.inference.onnx_backend) or, when
         `model` is a .onnx file written by `ferkit export`, from that file (then no PyTorch model is loaded
-        and `self.model` is None). Detection stays in PyTorch either way. See docs/detection.md for speed.
+        and `self.model` is None). Both give the same probabilities (to ~1e-6). Detection stays in PyTorch
+        either way. See the README's Speed section.
+    threads: CPU threads for the models (torch's intra-op pool, ONNX Runtime's session, OpenCV). Default: the
+        CPUs this process may use (affinity mask and cgroup CPU quota, see `ferkit.device.default_threads`), or
+        fewer if torch was already set to fewer (torch.set_num_threads). Below 1 is a ValueError; more than the
+        available CPUs is lowered to them. torch's and OpenCV's thread counts are per process, so the last
+        Recognizer made sets them for all; `self.threads` is the count used. (Importing ferkit before torch also
+        makes OpenMP's idle threads sleep instead of spinning, see ferkit/__init__.py.)
     """
 
     def __init__(self, model: Any = "default", detector: str | FaceDetector = "retinaface", device: str = "auto",
                  tta: bool | str = "auto", *, weights: str | os.PathLike | None = None,
                  min_face_score: float = 0.0, align: bool = True, batch_size: int = 64,
-                 precision: str = "fp32", backend: str = "torch") -> None:
-        from ferkit.device import resolve_device, resolve_precision
+                 precision: str = "fp32", backend: str = "auto", threads: int | None = None) -> None:
+        from ferkit.device import resolve_device, resolve_precision, set_threads
 
         self.device = resolve_device(device)
+        self.threads = set_threads(threads)
         self.tta = resolve_tta(tta)
         is_onnx_file = isinstance(model, (str, os.PathLike)) and str(model).lower().endswith(".onnx")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        self.backend = "onnx" if is_onnx_file else backend
+        self.backend = "onnx" if is_onnx_file else resolve_backend(backend, self.device, precision)
+        self.backend_note = ""
         if self.backend == "onnx" and precision not in ("fp32", "auto"):
             raise ValueError(f"the onnx backend runs in fp32; precision {precision!r} needs backend='torch'")
         self._onnx: Any = None
@@ -117,7 +142,7 @@ class Recognizer:
 
             if weights is not None:
                 raise ValueError("give either an .onnx file as `model` or `weights`, not both")
-            self._onnx = OnnxClassifier(model, device=self.device)
+            self._onnx = OnnxClassifier(model, device=self.device, threads=self.threads)
             self.model, self.meta, self.weights_path = None, self._onnx.meta, Path(model)
             from ferkit.models.weights import check_metadata
 
@@ -127,7 +152,13 @@ class Recognizer:
             if self.backend == "onnx":
                 from ferkit.inference.onnx_backend import OnnxClassifier, cached_export
 
-                self._onnx = OnnxClassifier(cached_export(self.weights_path), device=self.device)
+                try:
+                    self._onnx = OnnxClassifier(cached_export(self.weights_path), device=self.device,
+                                                threads=self.threads)
+                except Exception as e:  # auto falls back to PyTorch: e.g. a fitted tan_pca does not export
+                    if backend != "auto":
+                        raise
+                    self.backend, self.backend_note = "torch", f"onnx unavailable for this model: {e}"
         self.classes: list[str] = list(self.meta.get("classes") or [])
         if len(self.classes) != self.meta.get("num_classes", len(self.classes)) or not self.classes:
             raise ValueError(f"the weights' metadata lists {len(self.classes)} class names for "
