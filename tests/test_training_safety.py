@@ -214,9 +214,12 @@ def test_shipped_names_work_as_teacher_and_init_weights(tiny_csv: Path, tmp_path
     ({"teacher": "nope.safetensors"}, "teacher nope.safetensors: no such weights file .nor a shipped model"),
     ({"init_weights": "defualt"}, "init_weights defualt: no such weights file"),
     ({"init_weights": "default"}, "init_weights default holds model ferkit_vgg_s"),
+    ({"model": "nope"}, "unknown model 'nope'"),
+    ({"model_kwargs": {"depth": 3}}, "model_kwargs {'depth': 3} do not fit model sixclass_cnn4"),
 ])
-def test_bad_start_weights_fail_before_any_run_directory(tiny_csv: Path, tmp_path: Path, setting: dict,
-                                                         message: str) -> None:
+def test_bad_settings_fail_before_any_run_directory(tiny_csv: Path, tmp_path: Path, setting: dict,
+                                                    message: str) -> None:
+    # A run directory left by a typo would hold its name: `--name X` again would be refused.
     with pytest.raises((FileNotFoundError, ValueError), match=message):
         train(small_config(tiny_csv, tmp_path / "runs", **setting))
     assert not (tmp_path / "runs").exists()

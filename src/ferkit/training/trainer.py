@@ -112,12 +112,18 @@ def hold_run(run_dir: str | os.PathLike) -> Iterator[None]:
 
 
 def create_run(cfg: TrainConfig) -> Path:
-    """Check `cfg` (settings, device, teacher and initial weights), then make its run directory with its
+    """Check `cfg` (settings, model, device, teacher and initial weights), then make its run directory with its
     config.json, ready for `train(resume=...)`. The directory is always a new one: an explicit `run_name` that
     exists is an error, a default name (<model>-<time>) taken by a run started in the same second gets a suffix.
     """
+    # What can be checked without the data fails here, before any files: a run directory left by a typo would
+    # hold the name.
     cfg.validate()
-    resolve_precision(cfg.precision, resolve_device(cfg.device))  # a bad device or precision fails before any files
+    try:
+        create_model(cfg.model, num_classes=get_label_set(cfg.label_set).num_classes, **cfg.model_kwargs)
+    except TypeError as e:  # a keyword the model's builder does not take
+        raise ValueError(f"model_kwargs {cfg.model_kwargs} do not fit model {cfg.model}: {e}") from e
+    resolve_precision(cfg.precision, resolve_device(cfg.device))
     _start_weights(cfg)
     out = Path(cfg.out_dir)
     if cfg.run_name:
