@@ -8,9 +8,13 @@ and the server is stopped at the end.
     python benchmarks/load_test.py                                   # 8 clients, 10 s, analyze + classify
     python benchmarks/load_test.py --clients 32 --duration 30 --endpoint classify --json results/load.json
     python benchmarks/load_test.py --clients 4 --duration 3          # a quick check
+    python benchmarks/load_test.py --payload big-png --clients 16 --duration 10 --endpoint analyze --batching on
 
 Payloads: --endpoint analyze posts whole photos (the bundled astronaut photo, mirrored and rescaled copies of
-it, plus any --images); --endpoint classify posts --crops-per-request face crops cut from them. Without the
+it, plus any --images); --endpoint classify posts --crops-per-request face crops cut from them. --payload big-png
+posts a 5000x5000 PNG (25 megapixels, the default pixel limit) and --payload 10mb a noise PNG just under the 10 MB
+upload limit instead of the photos (memory under the largest accepted requests). The server's resident memory
+(RSS, from /proc) is sampled throughout: the report gives it at the start and at its peak. Without the
 shipped weights (or --weights) an untrained model of the same architecture is used: the speed is the same,
 the predictions are meaningless. Needs the serve + dev extras (fastapi, uvicorn, httpx).
 """
@@ -23,10 +27,12 @@ import io
 import json
 import os
 import platform
+import shlex
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -94,12 +100,28 @@ def payloads(extra: list[str], crops_per_request: int) -> tuple[list[bytes], lis
     return [jpeg(p) for p in photos], groups
 
 
+def large_payload(kind: str) -> bytes:
+    """The largest requests the default limits accept: a 5000x5000 PNG (25 megapixels: a smooth gradient, so it
+    stays far under 10 MB) or a noise PNG of about 9.5 MB (1780x1780: every byte of the upload limit used)."""
+    from PIL import Image
+
+    if kind == "big-png":
+        ramp = np.linspace(0, 255, 5000, dtype=np.float32)
+        rgb = np.stack([np.add.outer(ramp, ramp) / 2, np.add.outer(ramp, 255 - ramp) / 2,
+                        np.broadcast_to(ramp, (5000, 5000))], axis=-1).astype(np.uint8)
+    else:
+        rgb = np.random.default_rng(0).integers(0, 256, (1780, 1780, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 class Server:
     """`ferkit serve` in a subprocess on 127.0.0.1, stopped on exit."""
 
     def __init__(self, weights: str, batching: bool, args: argparse.Namespace) -> None:
         self.port = free_port()
-        cmd = [sys.executable, "-m", "ferkit.cli", "serve", "--host", HOST, "--port", str(self.port),
+        cmd = [sys.executable, "-m", "ferkit", "serve", "--host", HOST, "--port", str(self.port),
                "--weights", weights, "--device", args.device, "--detector", args.detector,
                "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
                "--workers", str(args.workers), "--log-level", "warning"]
@@ -107,7 +129,7 @@ class Server:
             cmd += ["--threads", str(args.server_threads)]
         if not batching:
             cmd.append("--no-batching")
-        self.cmd = cmd
+        self.cmd = cmd + shlex.split(args.server_args)
         self.url = f"http://{HOST}:{self.port}"
         self.proc: subprocess.Popen | None = None
 
@@ -136,6 +158,38 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=15)
+
+
+class RssSampler:
+    """The resident memory of process `pid` (Linux /proc), sampled every 20 ms in a thread: start and peak."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.start_mb = self.peak_mb = self.rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def rss_mb(self) -> float:
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return 0.0
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak_mb = max(self.peak_mb, self.rss_mb())
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 async def run_clients(url: str, endpoint: str, bodies: list, clients: int, duration: float, warmup: float,
@@ -214,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-threads", type=int, default=0, help="torch threads in the server (0: torch's choice)")
     p.add_argument("--max-requests", type=int, default=200_000, help="hard cap on requests per run")
     p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
+    p.add_argument("--payload", choices=["photos", "big-png", "10mb"], default="photos",
+                   help="photos (default): face photos / crops; big-png: a 5000x5000 PNG; 10mb: a ~9.5 MB noise PNG")
+    p.add_argument("--server-args", default="", help="more `ferkit serve` options, e.g. '--max-concurrent-requests 4'")
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     if args.clients < 1 or args.duration <= 0 or args.crops_per_request < 1:
@@ -224,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         weights, described = weights_path(args.weights, Path(tmp))
         photos, crop_groups = payloads(args.images, args.crops_per_request)
+        if args.payload != "photos":
+            photos, crop_groups = [large_payload(args.payload)], [[large_payload(args.payload)]]
         print(f"model: {described}; {len(photos)} photos, {len(crop_groups)} crop sets of "
               f"{args.crops_per_request}; {args.clients} clients x {args.duration:g} s per run; "
               f"max_batch={args.max_batch}, max_wait_ms={args.max_wait_ms:g}; {os.cpu_count()} CPUs", flush=True)
@@ -232,19 +291,25 @@ def main(argv: list[str] | None = None) -> int:
             with Server(weights, batching, args) as server:
                 for endpoint in endpoints:
                     bodies = photos if endpoint == "analyze" else crop_groups
-                    result = asyncio.run(run_clients(server.url, endpoint, bodies, args.clients, args.duration,
-                                                     args.warmup, args.max_requests, args.timeout))
-                    rows.append({"endpoint": endpoint, "batching": "on" if batching else "off", **result})
+                    with RssSampler(server.proc.pid) as rss:
+                        result = asyncio.run(run_clients(server.url, endpoint, bodies, args.clients, args.duration,
+                                                         args.warmup, args.max_requests, args.timeout))
+                    rows.append({"endpoint": endpoint, "batching": "on" if batching else "off", **result,
+                                 "rss_start_mb": round(rss.start_mb, 1), "rss_peak_mb": round(rss.peak_mb, 1)})
                     r = rows[-1]
                     print(f"  {endpoint:8s} batching {r['batching']:3s}: {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.1f}"
-                          f"  p95 {r['p95_ms']:7.1f}  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}"
-                          f"  crops/model call {r['crops_per_call']}", flush=True)
+                          f"  p95 {r['p95_ms']:7.1f}  p99 {r['p99_ms']:7.1f} ms"
+                          f"  errors {r['errors']} {r['error_kinds'] or ''}  crops/model call {r['crops_per_call']}"
+                          f"  RSS {r['rss_start_mb']:.0f} -> peak "
+                          f"{r['rss_peak_mb']:.0f} MB", flush=True)
 
-    print("\n| endpoint | batching | clients | req/s | p50 ms | p95 ms | p99 ms | errors | crops per model call |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| endpoint | batching | clients | req/s | p50 ms | p95 ms | p99 ms | errors | crops per model call "
+          "| RSS start / peak MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['endpoint']} | {r['batching']} | {args.clients} | {r['rps']:.1f} | {r['p50_ms']:.1f} | "
-              f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {r['crops_per_call']} |")
+              f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {r['crops_per_call']} | "
+              f"{r['rss_start_mb']:.0f} / {r['rss_peak_mb']:.0f} |")
     if args.json_out:
         import torch
 

@@ -41,7 +41,7 @@ SAMPLE = sample_image_path()
 def make_client(rec: Recognizer, **settings) -> TestClient:
     settings.setdefault("workers", 2)
     settings.setdefault("warmup", False)
-    return TestClient(create_app(ServeSettings(**settings), recognizer=rec))
+    return TestClient(create_app(ServeSettings(**settings), recognizer=rec), base_url="http://localhost")
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,13 @@ def png_bytes(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
             + chunk(b"IEND", b""))
+
+
+def dds_bytes(fourcc: bytes) -> bytes:
+    """A 4x4 DDS whose pixel format is `fourcc` (an unknown one makes Pillow raise NotImplementedError)."""
+    header = struct.pack("<7I", 124, 0x1007, 4, 4, 0, 0, 0) + bytes(44)
+    pixel_format = struct.pack("<2I", 32, 0x4) + fourcc + bytes(20)
+    return b"DDS " + header + pixel_format + bytes(20) + bytes(64)
 
 
 def encode(array: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -229,6 +236,7 @@ def test_malformed_multipart(client: TestClient, path: str) -> None:
     ("zeros.bin", bytes(1000), 422, "not_an_image", "not an image"),
     ("truncated.jpg", SAMPLE.read_bytes()[:2000], 422, "corrupt_image", "truncated"),
     ("broken.png", encode(np.zeros((32, 32), np.uint8))[:-30], 422, "corrupt_image", "corrupt"),
+    ("corrupt.dds", dds_bytes(b"XXXX"), 422, "corrupt_image", "corrupt"),  # Pillow: NotImplementedError
     ("bomb.png", png_bytes(20000, 20000), 413, "too_many_pixels", "pixel limit"),
     ("huge-bomb.png", png_bytes(60000, 60000), 413, "too_many_pixels", "pixel"),
 ])
@@ -288,6 +296,176 @@ def test_unknown_routes_and_methods_are_json(client: TestClient) -> None:
     assert_error(client.get("/v1/nope"), 404, "not_found")
     assert_error(client.get("/v1/analyze"), 405, "method_not_allowed")
     assert_error(client.post("/v1/analyze", content=b"x", headers={"content-length": "abc"}), 400, "bad_request")
+
+
+# -- memory, concurrency, hosts and headers (issue #26) --------------------------------------------------------
+
+
+def test_multipart_uploads_stay_in_memory(rec: Recognizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starlette spools file parts over 1 MB to a temporary file; ferkit keeps them in memory (the docs say the
+    photo never leaves the server's memory)."""
+    import tempfile
+
+    created = []
+    real = tempfile.TemporaryFile
+
+    def recording_temporary_file(*args, **kwargs):  # what SpooledTemporaryFile rolls over to
+        created.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", recording_temporary_file)
+    noise = np.random.default_rng(0).integers(0, 256, (800, 1000, 3), dtype=np.uint8)
+    big = encode(noise)
+    assert 2_000_000 < len(big) < ServeSettings().max_upload_bytes
+    with make_client(rec) as c:
+        r = c.post("/v1/classify", files={"file": ("big.png", big, "image/png")})
+    assert r.status_code == 200, r.text
+    assert created == []
+
+
+def test_host_header_must_be_an_allowed_host(rec: Recognizer) -> None:
+    with make_client(rec) as c:
+        for host in ("localhost", "localhost:8000", "127.0.0.1:8000", "[::1]:8000"):
+            assert c.get("/healthz", headers={"host": host}).status_code == 200, host
+        for host in ("evil.example.com", "evil.example.com:8000", "127.0.0.1.evil.example.com"):
+            r = c.get("/v1/models", headers={"host": host})
+            assert r.status_code == 400 and "host" in r.text.lower(), host
+            assert r.headers["x-frame-options"] == "DENY"
+        assert c.post("/v1/analyze", content=SAMPLE.read_bytes(), headers={"host": "evil.example.com"}
+                      ).status_code == 400
+    with make_client(rec, allowed_hosts=("fer.example.org",)) as c:
+        assert c.get("/healthz", headers={"host": "fer.example.org"}).status_code == 200
+        assert c.get("/healthz", headers={"host": "localhost"}).status_code == 400
+    with make_client(rec, allowed_hosts=("*",)) as c:
+        assert c.get("/healthz", headers={"host": "anything.example"}).status_code == 200
+
+
+def test_security_headers_on_every_answer(client: TestClient) -> None:
+    for path in ("/", "/static/app.js", "/v1/models", "/healthz", "/openapi.json", "/v1/nope", "/sample.jpg"):
+        r = client.get(path)
+        assert r.headers["x-content-type-options"] == "nosniff", path
+        assert r.headers["x-frame-options"] == "DENY", path
+        assert r.headers["referrer-policy"] == "no-referrer", path
+        csp = r.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in csp and "default-src 'self'" in csp, path
+        assert "unsafe-inline" not in csp and "unsafe-eval" not in csp, path
+    bad = client.post("/v1/analyze", files={"file": ("a.txt", b"text", "text/plain")})
+    assert bad.status_code == 422 and bad.headers["x-frame-options"] == "DENY"
+    # The page loads only its own script and style files, which the strict policy allows.
+    page = client.get("/").text
+    assert "<script>" not in page and "<style" not in page and " style=" not in page
+    # Swagger UI and ReDoc start from an inline script: their pages (only) allow it, still nothing from elsewhere.
+    for path in ("/docs", "/redoc"):
+        r = client.get(path)
+        assert r.status_code == 200
+        csp = dict(part.strip().split(" ", 1) for part in r.headers["content-security-policy"].split(";"))
+        assert csp["script-src"] == "'self' 'unsafe-inline'" and csp["default-src"] == "'self'"
+        assert "http" not in r.headers["content-security-policy"]
+        assert r.headers["x-frame-options"] == "DENY"
+        for src in [part.split('"')[0] for part in r.text.split('src="')[1:]]:
+            assert src.startswith("/") and client.get(src).status_code == 200, src
+
+
+class BlockingRecognizer:
+    """`rec`, but detect_faces waits for `release` (and counts how many run at once)."""
+
+    def __init__(self, rec: Recognizer, delay: float = 0.0) -> None:
+        self._rec, self.delay = rec, delay
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.running = self.most = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._rec, name)
+
+    def detect_faces(self, *args, **kwargs):
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            self.release.wait(timeout=10)
+            time.sleep(self.delay)
+            return self._rec.detect_faces(*args, **kwargs)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_busy_server_answers_503_with_retry_after(rec: Recognizer) -> None:
+    slow = BlockingRecognizer(rec)
+    photo = SAMPLE.read_bytes()
+    with make_client(slow, max_concurrent_requests=1, max_queued_requests=1, workers=2) as c:
+        slots = c.app.state.service.slots
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(c.post, "/v1/analyze", content=photo)
+            wait_until(lambda: slow.running == 1)
+            queued = pool.submit(c.post, "/v1/analyze", content=photo)
+            wait_until(lambda: slots.waiting == 1)
+            busy = c.post("/v1/analyze", content=photo)
+            assert_error(busy, 503, "busy", "retry")
+            assert busy.headers["retry-after"] == "1" and busy.headers["connection"] == "close"
+            assert c.get("/healthz").status_code == 200  # the cheap endpoints are not queued
+            slow.release.set()
+            assert running.result(timeout=30).status_code == 200 and queued.result(timeout=30).status_code == 200
+    assert slow.most == 1
+
+
+def test_decode_memory_budget_bounds_concurrent_decodes(rec: Recognizer) -> None:
+    from ferkit.serving.app import DECODE_BYTES_PER_PIXEL
+
+    photo = SAMPLE.read_bytes()  # 512 x 512 RGB: 8 MB of decode budget at 32 bytes a pixel
+    assert 512 * 512 * DECODE_BYTES_PER_PIXEL == 8 * 2**20
+    slow = BlockingRecognizer(rec, delay=0.2)
+    slow.release.set()
+    with make_client(slow, decode_memory_mb=12, workers=4) as c:  # room for one such photo, not two
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: c.post("/v1/analyze", content=photo), range(4)))
+        assert all(r.status_code == 200 for r in answers)
+        assert slow.most == 1
+        # an image that alone needs more than the whole budget is refused before decoding
+        big = encode(np.zeros((700, 700, 3), np.uint8))  # 15 MB estimated
+        assert_error(c.post("/v1/analyze", content=big), 413, "too_many_pixels", "decode budget")
+        assert_error(c.post("/v1/classify", files={"f": ("big.png", big, "image/png")}), 413, "too_many_pixels")
+    slow.most = 0
+    with make_client(slow, decode_memory_mb=64, workers=4) as c:  # room for all four
+        with ThreadPoolExecutor(4) as pool:
+            assert all(r.status_code == 200 for r in pool.map(lambda _: c.post("/v1/analyze", content=photo),
+                                                               range(4)))
+    assert slow.most > 1
+
+
+def test_budget_is_first_come_first_served() -> None:
+    from ferkit.serving.app import Budget
+
+    async def main() -> list[str]:
+        budget, order = Budget(10), []
+
+        async def job(name: str, units: int, hold: float) -> None:
+            async with budget.hold(units):
+                order.append(name)
+                assert budget.used <= budget.capacity
+                await asyncio.sleep(hold)
+
+        first = asyncio.create_task(job("a", 6, 0.05))
+        await asyncio.sleep(0)
+        big = asyncio.create_task(job("big", 10, 0))
+        await asyncio.sleep(0)
+        small = asyncio.create_task(job("small", 1, 0))  # would fit now, but must not overtake "big"
+        cancelled = asyncio.create_task(job("gone", 5, 0))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        await asyncio.gather(first, big, small, return_exceptions=True)
+        assert budget.used == 0 and budget.waiting == 0
+        return order
+
+    assert run_async(main()) == ["a", "big", "small"]
 
 
 # -- micro-batching --------------------------------------------------------------------------------------------
@@ -402,7 +580,8 @@ def test_serve_cli_help_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     helped = runner.invoke(cli_app, ["serve", "--help"])
     assert helped.exit_code == 0
     for flag in ("--host", "--port", "--model", "--weights", "--max-batch", "--max-wait-ms", "--no-batching",
-                 "curl"):
+                 "--max-connections", "--max-concurrent-requests", "--max-queued-requests", "--decode-memory-mb",
+                 "--header-timeout", "--body-timeout", "--keep-alive-timeout", "--allowed-hosts", "curl"):
         assert flag in helped.output
     missing = runner.invoke(cli_app, ["serve", "--weights", str(tmp_path / "nope.safetensors")])
     assert missing.exit_code == 2 and "not found" in missing.output
@@ -421,7 +600,27 @@ def test_serve_cli_help_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPat
                                  "--max-wait-ms", "2", "--no-batching", "--detector", "haar"])
     assert ok.exit_code == 0, ok.output
     assert captured["kwargs"]["host"] == "127.0.0.1" and captured["kwargs"]["port"] == 0
-    with TestClient(captured["app"]) as c:
+    with TestClient(captured["app"], base_url="http://127.0.0.1") as c:
         info = c.get("/v1/models").json()
     assert info["batching"] == {"enabled": False, "max_batch": 4, "max_wait_ms": 2.0}
     assert info["detector"] == "haar" and info["model"] == "ferkit_vgg_s"
+    # the connection limits reach uvicorn; the Host check answers the bound address and loopback names only
+    kwargs = captured["kwargs"]
+    assert kwargs["limit_concurrency"] == 128 and kwargs["timeout_keep_alive"] == 5
+    assert kwargs["http"].header_timeout == 10.0
+    ok = runner.invoke(cli_app, ["serve", "--weights", str(weights), "--host", "10.1.2.3", "--max-connections", "9",
+                                 "--header-timeout", "2.5", "--body-timeout", "7", "--max-concurrent-requests", "3"])
+    assert ok.exit_code == 0, ok.output
+    assert captured["kwargs"]["limit_concurrency"] == 9 and captured["kwargs"]["http"].header_timeout == 2.5
+    with TestClient(captured["app"], base_url="http://10.1.2.3:8000") as c:
+        limits = c.get("/v1/models").json()["limits"]
+        assert limits["body_timeout_s"] == 7 and limits["max_concurrent_requests"] == 3
+        assert c.get("/healthz", headers={"host": "localhost:8000"}).status_code == 200
+        assert c.get("/healthz", headers={"host": "evil.example.com"}).status_code == 400
+    ok = runner.invoke(cli_app, ["serve", "--weights", str(weights), "--allowed-hosts", "::1, Fer.Example.org"])
+    with TestClient(captured["app"], base_url="http://fer.example.org") as c:
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/healthz", headers={"host": "[::1]:8000"}).status_code == 200
+        assert c.get("/healthz", headers={"host": "localhost"}).status_code == 400
+    bad = runner.invoke(cli_app, ["serve", "--weights", str(weights), "--body-timeout", "0"])
+    assert bad.exit_code == 2 and "body_timeout" in bad.output

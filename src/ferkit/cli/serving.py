@@ -91,7 +91,8 @@ Examples:
   curl -F files=@face1.png -F files=@face2.png http://127.0.0.1:8000/v1/classify
 
 Needs fastapi and uvicorn: the "serve" extra of ferkit. Binds to 127.0.0.1 (this machine only) unless
---host says otherwise; put a TLS proxy in front before exposing it. Concurrent requests' face crops
+--host says otherwise; put a TLS proxy in front before exposing it, and name the host names clients use
+with --allowed-hosts (other Host headers get 400). Concurrent requests' face crops
 are micro-batched: a crop waits at most --max-wait-ms for others, and one model call takes at most
 --max-batch crops. Bad requests get a 4xx JSON answer {"error", "detail"}. See docs/serving.md.
 """
@@ -118,6 +119,23 @@ def serve(
     max_faces: Annotated[int, typer.Option(help="Most faces in one analysed photo (more: 422).")] = 100,
     max_files: Annotated[int, typer.Option(help="Most face crops in one /v1/classify request.")] = 64,
     workers: Annotated[int, typer.Option(help="Threads for decoding and face detection.")] = 4,
+    max_concurrent_requests: Annotated[int, typer.Option(
+        help="Analyze/classify requests read and worked on at once; the rest wait.")] = 8,
+    max_queued_requests: Annotated[int, typer.Option(
+        help="Requests waiting for a slot; more get 503 with Retry-After.")] = 64,
+    decode_memory_mb: Annotated[int, typer.Option(
+        help="Memory all image decodes in flight may use together (estimated from each image's header; an "
+             "image that alone needs more: 413).")] = 800,
+    max_connections: Annotated[int, typer.Option(
+        help="Open connections + running requests; past it uvicorn answers 503.")] = 128,
+    header_timeout: Annotated[float, typer.Option(
+        help="Seconds for a request's headers to arrive before the connection is closed.")] = 10.0,
+    body_timeout: Annotated[float, typer.Option(
+        help="Seconds for a request body to arrive once its turn came (more: 408).")] = 30.0,
+    keep_alive_timeout: Annotated[int, typer.Option(help="Seconds an idle kept-alive connection stays open.")] = 5,
+    allowed_hosts: Annotated[str | None, typer.Option(
+        help="Comma-separated Host header values to answer (DNS-rebinding guard), e.g. 'fer.example.org,"
+             "10.0.0.5'; '*' answers any (default: localhost, 127.0.0.1, ::1 and --host).")] = None,
     threads: Annotated[int | None, typer.Option(help=THREADS_HELP, show_default=False)] = None,
     backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
     log_level: Annotated[str, typer.Option(help="uvicorn log level: critical | error | warning | info | debug.")
@@ -130,10 +148,16 @@ def serve(
         from ferkit.serving import ServeSettings, create_app
     except ImportError as e:
         _fail(f"the serving dependencies are not installed ({e.name}): pip install \"ferkit[serve]\"")
+    from ferkit.serving.server import release_large_frees, uvicorn_options
+
     settings = ServeSettings(model=model, weights=str(weights) if weights else None, detector=detector, device=device,
                              tta=tta, min_face_score=min_face_score, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                              max_pixels=max_pixels, max_faces=max_faces, max_files=max_files,
-                             batching=not no_batching, max_batch=max_batch, max_wait_ms=max_wait_ms, workers=workers)
+                             batching=not no_batching, max_batch=max_batch, max_wait_ms=max_wait_ms, workers=workers,
+                             max_concurrent_requests=max_concurrent_requests, max_queued_requests=max_queued_requests,
+                             decode_memory_mb=decode_memory_mb, max_connections=max_connections,
+                             header_timeout=header_timeout, body_timeout=body_timeout,
+                             keep_alive_timeout=keep_alive_timeout, allowed_hosts=_allowed_hosts(allowed_hosts, host))
     try:
         settings.validate()
     except ValueError as e:
@@ -155,4 +179,18 @@ def serve(
         except (ValueError, FileNotFoundError, RuntimeError) as e:
             _fail(str(e))
     typer.echo(f"ferkit serve: {rec!r}; web page and API on http://{host}:{port}/ (API docs at /docs)", err=True)
-    uvicorn.run(create_app(settings, recognizer=rec), host=host, port=port, log_level=log_level)
+    release_large_frees()  # freed image memory goes back to the OS: the memory bound in docs/serving.md holds
+    uvicorn.run(create_app(settings, recognizer=rec), host=host, port=port, log_level=log_level,
+                **uvicorn_options(settings))
+
+
+def _allowed_hosts(given: str | None, bound: str) -> tuple[str, ...]:
+    """--allowed-hosts as Host header values (IPv6 literals in brackets, as browsers send them); by default
+    this machine's loopback names plus the address the server binds to, unless that is a wildcard."""
+    from ferkit.serving import ServeSettings
+
+    if given is not None:
+        hosts = [h.strip() for h in given.split(",") if h.strip()]
+    else:
+        hosts = [*ServeSettings.allowed_hosts, *([bound] if bound not in ("0.0.0.0", "::", "") else [])]
+    return tuple(dict.fromkeys(f"[{h}]" if ":" in h and not h.startswith("[") else h.lower() for h in hosts))

@@ -1,0 +1,165 @@
+"""`ferkit serve`'s connection limits against a real uvicorn server (issue #26): slow headers, slow bodies,
+mid-upload disconnects and the connection cap, with raw sockets.
+
+Each test starts its own server on 127.0.0.1 (a free port), in a thread, with short timeouts; every socket
+and the server are closed at the end, and every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+from ferkit.inference import Recognizer  # noqa: E402
+from ferkit.serving import ServeSettings, create_app  # noqa: E402
+from ferkit.serving.server import uvicorn_options  # noqa: E402
+
+HOST = "127.0.0.1"  # loopback only
+
+
+@contextlib.contextmanager
+def running_server(rec: Recognizer, **settings) -> Iterator[int]:
+    """A uvicorn server for create_app(settings) on 127.0.0.1, with `ferkit serve`'s options; yields its port."""
+    settings = ServeSettings(workers=2, warmup=False, **settings)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((HOST, 0))  # a free port chosen by the OS
+    # log_config=None: uvicorn leaves logging alone, so its records reach pytest's caplog
+    config = uvicorn.Config(create_app(settings, recognizer=rec), log_config=None, **uvicorn_options(settings))
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+
+
+def connect(port: int) -> socket.socket:
+    s = socket.create_connection((HOST, port), timeout=5)
+    s.settimeout(0.2)
+    return s
+
+
+def closed_by_server(s: socket.socket, wait: float = 0.2) -> bool:
+    """True once the server has closed `s` (EOF or reset); False while it is open (after waiting `wait` s)."""
+    s.settimeout(wait)
+    try:
+        return s.recv(65536) == b""
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+
+
+def read_all(s: socket.socket, timeout: float) -> bytes:
+    """What the server sends until it closes the connection, or until `timeout` s."""
+    s.settimeout(timeout)
+    chunks = []
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_slow_headers_are_cut_off(rec: Recognizer) -> None:
+    """Ten clients that send their headers one byte at a time are disconnected after the header timeout."""
+    timeout = 1.0
+    with running_server(rec, header_timeout=timeout, keep_alive_timeout=30) as port:
+        clients = [connect(port) for _ in range(10)]
+        try:
+            start = time.monotonic()
+            head = f"POST /v1/analyze HTTP/1.1\r\nHost: {HOST}\r\nX-Slow: ".encode()
+            open_, i = list(clients), 0
+            while open_ and time.monotonic() - start < timeout + 2.5:  # each client sends a byte every ~0.1 s
+                for s in list(open_):
+                    with contextlib.suppress(OSError):
+                        s.send(head[i:i + 1] if i < len(head) else b"a")
+                    if closed_by_server(s, wait=0.005):
+                        open_.remove(s)
+                i += 1
+                time.sleep(0.1)
+            elapsed = time.monotonic() - start
+            assert not open_, f"{len(open_)} of 10 slow-header connections still open after {elapsed:.1f} s"
+            assert timeout * 0.8 < elapsed < timeout + 2.5
+            # the server still answers a normal client
+            fresh = connect(port)
+            fresh.sendall(f"GET /healthz HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+            assert read_all(fresh, 5).startswith(b"HTTP/1.1 200")
+            fresh.close()
+        finally:
+            for s in clients:
+                s.close()
+
+
+def test_slow_body_gets_408_and_is_closed(rec: Recognizer) -> None:
+    with running_server(rec, body_timeout=1.0, header_timeout=5) as port:
+        s = connect(port)
+        try:
+            s.sendall(f"POST /v1/analyze HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: image/jpeg\r\n"
+                      "Content-Length: 100000\r\n\r\n".encode() + b"x" * 1000)
+            start = time.monotonic()
+            answer = b""
+            while time.monotonic() - start < 4 and not answer:  # keep trickling: a byte every 0.1 s
+                with contextlib.suppress(OSError):
+                    s.send(b"x")
+                with contextlib.suppress(TimeoutError):
+                    answer = s.recv(65536)
+                time.sleep(0.1)
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+            assert b"body_timeout" in answer and b"connection: close" in answer.lower()
+            assert 0.8 < time.monotonic() - start < 3
+            assert closed_by_server(s) or read_all(s, 2) == b""
+        finally:
+            s.close()
+
+
+def test_client_disconnect_mid_upload_is_not_an_error(rec: Recognizer, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO), running_server(rec) as port:
+        for _ in range(3):
+            s = connect(port)
+            s.sendall(f"POST /v1/analyze HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: image/jpeg\r\n"
+                      "Content-Length: 100000\r\n\r\n".encode() + b"x" * 5000)
+            time.sleep(0.2)
+            s.close()
+        time.sleep(0.5)  # let the server notice
+        ok = connect(port)
+        ok.sendall(f"GET /healthz HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+        assert read_all(ok, 5).startswith(b"HTTP/1.1 200")
+        ok.close()
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not errors, [f"{r.name}: {r.getMessage()}" for r in errors]
+    assert any("disconnected" in r.getMessage() for r in caplog.records)
+
+
+def test_connection_cap_answers_503(rec: Recognizer) -> None:
+    with running_server(rec, max_connections=4, header_timeout=5) as port:
+        idle = [connect(port) for _ in range(4)]
+        try:
+            time.sleep(0.2)
+            extra = connect(port)
+            extra.sendall(f"GET /healthz HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+            assert read_all(extra, 5).startswith(b"HTTP/1.1 503")
+            extra.close()
+        finally:
+            for s in idle:
+                s.close()
+        time.sleep(0.2)
+        again = connect(port)
+        again.sendall(f"GET /healthz HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+        assert read_all(again, 5).startswith(b"HTTP/1.1 200")
+        again.close()
