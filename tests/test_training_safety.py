@@ -101,6 +101,13 @@ def test_reproduce_resumes_a_run_that_saved_no_epoch(tiny_csv: Path, tmp_path: P
         with pytest.raises(KeyboardInterrupt):
             reproduce("sixclass_cnn4", tiny_csv, runs_dir=tmp_path / "runs", results_dir=tmp_path / "results",
                       extra=["epochs=1", "precision=fp32"], progress=False)
+    run_dir = tmp_path / "runs" / "repro-sixclass_cnn4"
+    overrides = (run_dir / "reproduce_overrides.json").read_text()
+    with claimed(run_dir):  # another process resuming it: this one writes nothing into it
+        with pytest.raises(TrainingError, match="in use"):
+            reproduce("sixclass_cnn4", tiny_csv, runs_dir=tmp_path / "runs", results_dir=tmp_path / "results",
+                      extra=["threads=1"], progress=False)
+    assert (run_dir / "reproduce_overrides.json").read_text() == overrides
     row = reproduce("sixclass_cnn4", tiny_csv, runs_dir=tmp_path / "runs", results_dir=tmp_path / "results",
                     extra=["epochs=1", "precision=fp32"], progress=False)
     assert row["epochs"] == "1" and row["command"].endswith("epochs=1 precision=fp32")
