@@ -40,3 +40,22 @@ def test_version_flag_prints_the_package_version() -> None:
     assert result.exit_code == 0
     assert result.stdout.strip() == f"ferkit {package_version()}"
     assert package_version()[0].isdigit()
+
+
+def test_train_help_shows_the_config_defaults() -> None:
+    from ferkit.training.config import TrainConfig
+
+    defaults = TrainConfig()
+    text = runner.invoke(app, ["train", "--help"], env=WIDE).stdout
+    lines = {line.split()[1]: line for line in text.splitlines() if line.strip("│ ").startswith("--")}
+    for flag, value in (("--epochs", defaults.epochs), ("--lr", defaults.lr), ("--optimizer", defaults.optimizer),
+                        ("--data", defaults.data), ("--out", defaults.out_dir)):
+        assert f"default: ({value})" in lines[flag], lines[flag]
+
+
+def test_train_and_reproduce_default_to_the_same_data_file() -> None:
+    from ferkit.training.config import TrainConfig
+
+    reproduce = typer.main.get_command(app).commands["reproduce"]
+    data = next(p for p in reproduce.params if p.name == "data")
+    assert TrainConfig().data == data.default == "fer2013.csv.gz"

@@ -401,6 +401,20 @@ def test_predict_without_paths_and_demo_write_the_annotated_sample(weights: Path
                                  "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "d" / "x.jpg").format == "JPEG"
+    result = runner.invoke(app, ["demo", "--weights", str(weights), "--device", "cpu"])
+    assert f"wrote annotated image: {tmp_path / 'ferkit-demo.jpg'}" in result.stdout  # where, in full
+
+
+def test_predict_on_a_folder_without_images_is_an_error(weights: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no pictures here")
+    result = runner.invoke(app, ["predict", str(tmp_path / "empty"), str(tmp_path / "notes"), "--weights",
+                                 str(weights), "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert "folder has no images or videos (0 other file(s))" in result.stdout
+    assert "folder has no images or videos (1 other file(s))" in result.stdout
+    assert "2 of 2 file(s) could not be read" in result.output
 
 
 @pytest.mark.parametrize("args, message", [

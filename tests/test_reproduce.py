@@ -82,6 +82,14 @@ def test_cli_reproduce_list_and_unknown_system(tiny_csv: Path) -> None:
     assert bad.exit_code == 2 and "unknown system" in bad.output
 
 
+def test_cli_reproduce_list_shows_the_settings_a_row_was_measured_with() -> None:
+    # bokanyi_deep's recipe says 80 epochs; its row was measured with epochs=160 early_stopping=20.
+    rows = {row["name"]: row for row in _seed_rows()}
+    listed = CliRunner().invoke(app, ["reproduce", "--list"])
+    block = listed.output.split("\nbokanyi_deep ")[1].split("\nagrawal_mittal ")[0]
+    assert f"measured by: {rows['bokanyi_deep']['command']}" in block and "epochs=160" in block
+
+
 def test_cli_reproduce_into_another_results_dir_leaves_the_docs_alone(tiny_csv: Path, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     # A side experiment (--results elsewhere) must not render its one-row table into the project's page.

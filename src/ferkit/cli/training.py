@@ -31,31 +31,55 @@ metrics.csv, curves.png, best.safetensors, last.safetensors, checkpoint.pt and m
 """
 
 
+def _default(field: str) -> str:
+    """A TrainConfig field's default, for `train --help` (the flags default to None: unset means "the config's")."""
+    from ferkit.training.config import TrainConfig
+
+    return str(getattr(TrainConfig(), field))
+
+
 @app.command(epilog=TRAIN_EPILOG)
 def train(
     overrides: Annotated[list[str] | None, typer.Argument(help="Extra config overrides, key=value.")] = None,
-    data: Annotated[str | None, typer.Option(help="FER2013 CSV (.csv or .csv.gz) or image-folder root.")] = None,
-    model: Annotated[str | None, typer.Option(help="Registry model name (see `ferkit models`).")] = None,
-    label_set: Annotated[str | None, typer.Option(help="fer7 (all 7 emotions) or fer6 (no disgust).")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Number of epochs.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="sgd | adam | adamw | rmsprop.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate (peak rate for onecycle).")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="Weight decay.")] = None,
-    schedule: Annotated[str | None, typer.Option(help="none | step | plateau | cosine | onecycle.")] = None,
-    label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing for cross-entropy.")] = None,
-    class_weights: Annotated[str | None, typer.Option(help="none | balanced.")] = None,
-    early_stopping: Annotated[int | None, typer.Option(help="Patience in epochs; 0 disables.")] = None,
-    grad_clip: Annotated[float | None, typer.Option(help="Max gradient norm; 0 disables.")] = None,
+    data: Annotated[str | None, typer.Option(
+        show_default=_default("data"), help="FER2013 CSV (.csv or .csv.gz) or image-folder root.")] = None,
+    model: Annotated[str | None, typer.Option(
+        show_default=_default("model"), help="Registry model name (see `ferkit models`).")] = None,
+    label_set: Annotated[str | None, typer.Option(
+        show_default=_default("label_set"), help="fer7 (all 7 emotions) or fer6 (no disgust).")] = None,
+    epochs: Annotated[int | None, typer.Option(show_default=_default("epochs"), help="Number of epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(show_default=_default("batch_size"), help="Batch size.")] = None,
+    optimizer: Annotated[str | None, typer.Option(
+        show_default=_default("optimizer"), help="sgd | adam | adamw | rmsprop.")] = None,
+    lr: Annotated[float | None, typer.Option(
+        show_default=_default("lr"), help="Learning rate (peak rate for onecycle).")] = None,
+    weight_decay: Annotated[float | None, typer.Option(
+        show_default=_default("weight_decay"), help="Weight decay.")] = None,
+    schedule: Annotated[str | None, typer.Option(
+        show_default=_default("schedule"), help="none | step | plateau | cosine | onecycle.")] = None,
+    label_smoothing: Annotated[float | None, typer.Option(
+        show_default=_default("label_smoothing"), help="Label smoothing for cross-entropy.")] = None,
+    class_weights: Annotated[str | None, typer.Option(
+        show_default=_default("class_weights"), help="none | balanced.")] = None,
+    early_stopping: Annotated[int | None, typer.Option(
+        show_default=_default("early_stopping"), help="Patience in epochs; 0 disables.")] = None,
+    grad_clip: Annotated[float | None, typer.Option(
+        show_default=_default("grad_clip"), help="Max gradient norm; 0 disables.")] = None,
     time_limit: Annotated[float | None, typer.Option(
+        show_default=_default("time_limit"),
         help="Minutes of training; the run ends after the epoch that reaches them (0 = off).")] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N.")] = None,
-    precision: Annotated[str | None, typer.Option(help=PRECISION_HELP)] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed (runs are deterministic given a seed).")] = None,
-    out: Annotated[str | None, typer.Option(help="Parent directory of run directories.")] = None,
+    device: Annotated[str | None, typer.Option(
+        show_default=_default("device"), help="auto | cpu | cuda | cuda:N.")] = None,
+    precision: Annotated[str | None, typer.Option(show_default=_default("precision"), help=PRECISION_HELP)] = None,
+    seed: Annotated[int | None, typer.Option(
+        show_default=_default("seed"), help="Random seed (runs are deterministic given a seed).")] = None,
+    out: Annotated[str | None, typer.Option(
+        show_default=_default("out_dir"), help="Parent directory of run directories.")] = None,
     name: Annotated[str | None, typer.Option(help="Run directory name (default <model>-<time>).")] = None,
-    save_every: Annotated[int | None, typer.Option(help="Keep a snapshot every N steps (0 = off).")] = None,
-    limit_train: Annotated[int | None, typer.Option(help="Use only the first N training faces.")] = None,
+    save_every: Annotated[int | None, typer.Option(
+        show_default=_default("save_every"), help="Keep a snapshot every N steps (0 = off).")] = None,
+    limit_train: Annotated[int | None, typer.Option(
+        show_default=_default("limit_train"), help="Use only the first N training faces.")] = None,
     resume: Annotated[Path | None, typer.Option(
         help="Resume the run in this directory with its saved config; only --time-limit, --early-stopping and "
              "threads=N change.")] = None,
@@ -175,6 +199,8 @@ def reproduce(
             typer.echo(f"{'':<22} {' '.join(r.overrides)}" + (f"  tta={r.tta}" if r.tta != "none" else ""))
             if r.notes:
                 typer.echo(f"{'':<22} note: {r.notes}")
+            if row and row.get("command"):  # its settings may differ from the recipe (e.g. a longer schedule)
+                typer.echo(f"{'':<22} measured by: {row['command']}")
         return
     if not Path(data).exists():
         _fail(f"data file {data!r} not found (pass --data PATH to fer2013.csv or fer2013.csv.gz)")

@@ -57,7 +57,8 @@ class Input:
 
 
 def collect_inputs(paths: Iterable[str | os.PathLike]) -> tuple[list[Input], list[Entry], int]:
-    """(inputs, error entries for paths that do not exist, number of non-media files skipped in folders).
+    """(inputs, error entries for paths that do not exist or folders without any image or video, number of
+    non-media files skipped in folders).
 
     Folders are searched recursively for image and video files (by extension), in sorted order; files
     named directly are always tried, whatever their extension.
@@ -68,11 +69,16 @@ def collect_inputs(paths: Iterable[str | os.PathLike]) -> tuple[list[Input], lis
     for p in paths:
         path = Path(p)
         if path.is_dir():
+            found, others = 0, 0
             for f in sorted(q for q in path.rglob("*") if q.is_file()):
                 if is_image_path(f) or is_video_path(f):
                     inputs.append(Input(f, str(f), f.relative_to(path)))
+                    found += 1
                 else:
-                    skipped += 1
+                    others += 1
+            skipped += others
+            if not found:  # a folder given by mistake (or emptied) must not look like a clean run
+                errors.append(Entry(str(path), error=f"folder has no images or videos ({others} other file(s))"))
         elif path.exists():
             display = f"{path.name} (bundled sample)" if path == sample_image_path() else str(path)
             inputs.append(Input(path, display, Path(path.name)))

@@ -22,7 +22,7 @@ RESUME_SETTINGS = ("threads", "time_limit", "early_stopping", "progress")
 @dataclass
 class TrainConfig:
     model: str = "ferkit_vgg_s"
-    data: str = "fer2013.csv"
+    data: str = "fer2013.csv.gz"  # the file as distributed (and as `reproduce` defaults to); .csv works too
     label_set: str = "fer7"
     skip_bad_rows: bool = False  # leave out (and count) malformed CSV rows instead of stopping
     out_dir: str = "runs"
