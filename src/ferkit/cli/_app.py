@@ -20,6 +20,11 @@ THREADS_HELP = ("CPU threads for the models (at least 1; more than this process 
 TTA_HELP = ("Test-time augmentation: auto (the view the weights were selected on: a saved ensemble's fitted "
             "mode, the centre crop for models trained on crops, else the whole face) | none | flip | tencrop | "
             "center | shift (the face and 4 copies moved 2 pixels).")
+LABELS_HELP = ("FER+ crowd votes (fer2013new.csv, same row order as the FER2013 CSV): their labels replace the "
+               "CSV's. Rows FER+ calls not a face, unknown, or of a class outside the label set are dropped and "
+               "counted per split.")
+LABEL_MODE_HELP = ("With --labels: majority (most-voted class) | clear (only rows whose majority holds over half "
+                   "the votes, single votes left out: FER+'s own protocol) | soft (train on the vote distribution).")
 PRECISION_HELP = "auto (CPU: bf16 where the CPU has it natively, else fp32; CUDA: mixed) | fp32 | bf16 | fp16."
 
 app = typer.Typer(

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ferkit.cli._app import PRECISION_HELP, _fail, app
+from ferkit.cli._app import LABEL_MODE_HELP, LABELS_HELP, PRECISION_HELP, _fail, app
 
 TRAIN_EPILOG = """
 Examples:
@@ -46,7 +46,11 @@ def train(
     model: Annotated[str | None, typer.Option(
         show_default=_default("model"), help="Registry model name (see `ferkit models`).")] = None,
     label_set: Annotated[str | None, typer.Option(
-        show_default=_default("label_set"), help="fer7 (all 7 emotions) or fer6 (no disgust).")] = None,
+        show_default=_default("label_set"),
+        help="fer7 (all 7 emotions), fer6 (no disgust) or ferplus8 (FER+'s 8, with contempt; needs --labels).")] = None,
+    labels: Annotated[str | None, typer.Option(
+        help=LABELS_HELP, show_default=False)] = None,
+    label_mode: Annotated[str | None, typer.Option(show_default=_default("label_mode"), help=LABEL_MODE_HELP)] = None,
     epochs: Annotated[int | None, typer.Option(show_default=_default("epochs"), help="Number of epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(show_default=_default("batch_size"), help="Batch size.")] = None,
     optimizer: Annotated[str | None, typer.Option(
@@ -90,7 +94,8 @@ def train(
     from ferkit.training import TrainConfig, TrainingError
     from ferkit.training import train as run_training
 
-    flags = {"data": data, "model": model, "label_set": label_set, "epochs": epochs, "batch_size": batch_size,
+    flags = {"data": data, "model": model, "label_set": label_set, "labels": labels, "label_mode": label_mode,
+             "epochs": epochs, "batch_size": batch_size,
              "optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, "schedule": schedule,
              "label_smoothing": label_smoothing, "class_weights": class_weights, "early_stopping": early_stopping,
              "grad_clip": grad_clip, "time_limit": time_limit, "device": device, "precision": precision,
@@ -105,6 +110,8 @@ def train(
         cfg.progress = progress
         if not Path(cfg.data).exists():
             _fail(f"data file {cfg.data!r} not found (pass --data PATH to fer2013.csv or fer2013.csv.gz)")
+        if cfg.labels and not Path(cfg.labels).is_file():
+            _fail(f"labels file {cfg.labels!r} not found (--labels takes FER+'s fer2013new.csv)")
         run_training(cfg)
     except (DataError, TrainingError, ValueError, FileNotFoundError) as e:
         _fail(str(e))

@@ -42,6 +42,7 @@ class FaceData:
     rows:        (N,) int64 0-based data-row index in the source file (joins FER+ labels, names errors).
     soft_labels: optional (N, C) float32 label distribution (FER+ vote fractions).
     skipped:     reason -> number of rows left out while loading (bad rows, classes outside the label set).
+    dropped_per_split: split -> rows FER+ labels dropped from it (not a face, majority unknown, ...).
     """
 
     images: np.ndarray
@@ -53,6 +54,7 @@ class FaceData:
     sha256: str = ""
     soft_labels: np.ndarray | None = None
     skipped: dict[str, int] = field(default_factory=dict)
+    dropped_per_split: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -79,4 +81,7 @@ class FaceData:
                 parts.append(f"{split}={n}")
         if self.skipped:
             parts.append("skipped: " + ", ".join(f"{n} {why}" for why, n in self.skipped.items()))
+        if self.dropped_per_split:
+            parts.append("FER+ dropped per split: " + ", ".join(f"{split} {n}" for split, n in
+                                                                self.dropped_per_split.items()))
         return "; ".join(parts)

@@ -39,7 +39,11 @@ FERPLUS_TO_FER2013: dict[str, str] = {
     "neutral": "neutral", "happiness": "happy", "surprise": "surprise", "sadness": "sad", "anger": "angry",
     "disgust": "disgust", "fear": "fear",
 }
-MODES = ("majority", "soft")
+# majority: the most-voted column. clear: the FER+ reference code's majority rule (microsoft/FERPlus
+# `_process_data`): votes of a single annotator are dropped as outliers and the winner needs more than half of the
+# rest, else the row is dropped (its test sets, behind the published FER+ accuracies). soft: majority labels plus
+# the vote distribution, for training on it.
+MODES = ("majority", "clear", "soft")
 IMAGE_NAME = re.compile(r"fer(\d+)\.png")
 # The four rows (0-based data rows) of Microsoft's fer2013new.csv (commit ae2128a) whose image name is out of
 # sequence: each repeats a name that another row holds in sequence. Only this name on this row is let through.
@@ -70,6 +74,12 @@ class FerPlusLabels:
         """False where FER+ says the row is not a face: NF == 10 votes, or no image name."""
         nf = self.votes[:, self.columns.index("NF")]
         return (nf < 10) & (self.image_names != "")
+
+    def clear(self) -> np.ndarray:
+        """(N,) True where the majority is clear under the FER+ reference rule: after dropping columns with a
+        single vote, the most-voted column holds more than half of the remaining votes."""
+        kept = np.where(self.votes > 1, self.votes, 0)
+        return kept.max(axis=1) * 2 > kept.sum(axis=1)
 
     def majority(self) -> np.ndarray:
         """(N,) column index of the most-voted column; ties go to the leftmost column."""
@@ -165,8 +175,10 @@ def attach_ferplus(
     `data` must be the complete load of the FER2013 CSV the FER+ file describes (attach first, split
     after): the FER+ row count must equal the CSV's row count (`len(data)` plus every row counted in
     `data.skipped`), and each row's Usage must agree. Rows are dropped, and counted in `skipped`, when
-    FER+ says they are not a face, or their majority is contempt, unknown, NF or a class outside the label
-    set. mode 'majority': `labels` = the majority class. mode 'soft': additionally `soft_labels` = vote
+    FER+ says they are not a face, or their majority is unknown, NF or a class outside the label set (contempt
+    unless the set has it, as ferplus8 does); `dropped_per_split` counts the dropped rows of each split.
+    mode 'majority': `labels` = the majority class. mode 'clear': the same, keeping only rows with a clear
+    majority (`FerPlusLabels.clear`; the FER+ protocol). mode 'soft': additionally `soft_labels` = vote
     fractions over the label set's classes (renormalized); `labels` stays the majority class, one of the soft
     labels' maxima but on a tie not necessarily `np.argmax`'s (ties follow the FER+ column order).
     `label_set` defaults to `data.label_set`; pass one to relabel into another set (e.g. load 'fer7',
@@ -202,11 +214,13 @@ def attach_ferplus(
 
     votes = fp.votes[rows]
     majority = fp.majority()[rows]
-    class_of_column = np.array([labels.classes.index(FERPLUS_TO_FER2013[c])
-                                if FERPLUS_TO_FER2013.get(c) in labels.classes else -1 for c in fp.columns])
+    class_of_column = np.array([labels.classes.index(class_name(c)) if class_name(c) in labels.classes else -1
+                                for c in fp.columns])
     face = fp.is_face()[rows] & (votes.sum(axis=1) > 0)
     cls = class_of_column[majority]
     keep = face & (cls >= 0)
+    unclear = keep & ~fp.clear()[rows] if mode == "clear" else np.zeros_like(keep)
+    keep &= ~unclear
 
     skipped = dict(data.skipped)
     reasons: Counter[str] = Counter()
@@ -217,7 +231,9 @@ def attach_ferplus(
             reasons[f"FER+ majority {c} outside label set {labels.name}"] = n
         else:
             reasons[f"FER+ majority {c}"] = n
+    reasons["no clear FER+ majority (over half the votes, single votes left out)"] = int(unclear.sum())
     skipped.update({why: n for why, n in reasons.items() if n})
+    dropped = {split: int(((data.usage == split) & ~keep).sum()) for split in SPLITS}
 
     soft = None
     if mode == "soft":
@@ -229,4 +245,11 @@ def attach_ferplus(
     out = data.subset(keep)
     tag = hashlib.sha256(f"{data.sha256}+ferplus:{fp.sha256}:{mode}:{labels.name}".encode()).hexdigest()
     return replace(out, labels=cls[keep].astype(np.int64), label_set=labels, soft_labels=soft, skipped=skipped,
-                   source=f"{data.source} + FER+ {fp.source} ({mode})", sha256=tag)
+                   source=f"{data.source} + FER+ {fp.source} ({mode})", sha256=tag,
+                   dropped_per_split={k: n + data.dropped_per_split.get(k, 0) for k, n in dropped.items()})
+
+
+def class_name(column: str) -> str:
+    """The ferkit class a FER+ vote column stands for: FER2013's name, or the column's own (contempt, unknown,
+    NF: only a label set that has such a class, e.g. ferplus8's contempt, keeps its rows)."""
+    return FERPLUS_TO_FER2013.get(column, column)

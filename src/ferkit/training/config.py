@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ferkit.data.augment import AugmentConfig
+from ferkit.data.ferplus import MODES as LABEL_MODES
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 TRAIN_VIEWS = ("resize", "crop")
@@ -24,6 +25,11 @@ class TrainConfig:
     model: str = "ferkit_vgg_s"
     data: str = "fer2013.csv.gz"  # the file as distributed (and as `reproduce` defaults to); .csv works too
     label_set: str = "fer7"
+    # FER+ crowd labels (fer2013new.csv) in place of the CSV's own, and how they become targets: majority (the
+    # most-voted class), clear (majority, rows without a clear one dropped, as FER+'s own code) or soft
+    # (cross-entropy to the vote distribution, Barsoum et al. 2016; PublicTest selection uses the majority).
+    labels: str = ""
+    label_mode: str = "majority"
     skip_bad_rows: bool = False  # leave out (and count) malformed CSV rows instead of stopping
     out_dir: str = "runs"
     run_name: str = ""  # default: <model>-<timestamp>
@@ -133,6 +139,10 @@ class TrainConfig:
             raise ValueError(f"schedule {self.schedule!r} not in {SCHEDULES}")
         if self.train_view not in TRAIN_VIEWS:
             raise ValueError(f"train_view {self.train_view!r} not in {TRAIN_VIEWS}")
+        if self.label_mode not in LABEL_MODES:
+            raise ValueError(f"label_mode {self.label_mode!r} not in {LABEL_MODES}")
+        if self.label_mode != "majority" and not self.labels:
+            raise ValueError(f"label_mode {self.label_mode!r} needs FER+ labels (labels=fer2013new.csv)")
         if self.class_weights not in ("none", "balanced"):
             raise ValueError(f"class_weights {self.class_weights!r} must be 'none' or 'balanced'")
         if self.teacher and not (0.0 <= self.distill_weight <= 1.0 and self.distill_temperature > 0):

@@ -198,7 +198,8 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
     gen = torch.Generator().manual_seed(cfg.seed)  # drives shuffling and augmentation
 
     # ---- data --------------------------------------------------------------------------------
-    data = data if data is not None else load_dataset(cfg.data, cfg.label_set, skip_bad_rows=cfg.skip_bad_rows)
+    data = data if data is not None else load_dataset(cfg.data, cfg.label_set, skip_bad_rows=cfg.skip_bad_rows,
+                                                      labels=cfg.labels or None, label_mode=cfg.label_mode)
     train_set, val_set = data.split("Training"), data.split("PublicTest")
     if cfg.limit_train:
         train_set = train_set.subset(np.arange(min(cfg.limit_train, len(train_set))))
@@ -208,6 +209,9 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
     # and augmented there, so a GPU is not fed through the CPU one batch at a time.
     train_images = torch.from_numpy(train_set.images).to(device)
     train_labels = torch.from_numpy(train_set.labels).to(device)
+    # What the loss aims at: the labels, or (label_mode soft) each face's crowd vote distribution.
+    train_targets = (torch.from_numpy(train_set.soft_labels).to(device)
+                     if cfg.label_mode == "soft" and train_set.soft_labels is not None else train_labels)
     num_classes = data.label_set.num_classes
 
     # ---- model, loss, optimizer, schedule ----------------------------------------------------
@@ -281,7 +285,8 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
             y = train_labels[idx]
             with autocast(device, amp_dtype):
                 logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, weight=class_weight, label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(logits.float(), train_targets[idx], weight=class_weight,
+                                   label_smoothing=cfg.label_smoothing)
             if teacher_probs is not None:
                 loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * distillation_loss(
                     logits.float(), teacher_probs[idx], cfg.distill_temperature)
