@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from ferkit.cli._app import PRECISION_HELP, THREADS_HELP, TTA_HELP, WEIGHTS_HELP, _fail, app
+from ferkit.cli._app import (
+    LABEL_MODE_HELP,
+    LABELS_HELP,
+    PRECISION_HELP,
+    THREADS_HELP,
+    TTA_HELP,
+    WEIGHTS_HELP,
+    _fail,
+    app,
+)
 
 EVALUATE_EPILOG = """
 Examples:
@@ -52,6 +61,8 @@ def evaluate(
     skip_bad_rows: Annotated[bool, typer.Option(
         help="Leave out malformed CSV rows instead of failing.")] = False,
     threads: Annotated[int | None, typer.Option(help=THREADS_HELP, show_default=False)] = None,
+    labels: Annotated[Path | None, typer.Option(help=LABELS_HELP, show_default=False)] = None,
+    label_mode: Annotated[str, typer.Option(help=LABEL_MODE_HELP)] = "majority",
 ) -> None:
     """Score a trained model on one split: accuracy, per-class precision/recall/F1, confusion matrix."""
     import json
@@ -76,6 +87,7 @@ def evaluate(
     if not Path(data).exists():
         _fail(f"data file {data!r} not found "
               "(pass --data PATH to fer2013.csv, fer2013.csv.gz or an image folder)")
+    check_labels_options(labels, label_mode)
     weights_path = weights_file(weights)
     check_threads_option(threads)
     set_threads(threads)
@@ -86,7 +98,8 @@ def evaluate(
     except Exception as e:  # corrupt or foreign file: safetensors raises its own error type
         _fail(f"cannot load weights {str(weights_path)!r}: {e}")
     try:
-        dataset = load_dataset(data, meta.get("label_set") or "fer7", skip_bad_rows=skip_bad_rows)
+        dataset = load_dataset(data, meta.get("label_set") or "fer7", skip_bad_rows=skip_bad_rows,
+                               labels=str(labels) if labels else None, label_mode=label_mode)
         result = run_evaluation(model, meta, dataset, split, tta=tta, batch_size=batch_size, device=device,
                                 precision=precision, weights_path=weights_path)
         result.extra["weights"] = str(weights_path)
@@ -108,9 +121,24 @@ def evaluate(
     typer.echo(format_confusion(result))
     if dataset.skipped:
         typer.echo("skipped while loading: " + ", ".join(f"{n} {why}" for why, n in dataset.skipped.items()))
+    if dataset.dropped_per_split:
+        typer.echo("dropped by the FER+ labels: " + ", ".join(f"{n} {split}" for split, n in
+                                                             dataset.dropped_per_split.items()))
     for name, path in artifacts.items():
         typer.echo(f"wrote {name}: {path}")
 
+
+
+def check_labels_options(labels: Path | None, label_mode: str) -> None:
+    """--labels must be a file; --label-mode one of the FER+ modes, and given only with --labels."""
+    from ferkit.data.ferplus import MODES
+
+    if label_mode not in MODES:
+        _fail(f"unknown --label-mode {label_mode!r}; choose one of {', '.join(MODES)}")
+    if labels is None and label_mode != "majority":
+        _fail(f"--label-mode {label_mode} needs --labels (FER+'s fer2013new.csv)")
+    if labels is not None and not labels.is_file():
+        _fail(f"labels file {str(labels)!r} not found (--labels takes FER+'s fer2013new.csv)")
 
 
 ENSEMBLE_EPILOG = """
@@ -190,6 +218,9 @@ def ensemble(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
     batch_size: Annotated[int, typer.Option(help="Faces per forward pass.")] = 256,
+    labels: Annotated[Path | None, typer.Option(
+        help=LABELS_HELP + " With --weights / --snapshots.", show_default=False)] = None,
+    label_mode: Annotated[str, typer.Option(help=LABEL_MODE_HELP)] = "majority",
 ) -> None:
     """Combine models or saved predictions: fit ensemble weights on PublicTest, report PrivateTest."""
     import json
@@ -237,6 +268,10 @@ def ensemble(
                   "results/predictions`), or pass the others' weights")
         modes = ["--from-predictions" if kinds == {True} else "--weights"]
     mode = modes[0]
+    check_labels_options(labels, label_mode)
+    if labels is not None and mode == "--from-predictions":
+        _fail("--labels applies when ensembles run models (--weights / --snapshots); prediction files carry the "
+              "labels they were made with")
     paths: list[Path] = []
     if mode == "--snapshots":
         if extra:
@@ -311,7 +346,13 @@ def ensemble(
                   "pass one --tta for all of them to --save the ensemble")
         tta = member_ttas.pop() if len(member_ttas) == 1 else tta
         try:
-            members = predict_members(paths, data, tta=tta, batch_size=batch_size, device=device,
+            faces = data
+            if labels is not None:  # FER+ labels: the members' label set, its rows and labels from the votes
+                from ferkit.data import load_dataset
+
+                faces = load_dataset(data, read_metadata(paths[0]).get("label_set") or "fer7", labels=str(labels),
+                                     label_mode=label_mode)
+            members = predict_members(paths, faces, tta=tta, batch_size=batch_size, device=device,
                                       precision=precision)
         except (DataError, ValueError, FileNotFoundError, OSError) as e:
             _fail(str(e))
