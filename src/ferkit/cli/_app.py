@@ -25,6 +25,8 @@ LABELS_HELP = ("FER+ crowd votes (fer2013new.csv, same row order as the FER2013 
                "counted per split.")
 LABEL_MODE_HELP = ("With --labels: majority (most-voted class) | clear (only rows whose majority holds over half "
                    "the votes, single votes left out: FER+'s own protocol) | soft (train on the vote distribution).")
+PRIOR_HELP = ("none | uniform: divide the scores by the class frequencies the model was trained on (FER2013: "
+              "happy 25 %, disgust 1.5 %), for photos not distributed like FER2013; see docs/model-card.md.")
 PRECISION_HELP = "auto (CPU: bf16 where the CPU has it natively, else fp32; CUDA: mixed) | fp32 | bf16 | fp16."
 
 app = typer.Typer(

@@ -11,6 +11,7 @@ from ferkit.cli._app import (
     LABEL_MODE_HELP,
     LABELS_HELP,
     PRECISION_HELP,
+    PRIOR_HELP,
     THREADS_HELP,
     TTA_HELP,
     WEIGHTS_HELP,
@@ -63,6 +64,7 @@ def evaluate(
     threads: Annotated[int | None, typer.Option(help=THREADS_HELP, show_default=False)] = None,
     labels: Annotated[Path | None, typer.Option(help=LABELS_HELP, show_default=False)] = None,
     label_mode: Annotated[str, typer.Option(help=LABEL_MODE_HELP)] = "majority",
+    prior: Annotated[str, typer.Option(help=PRIOR_HELP)] = "none",
 ) -> None:
     """Score a trained model on one split: accuracy, per-class precision/recall/F1, confusion matrix."""
     import json
@@ -101,7 +103,7 @@ def evaluate(
         dataset = load_dataset(data, meta.get("label_set") or "fer7", skip_bad_rows=skip_bad_rows,
                                labels=str(labels) if labels else None, label_mode=label_mode)
         result = run_evaluation(model, meta, dataset, split, tta=tta, batch_size=batch_size, device=device,
-                                precision=precision, weights_path=weights_path)
+                                precision=precision, weights_path=weights_path, prior=prior)
         result.extra["weights"] = str(weights_path)
         artifacts = {}
         if save_probs is not None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ferkit.cli._app import BACKEND_HELP, THREADS_HELP, TTA_HELP, WEIGHTS_HELP, _fail, app, literal
+from ferkit.cli._app import BACKEND_HELP, PRIOR_HELP, THREADS_HELP, TTA_HELP, WEIGHTS_HELP, _fail, app, literal
 from ferkit.cli.inference import _recognizer, check_threads_option
 from ferkit.models.weights import SHIPPED_MODELS
 
@@ -140,6 +140,7 @@ def serve(
     backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
     log_level: Annotated[str, typer.Option(help="uvicorn log level: critical | error | warning | info | debug.")
                          ] = "info",
+    prior: Annotated[str, typer.Option(help=PRIOR_HELP)] = "none",
 ) -> None:
     """Serve the recognizer over HTTP: a JSON API (/v1/analyze, /v1/classify) and a web page at /."""
     try:
@@ -169,13 +170,13 @@ def serve(
         if model != "default" and weights is not None:
             _fail("give the weights file either as --model PATH or as --weights PATH, not both")
         rec = _recognizer(weights if model == "default" else Path(model), detector, tta, device, min_face_score,
-                          backend, threads)
+                          backend, threads, prior)
     else:
         from ferkit.inference import Recognizer
 
         try:
             rec = Recognizer(model=model, weights=weights, detector=detector, device=device, tta=tta,
-                             min_face_score=min_face_score, backend=backend, threads=threads)
+                             min_face_score=min_face_score, backend=backend, threads=threads, prior=prior)
         except (ValueError, FileNotFoundError, RuntimeError) as e:
             _fail(str(e))
     typer.echo(f"ferkit serve: {rec!r}; web page and API on http://{host}:{port}/ (API docs at /docs)", err=True)

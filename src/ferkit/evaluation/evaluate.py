@@ -25,6 +25,7 @@ from ferkit.device import resolve_device, resolve_precision
 from ferkit.evaluation.metrics import confusion_matrix, format_report, report_from_confusion
 from ferkit.evaluation.plots import plot_confusion_matrix, plot_error_gallery
 from ferkit.models.predict import model_tta, predict_proba
+from ferkit.models.prior import adjust_prior, check_prior
 from ferkit.shared_files import replacing
 
 ARTIFACTS = (
@@ -56,6 +57,7 @@ class EvaluationResult:
     device: str = "cpu"
     precision: str = "fp32"
     seconds: float = 0.0
+    prior: str = "none"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -74,8 +76,11 @@ class EvaluationResult:
             "classes": list(self.classes),
             "split": self.split,
             "tta": self.tta,
+            "prior": self.prior,
             "num_samples": self.num_samples,
             "accuracy": self.accuracy,
+            "balanced_accuracy": self.report["macro_avg"]["recall"],  # mean per-class recall
+            "macro_f1": self.report["macro_avg"]["f1"],
             "macro_avg": self.report["macro_avg"],
             "weighted_avg": self.report["weighted_avg"],
             "per_class": self.report["per_class"],
@@ -107,7 +112,8 @@ def check_label_set(meta: dict[str, Any], label_set: LabelSet) -> None:
 
 def evaluate(model: nn.Module, meta: dict[str, Any], data: FaceData, split: str = "PrivateTest",
              tta: str = "auto", batch_size: int = 256, device: str | torch.device = "auto",
-             precision: str = "auto", weights_path: str | os.PathLike | None = None) -> EvaluationResult:
+             precision: str = "auto", weights_path: str | os.PathLike | None = None,
+             prior: str = "none") -> EvaluationResult:
     """Run `model` on one split of `data` and score it.
 
     meta: the weights metadata from `load_model` (classes, label_set, input_size, normalize, model).
@@ -118,8 +124,10 @@ def evaluate(model: nn.Module, meta: dict[str, Any], data: FaceData, split: str 
     device: 'auto' | 'cpu' | 'cuda[:N]'; the model is moved there. precision: 'auto' (CPU: bf16 autocast
     where the CPU has native bf16, else fp32; CUDA: bf16/fp16) | 'fp32' | 'bf16' | 'fp16'.
     weights_path: the weights file, only to record its sha256.
+    prior: 'none', or 'uniform' to divide the probabilities by the training class prior (models.prior).
     """
     tta = model_tta(tta, meta)
+    check_prior(prior, meta)
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
     check_label_set(meta, data.label_set)
@@ -137,6 +145,7 @@ def evaluate(model: nn.Module, meta: dict[str, Any], data: FaceData, split: str 
     t0 = time.perf_counter()
     probs = predict_proba(model, part.images, input_size=input_size, norm=norm, tta=tta,
                           batch_size=batch_size, dtype=dtype)
+    probs = adjust_prior(probs, prior, meta)
     seconds = time.perf_counter() - t0
     if probs.shape != (len(part), len(classes)):
         raise ValueError(f"model output has shape {probs.shape}, expected ({len(part)}, {len(classes)})")
@@ -149,7 +158,7 @@ def evaluate(model: nn.Module, meta: dict[str, Any], data: FaceData, split: str 
         model_name=str(meta.get("model") or getattr(model, "ferkit_name", "")), label_set=data.label_set.name,
         weights_sha256=file_sha256(weights_path) if weights_path else "", data_sha256=data.sha256,
         data_source=data.source, device=str(dev),
-        precision="fp32" if dtype is None else str(dtype).removeprefix("torch."), seconds=seconds,
+        precision="fp32" if dtype is None else str(dtype).removeprefix("torch."), seconds=seconds, prior=prior,
     )
 
 
@@ -187,9 +196,10 @@ def format_summary(result: EvaluationResult) -> str:
     lines = [
         f"model      {result.model_name or '?'} ({result.label_set}: {', '.join(result.classes)})",
         f"data       {result.data_source or '?'} — split {result.split}, {result.num_samples} faces",
-        f"inference  tta={result.tta}, {result.device} {result.precision}, {result.seconds:.1f}s{speed}",
-        f"accuracy   {result.accuracy:.4f}   macro F1 {result.report['macro_avg']['f1']:.4f}   "
-        f"weighted F1 {result.report['weighted_avg']['f1']:.4f}",
+        f"inference  tta={result.tta}, prior={result.prior}, {result.device} {result.precision}, "
+        f"{result.seconds:.1f}s{speed}",
+        f"accuracy   {result.accuracy:.4f}   balanced accuracy {result.report['macro_avg']['recall']:.4f}   "
+        f"macro F1 {result.report['macro_avg']['f1']:.4f}   weighted F1 {result.report['weighted_avg']['f1']:.4f}",
     ]
     return "\n".join(lines) + "\n"
 

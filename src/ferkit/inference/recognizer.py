@@ -120,12 +120,16 @@ class Recognizer:
         available CPUs is lowered to them. torch's and OpenCV's thread counts are per process, so the last
         Recognizer made sets them for all; `self.threads` is the count used. (Importing ferkit before torch also
         makes OpenMP's idle threads sleep instead of spinning, see ferkit/__init__.py.)
+    prior: 'none' (default), or 'uniform' to divide the scores by the class prior the model was trained with
+        (ferkit.models.prior; for photos not distributed like FER2013, where its frequent classes would be
+        over-predicted).
     """
 
     def __init__(self, model: Any = "default", detector: str | FaceDetector = "retinaface", device: str = "auto",
                  tta: bool | str = "auto", *, weights: str | os.PathLike | None = None,
                  min_face_score: float = 0.0, align: bool = True, batch_size: int = 64,
-                 precision: str = "fp32", backend: str = "auto", threads: int | None = None) -> None:
+                 precision: str = "fp32", backend: str = "auto", threads: int | None = None,
+                 prior: str = "none") -> None:
         from ferkit.device import resolve_device, resolve_precision, set_threads
 
         self.device = resolve_device(device)
@@ -166,6 +170,10 @@ class Recognizer:
         from ferkit.models.predict import model_tta
 
         self.tta = model_tta(self.tta, self.meta)
+        from ferkit.models.prior import check_prior
+
+        check_prior(prior, self.meta)
+        self.prior = prior  # 'uniform': scores divided by the training class prior (models.prior)
         self.input_size = int(self.meta.get("input_size", FER_SIZE))
         self.normalize = self.meta.get("normalize", "dataset")
         self.dtype = None if self.backend == "onnx" else resolve_precision(precision, self.device)
@@ -194,16 +202,20 @@ class Recognizer:
     def predict_proba(self, faces: np.ndarray) -> np.ndarray:
         """(N, C) probabilities for uint8 grayscale faces (N, 48, 48) already in FER2013 framing."""
         from ferkit.models.predict import predict_proba
+        from ferkit.models.prior import adjust_prior
 
         if len(faces) == 0:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
         if self._onnx is not None:
             from ferkit.models.predict import check_finite
 
-            return check_finite(self._onnx.predict_proba(np.ascontiguousarray(faces), input_size=self.input_size,
-                                                         norm=self.normalize, tta=self.tta, batch_size=self.batch_size))
-        return predict_proba(self.model, np.ascontiguousarray(faces), input_size=self.input_size,
-                             norm=self.normalize, tta=self.tta, batch_size=self.batch_size, dtype=self.dtype)
+            probs = check_finite(self._onnx.predict_proba(np.ascontiguousarray(faces), input_size=self.input_size,
+                                                          norm=self.normalize, tta=self.tta,
+                                                          batch_size=self.batch_size))
+        else:
+            probs = predict_proba(self.model, np.ascontiguousarray(faces), input_size=self.input_size,
+                                  norm=self.normalize, tta=self.tta, batch_size=self.batch_size, dtype=self.dtype)
+        return adjust_prior(probs, self.prior, self.meta)
 
     def _result(self, probs: np.ndarray) -> dict[str, Any]:
         emotions = {c: float(p) for c, p in zip(self.classes, probs, strict=True)}

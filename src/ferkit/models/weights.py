@@ -169,7 +169,8 @@ def _check_kwarg(value: Any, field: str, source: Any, depth: int = 0) -> None:
 
 def check_metadata(meta: Mapping[str, Any], source: Any) -> None:
     """Refuse metadata that is inconsistent or would drive oversized allocations (WeightsError naming `source`
-    and the field). Checks what is present: num_classes, classes, input_size, normalize, tta, model_kwargs."""
+    and the field). Checks what is present: num_classes, classes, input_size, normalize, tta, class_prior,
+    model_kwargs."""
     from ferkit.data.augment import NORMALIZATIONS
     from ferkit.models.predict import TTA_MODES
 
@@ -192,6 +193,13 @@ def check_metadata(meta: Mapping[str, Any], source: Any) -> None:
         raise _bad(source, "normalize", meta["normalize"], f"one of {', '.join(NORMALIZATIONS)}")
     if meta.get("tta") is not None and meta["tta"] not in TTA_MODES:
         raise _bad(source, "tta", meta["tta"], f"one of {', '.join(TTA_MODES)}")
+    if meta.get("class_prior") is not None:
+        prior = meta["class_prior"]
+        n = len(meta.get("classes") or []) or meta.get("num_classes")
+        if not (isinstance(prior, list) and len(prior) == n and all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                for v in prior)):
+            raise _bad(source, "class_prior", prior, f"{n} positive finite class frequencies")
     kwargs = meta.get("model_kwargs", {})
     if not isinstance(kwargs, dict):
         raise _bad(source, "model_kwargs", kwargs, "an object")
