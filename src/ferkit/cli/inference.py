@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ferkit.cli._app import BACKEND_HELP, THREADS_HELP, TTA_HELP, WEIGHTS_HELP, _fail, app
+from ferkit.cli._app import BACKEND_HELP, THREADS_HELP, TTA_HELP, WEIGHTS_HELP, _fail, app, literal
 
 PREDICT_EPILOG = """
 Examples:
@@ -28,6 +28,12 @@ Examples:
 
   ferkit predict photo.jpg --json -                (only JSON, on stdout)
 
+  ferkit predict 'photos/**/*.jpg' --file-list more.txt --csv faces.csv   (quoted glob; one path a line)
+
+  ferkit predict photos/ --ray local --out faces/   (Parquet shards; needs the cluster extra)
+
+  ferkit predict --file-list all.txt --ray auto --out s3://bucket/faces/ --format csv   (on a Ray cluster)
+
 Folders are searched recursively for images (.jpg .png .bmp .gif .tif .webp ...) and videos
 (.mp4 .avi .mov .mkv .webm ...). Detectors: retinaface (CNN, default), haar (OpenCV cascade, fast),
 none (the whole image is the face). Each face is cropped like FER2013's faces (tight, upright,
@@ -36,6 +42,11 @@ A file that cannot be read (corrupt, truncated, empty, not an image, over the 50
 an error entry in the table, JSON and CSV; the other files are still processed, and the exit code is 1,
 with the number of such files on stderr. Bad weights (missing, corrupt, inconsistent metadata) stop the
 command before any file, with exit code 2, as usage errors do.
+
+Paths that do not exist but hold * ? or [ are glob patterns (quote them; ** spans folders). With --ray,
+actors each holding one recognizer process the files on Ray (a local one or a cluster: every node needs
+ferkit installed; --out must be storage every node writes to) and write one row per face, the columns
+and values of --csv, as Parquet or CSV shards into --out; see docs/scale-out.md.
 """
 
 
@@ -148,16 +159,114 @@ def predict(
     backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
     threads: Annotated[int | None, typer.Option(help=THREADS_HELP, show_default=False)] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    file_list: Annotated[Path | None, typer.Option(
+        help="Also process the paths in this text file, one a line (any number of files).")] = None,
+    ray: Annotated[str | None, typer.Option(
+        "--ray", metavar="ADDRESS", help=literal(
+            "Run on Ray: local (start one on this machine) | auto (the cluster this machine joined with `ray "
+            "start`) | HOST:PORT | ray://HOST:PORT. Needs --out and ferkit[cluster]."),
+        show_default=False)] = None,
+    out: Annotated[str | None, typer.Option(
+        help="With --ray: a new folder (or s3://... URI) for the shards.", show_default=False)] = None,
+    shard_format: Annotated[str, typer.Option("--format", help="With --ray: parquet | csv.")] = "parquet",
+    actors: Annotated[int | None, typer.Option(
+        help="With --ray: recognizers (Ray actors). Default: the cluster's CPUs / --threads.",
+        show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="With --ray: files per actor call.")] = 16,
 ) -> None:
     """Detect faces in images, folders and videos and classify their emotions."""
     from ferkit.inference.image_io import sample_image_path
 
-    rec = _recognizer(weights, detector, tta, device, min_face_score, backend, threads)
+    paths = list(paths or [])
+    if file_list is not None:
+        paths += _read_file_list(file_list)
+    if ray is not None or out is not None:
+        _check_ray_options(ray, out, shard_format, actors, batch_size, paths, json_out, csv_out, annotate)
+    rec = _recognizer(weights, detector, tta, device, min_face_score, backend, 1 if ray and not threads else threads)
+    if ray is not None:
+        options = {"detector": detector, "device": device, "tta": rec.tta, "min_face_score": min_face_score,
+                   "backend": backend, "threads": threads or 1}  # one thread per actor unless told
+        _run_on_ray(rec, paths, ray, str(out), shard_format, options, every, actors, batch_size, progress)
+        return
     annotate_file = None
     if not paths:
         paths = [sample_image_path()]
         annotate_file = None if annotate is not None else Path("ferkit-demo.jpg")
-    _run_predict(rec, list(paths), json_out, csv_out, annotate, annotate_file, every, progress)
+    _run_predict(rec, paths, json_out, csv_out, annotate, annotate_file, every, progress)
+
+
+def _read_file_list(file_list: Path) -> list[str]:
+    from ferkit.inference import batch
+
+    try:
+        return batch.read_file_list(file_list)
+    except OSError as e:
+        _fail(f"--file-list {str(file_list)!r}: {e.strerror or e}")
+    except ValueError as e:
+        _fail(f"--file-list: {e}")
+    raise AssertionError("unreachable: _fail exits")
+
+
+def _check_ray_options(ray: str | None, out: str | None, shard_format: str, actors: int | None, batch_size: int,
+                       paths: list, json_out: str | None, csv_out: Path | None, annotate: Path | None) -> None:
+    """Usage errors of the --ray options, before any model or Ray is loaded."""
+    from ferkit.inference import cluster
+
+    if ray is None:
+        _fail("--out is the shard folder of --ray; without --ray, write results with --json / --csv")
+    if not ray.strip():
+        _fail("--ray needs an address: local, auto, HOST:PORT or ray://HOST:PORT")
+    if out is None:
+        _fail("--ray writes its rows as shards: name a new folder with --out DIR")
+    taken = [name for name, value in (("--json", json_out), ("--csv", csv_out), ("--annotate", annotate)) if value]
+    if taken:
+        _fail(f"{', '.join(taken)} cannot be used with --ray (its rows go to --out, as --format {shard_format} "
+              "shards)")
+    if shard_format not in cluster.FORMATS:
+        _fail(f"unknown --format {shard_format!r}; choose one of {', '.join(cluster.FORMATS)}")
+    if actors is not None and actors < 1 or batch_size < 1:
+        _fail(f"--actors and --batch-size must be at least 1, got {actors} and {batch_size}")
+    if not paths:
+        _fail("--ray needs PATHS or --file-list (it has no bundled-sample default)")
+    try:
+        cluster.check_out_dir(str(out))
+        cluster.require_ray()
+    except (FileExistsError, ImportError) as e:
+        _fail(str(e))
+
+
+def _run_on_ray(rec, paths: list, address: str, out: str, shard_format: str, options: dict, every: int,
+                actors: int | None, batch_size: int, progress: bool) -> None:
+    from ferkit.inference import cluster
+
+    if every < 1:
+        _fail(f"--every must be at least 1, got {every}")
+    try:
+        started = cluster.connect(address)
+    except Exception as e:  # ConnectionError, ValueError, RuntimeError...: Ray raises many kinds here
+        _fail(f"cannot join Ray at {address!r}: {type(e).__name__}: {e}")
+    try:
+        stats, skipped = cluster.predict(paths, out, weights=rec.weights_path, classes=list(rec.classes),
+                                         options=options, every=every, fmt=shard_format, actors=actors,
+                                         batch_size=batch_size, progress=progress)
+    except (OSError, ValueError) as e:
+        _fail(str(e))
+    except Exception as e:  # an actor that cannot start (e.g. a node without ferkit), a lost node...
+        _fail(f"the Ray job failed: {type(e).__name__}: {e}", code=1)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    note = (f"{stats['files']} file(s), {stats['faces']} face(s), {stats['without_face']} picture(s) or frame(s) "
+            f"without a face, {stats['errors']} error(s)")
+    if skipped:
+        note += f"; {skipped} non-image file(s) in folders skipped"
+    typer.echo(f"{note}\nwrote {shard_format} shards: {out}")
+    if stats["failed_files"]:
+        typer.secho(f"error: {stats['failed_files']} of {stats['files']} file(s) could not be read (see the "
+                    "rows with an error)", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1)
 
 
 @app.command(epilog="""

@@ -9,6 +9,7 @@ a result (no faces), not an error.
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import math
 import os
@@ -119,6 +120,66 @@ class Annotator:
             raise OSError(f"cannot encode annotated image for {target}")
         target.write_bytes(buf.tobytes())
         return str(target)
+
+
+GLOB_CHARS = frozenset("*?[")
+
+
+def read_file_list(path: str | os.PathLike) -> list[str]:
+    """The paths in a text file, one a line (for more files than a command line holds).
+
+    Line ends are removed and blank lines skipped; nothing else is stripped, so names with spaces work.
+    Relative paths are relative to the current folder, as on a command line. Bytes that are not UTF-8 are
+    kept as the OS gives them (surrogateescape), so every file name can be listed. Raises ValueError for a
+    file that is not text (holds NUL bytes) or lists no path, OSError when it cannot be read.
+    """
+    data = Path(path).read_bytes()
+    if b"\0" in data:  # an image or archive given by mistake would become thousands of "not found" rows
+        raise ValueError(f"{os.fspath(path)!r} is not a text file of paths (it holds NUL bytes)")
+    paths = [line for line in data.decode("utf-8", "surrogateescape").splitlines() if line.strip()]
+    if not paths:
+        raise ValueError(f"{os.fspath(path)!r} lists no paths")
+    return paths
+
+
+def expand_patterns(paths: Iterable[str | os.PathLike]) -> tuple[list[str | os.PathLike], list[Entry]]:
+    """(paths with glob patterns expanded, error entries for patterns that match nothing).
+
+    A path that exists is kept as it is, even if its name holds * ? or [ (a file may be called that);
+    otherwise such a path is a pattern (`**` spans folders), expanded in sorted order. Quoted patterns
+    reach here unexpanded, so a folder of millions of files never meets the shell's argument limit.
+    """
+    out: list[str | os.PathLike] = []
+    errors: list[Entry] = []
+    for p in paths:
+        text = os.fspath(p)
+        if GLOB_CHARS.isdisjoint(text) or os.path.lexists(text):
+            out.append(p)
+            continue
+        matches = sorted(glob.glob(text, recursive=True))
+        if matches:
+            out.extend(matches)
+        else:
+            errors.append(Entry(text, error="no file or folder matches this pattern"))
+    return out, errors
+
+
+def gather_inputs(paths: Iterable[str | os.PathLike]) -> tuple[list[Input], list[Entry], int]:
+    """`collect_inputs` after `expand_patterns`: what `ferkit predict` runs on, with and without Ray. A path the
+    OS refuses to look at (a name too long, a folder that cannot be listed) is an error entry too."""
+    expanded, errors = expand_patterns(paths)
+    inputs: list[Input] = []
+    skipped = 0
+    for p in expanded:
+        try:
+            found, bad, others = collect_inputs([p])
+        except (OSError, ValueError) as e:
+            errors.append(Entry(os.fspath(p), error=f"cannot read: {getattr(e, 'strerror', None) or e}"))
+            continue
+        inputs += found
+        errors += bad
+        skipped += others
+    return inputs, errors, skipped
 
 
 def process_image(rec: Any, item: Input, annotator: Annotator | None = None) -> Entry:
@@ -240,6 +301,14 @@ def _write_video_frame(writer: Any, path: Path | None, annotator: Annotator, ite
     return writer, path
 
 
+def process_input(rec: Any, item: Input, every: int = 10, annotator: Annotator | None = None,
+                  progress: bool = False, outputs: list[str] | None = None) -> list[Entry]:
+    """The entries of one input: one for an image, one per sampled frame of a video (see process_video)."""
+    if is_video_path(item.path):
+        return list(process_video(rec, item, every, annotator, progress, outputs))
+    return [process_image(rec, item, annotator)]
+
+
 def run(rec: Any, paths: Iterable[str | os.PathLike], every: int = 10, annotate_dir: str | os.PathLike | None = None,
         progress: bool = True, annotate_file: str | os.PathLike | None = None,
         outputs: list[str] | None = None) -> tuple[list[Entry], int]:
@@ -253,17 +322,14 @@ def run(rec: Any, paths: Iterable[str | os.PathLike], every: int = 10, annotate_
 
     if every < 1:
         raise ValueError(f"every must be at least 1, got {every}")
-    inputs, entries, skipped = collect_inputs(paths)
+    inputs, entries, skipped = gather_inputs(paths)
     annotator = None
     if annotate_file is not None:
         annotator = Annotator(Path(annotate_file).parent, single_file=Path(annotate_file))
     elif annotate_dir is not None:
         annotator = Annotator(Path(annotate_dir))
     for item in tqdm(inputs, desc="predict", unit="file", disable=None if progress else True):
-        if is_video_path(item.path):
-            entries.extend(process_video(rec, item, every, annotator, progress, outputs))
-        else:
-            entries.append(process_image(rec, item, annotator))
+        entries.extend(process_input(rec, item, every, annotator, progress, outputs))
     return entries, skipped
 
 
@@ -284,6 +350,32 @@ def csv_header(classes: list[str]) -> list[str]:
     return ["file", "frame", "time", "face", "x", "y", "w", "h", "face_score", "dominant", *classes, "error"]
 
 
+def entry_rows(entry: Entry, classes: list[str]) -> list[dict[str, Any]]:
+    """The rows of one entry, keyed by `csv_header(classes)`: one per face, or one with the face columns None
+    for an input without a face or with an error. Times are rounded to 3 decimals and scores to 4, as the CSV
+    prints them, so the CSV and the Parquet shards of the Ray path (ferkit.inference.cluster) hold the same
+    values."""
+    base = {"file": entry.file, "frame": entry.frame, "time": None if entry.time is None else round(entry.time, 3)}
+    if not entry.faces:
+        return [{**base, **dict.fromkeys(csv_header(classes)[3:-1]), "error": entry.error}]
+    rows = []
+    for i, face in enumerate(entry.faces, 1):
+        x, y, w, h = face["box"]
+        rows.append({**base, "face": i, "x": x, "y": y, "w": w, "h": h,
+                     "face_score": round(face["face_score"], 4), "dominant": face["dominant"],
+                     **{c: round(face["emotions"][c], 4) for c in classes}, "error": entry.error})
+    return rows
+
+
+def csv_cell(column: str, value: Any) -> Any:
+    """How the CSV prints a value of `entry_rows`."""
+    if value is None:
+        return ""
+    if isinstance(value, float):  # fixed decimals ("0.2500", not "0.25"), as the CSV always had
+        return f"{value:.3f}" if column == "time" else f"{value:.4f}"
+    return value
+
+
 def write_csv(entries: list[Entry], out: str | os.PathLike, classes: list[str]) -> None:
     """One row per face; an input with no face or an error gets one row with the face columns empty."""
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -291,13 +383,8 @@ def write_csv(entries: list[Entry], out: str | os.PathLike, classes: list[str]) 
         w = csv.writer(f)
         w.writerow(csv_header(classes))
         for e in entries:
-            frame = "" if e.frame is None else e.frame
-            ts = "" if e.time is None else f"{e.time:.3f}"
-            if not e.faces:
-                w.writerow([e.file, frame, ts, "", "", "", "", "", "", "", *[""] * len(classes), e.error or ""])
-            for i, face in enumerate(e.faces, 1):
-                w.writerow([e.file, frame, ts, i, *face["box"], f"{face['face_score']:.4f}", face["dominant"],
-                            *[f"{face['emotions'][c]:.4f}" for c in classes], e.error or ""])
+            for row in entry_rows(e, classes):
+                w.writerow([csv_cell(k, v) for k, v in row.items()])
 
 
 def summary(entries: list[Entry]) -> dict[str, int]:
