@@ -279,6 +279,7 @@ def test_ray_rows_equal_single_process_rows(ray_address: str, inputs: Path, weig
     assert single.exit_code == 1, single.output  # the bad files
     expected = _single_process_rows(tmp_path / "single.csv")
     assert len(expected) > 300 and any(r[9] for r in expected)  # faces were found, not just "no face" rows
+    assert {r[1] for r in expected if r[0].endswith("clip.avi")} == {0, 5, 10}  # the video's sampled frames
 
     listing = tmp_path / "list.txt"  # the same inputs, this time half of them from a file list
     listing.write_text("\n".join(sources[1:]) + "\n")

@@ -157,6 +157,8 @@ def predict(paths: Iterable[str | os.PathLike], out: str, *, weights: str | os.P
     del inputs, errors  # the table holds them compactly (millions of paths)
     threads = options.get("threads") or 1
     gpus = 1 if str(options.get("device", "")).startswith("cuda") else 0
+    if gpus:  # Ray shows each actor only its own GPU, as cuda:0: "cuda:3" would name a GPU it cannot see
+        options = {**options, "device": "cuda"}
     if actors is None:
         actors = max(1, int(ray.cluster_resources().get("GPU" if gpus else "CPU", 1) // (1 if gpus else threads)))
     # Blocks of a few batches each, at least ~4 per actor, so every actor gets work and a slow block (a long
