@@ -87,3 +87,23 @@ def test_evaluate_and_recognizer_apply_the_prior(tiny_csv: Path, tmp_path: Path)
                                                                               META), rtol=1e-5)
     with pytest.raises(ValueError, match="unknown prior"):
         Recognizer(model=str(path), detector="none", device="cpu", prior="skewed")
+
+
+def test_predict_takes_the_prior(tmp_path: Path) -> None:
+    from ferkit.inference.image_io import sample_image_path
+
+    path = tmp_path / "w.safetensors"
+    torch.manual_seed(0)
+    save_weights(create_model("sixclass_cnn4", num_classes=7), path, META)
+    base = ["predict", str(sample_image_path()), "--weights", str(path), "--detector", "none", "--json", "-",
+            "--no-progress", "--device", "cpu", "--backend", "torch"]
+    scores = {}
+    for prior in ("none", "uniform"):
+        result = runner.invoke(app, [*base, "--prior", prior])
+        assert result.exit_code == 0, result.output
+        scores[prior] = json.loads(result.stdout)["results"][0]["faces"][0]["emotions"]
+    plain = np.array([[scores["none"][c] for c in FER2013_NAMES]])
+    expected = adjust_prior(plain, "uniform", META)[0]
+    np.testing.assert_allclose([scores["uniform"][c] for c in FER2013_NAMES], expected, atol=1e-3)
+    bad = runner.invoke(app, [*base, "--prior", "flat"])
+    assert bad.exit_code == 2 and "unknown prior 'flat'" in bad.output

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ferkit.cli._app import BACKEND_HELP, THREADS_HELP, TTA_HELP, WEIGHTS_HELP, _fail, app, literal
+from ferkit.cli._app import BACKEND_HELP, PRIOR_HELP, THREADS_HELP, TTA_HELP, WEIGHTS_HELP, _fail, app, literal
 
 PREDICT_EPILOG = """
 Examples:
@@ -63,7 +63,7 @@ def weights_file(weights: Path | None) -> Path:
 
 
 def _recognizer(weights: Path | None, detector: str, tta: str, device: str, min_face_score: float = 0.0,
-                backend: str = "torch", threads: int | None = None):
+                backend: str = "torch", threads: int | None = None, prior: str = "none"):
     from ferkit.inference import Recognizer
     from ferkit.models.predict import TTA_CHOICES
 
@@ -73,7 +73,7 @@ def _recognizer(weights: Path | None, detector: str, tta: str, device: str, min_
     path = weights_file(weights)
     try:
         return Recognizer(model=path, detector=detector, device=device, tta=tta, min_face_score=min_face_score,
-                          backend=backend, threads=threads)
+                          backend=backend, threads=threads, prior=prior)
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
         _fail(str(e))
     except Exception as e:  # corrupt or foreign weights file: safetensors raises its own error type
@@ -158,6 +158,7 @@ def predict(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
     threads: Annotated[int | None, typer.Option(help=THREADS_HELP, show_default=False)] = None,
+    prior: Annotated[str, typer.Option(help=PRIOR_HELP)] = "none",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     file_list: Annotated[Path | None, typer.Option(
         help="Also process the paths in this text file, one a line (any number of files).")] = None,
@@ -182,10 +183,11 @@ def predict(
         paths += _read_file_list(file_list)
     if ray is not None or out is not None:
         _check_ray_options(ray, out, shard_format, actors, batch_size, paths, json_out, csv_out, annotate)
-    rec = _recognizer(weights, detector, tta, device, min_face_score, backend, 1 if ray and not threads else threads)
+    rec = _recognizer(weights, detector, tta, device, min_face_score, backend, 1 if ray and not threads else threads,
+                      prior)
     if ray is not None:
         options = {"detector": detector, "device": device, "tta": rec.tta, "min_face_score": min_face_score,
-                   "backend": backend, "threads": threads or 1}  # one thread per actor unless told
+                   "backend": backend, "threads": threads or 1, "prior": prior}  # one thread per actor unless told
         _run_on_ray(rec, paths, ray, str(out), shard_format, options, every, actors, batch_size, progress)
         return
     annotate_file = None
