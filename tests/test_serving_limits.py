@@ -66,6 +66,16 @@ def closed_by_server(s: socket.socket, wait: float = 0.2) -> bool:
         return True
 
 
+def healthz_status(port: int) -> int:
+    """The HTTP status a fresh connection gets for GET /healthz."""
+    s = connect(port)
+    try:
+        s.sendall(f"GET /healthz HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+        return int(read_all(s, 5).split(b" ", 2)[1])
+    finally:
+        s.close()
+
+
 def read_all(s: socket.socket, timeout: float) -> bytes:
     """What the server sends until it closes the connection, or until `timeout` s."""
     s.settimeout(timeout)
@@ -97,10 +107,7 @@ def test_slow_headers_are_cut_off(rec: Recognizer) -> None:
             assert not open_, f"{len(open_)} of 10 slow-header connections still open after {elapsed:.1f} s"
             assert timeout * 0.8 < elapsed < timeout + 2.5
             # the server still answers a normal client
-            fresh = connect(port)
-            fresh.sendall(f"GET /healthz HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
-            assert read_all(fresh, 5).startswith(b"HTTP/1.1 200")
-            fresh.close()
+            assert healthz_status(port) == 200
         finally:
             for s in clients:
                 s.close()
@@ -137,10 +144,7 @@ def test_client_disconnect_mid_upload_is_not_an_error(rec: Recognizer, caplog: p
             time.sleep(0.2)
             s.close()
         time.sleep(0.5)  # let the server notice
-        ok = connect(port)
-        ok.sendall(f"GET /healthz HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
-        assert read_all(ok, 5).startswith(b"HTTP/1.1 200")
-        ok.close()
+        assert healthz_status(port) == 200
     errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert not errors, [f"{r.name}: {r.getMessage()}" for r in errors]
     assert any("disconnected" in r.getMessage() for r in caplog.records)
@@ -151,15 +155,9 @@ def test_connection_cap_answers_503(rec: Recognizer) -> None:
         idle = [connect(port) for _ in range(4)]
         try:
             time.sleep(0.2)
-            extra = connect(port)
-            extra.sendall(f"GET /healthz HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
-            assert read_all(extra, 5).startswith(b"HTTP/1.1 503")
-            extra.close()
+            assert healthz_status(port) == 503
         finally:
             for s in idle:
                 s.close()
         time.sleep(0.2)
-        again = connect(port)
-        again.sendall(f"GET /healthz HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
-        assert read_all(again, 5).startswith(b"HTTP/1.1 200")
-        again.close()
+        assert healthz_status(port) == 200
