@@ -100,6 +100,7 @@ def test_two_processes_train_the_one_process_run(data: Path, two_process_run: Pa
     one = train(TrainConfig(data=str(data), out_dir=str(tmp_path), run_name="one", progress=False, **SETTINGS))
     manifest = json.loads((two_process_run / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and json.loads((one.run_dir / "manifest.json").read_text())["world_size"] == 1
+    assert manifest["command"].startswith("torchrun --nproc_per_node 2 -m ferkit train --data ")  # how to rerun it
     assert torch.load(two_process_run / "checkpoint.pt", weights_only=True)["world_size"] == 2
     # Same global batch, same faces, same augmentation: the same weights up to float rounding.
     two_w = load_file(str(two_process_run / "last.safetensors"))

@@ -57,7 +57,14 @@ def library_versions() -> dict[str, str]:
 
 
 def command_line() -> str:
-    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    """This process's command; under torchrun with several processes, the torchrun command that starts it."""
+    args = [Path(sys.argv[0]).name, *sys.argv[1:]]
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "LOCAL_WORLD_SIZE" in os.environ:
+        nodes = os.environ.get("GROUP_WORLD_SIZE", "1")
+        module = ["-m", "ferkit"] if Path(sys.argv[0]).parent.name == "ferkit" else [sys.argv[0]]
+        args = ["torchrun", *(["--nnodes", nodes] if nodes != "1" else []), "--nproc_per_node",
+                os.environ["LOCAL_WORLD_SIZE"], *module, *sys.argv[1:]]
+    return shlex.join(args)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
