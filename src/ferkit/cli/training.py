@@ -123,16 +123,31 @@ Examples:
   ferkit models                 (every registered model)
 
   ferkit models 'frivas*'       (shell-style pattern)
+
+  ferkit models 'timm:efficientnet_b*' --input-size 64     (timm architectures, with the timm extra)
+
+  ferkit models --all --no-flops                           (ferkit's models and all of timm's)
+
+A timm architecture trains as --model timm:NAME (model_kwargs.input_size=64 for 64-pixel faces).
 """)
 def models(
-    pattern: Annotated[str, typer.Argument(help="Shell-style name filter.")] = "*",
+    pattern: Annotated[str, typer.Argument(help="Shell-style name filter (timm:PATTERN for timm's).")] = "*",
     flops: Annotated[bool, typer.Option(help="Count FLOPs per image (slower).")] = True,
     markdown: Annotated[bool, typer.Option(help="Print a Markdown table (as in the README).")] = False,
+    all_models: Annotated[bool, typer.Option(
+        "--all", help="Also list timm's architectures as timm:NAME (needs the timm extra).")] = False,
+    input_size: Annotated[int | None, typer.Option(
+        help="Count FLOPs at this face size (default: each model's input size).", min=8, max=1024)] = None,
 ) -> None:
     """List the registered models with parameter counts, FLOPs per image, source and published accuracy."""
+    import torch
+
     from ferkit.models import count_flops, count_parameters, create_model, get_spec, list_models
 
-    names = list_models(pattern)
+    try:
+        names = list_models(pattern, include_timm=True if all_models else None)
+    except ImportError as e:
+        _fail(str(e))
     if not names:
         _fail(f"no model matches {pattern!r}")
     if markdown:
@@ -144,16 +159,85 @@ def models(
         typer.echo("-" * len(header))
     for n in names:
         spec = get_spec(n)
-        m = create_model(n)
-        mflops = count_flops(m, spec.input_size) / 1e6 if flops else None
+        size = input_size or spec.input_size
+        kwargs = {"input_size": size} if input_size and n.startswith("timm:") else {}
+        params, shown, note = "?", "n/a", ""
+        try:
+            with torch.device("meta"):  # shapes only: no memory, no compute, whatever the model's size
+                m = create_model(n, **kwargs)
+            params = f"{count_parameters(m) / 1e6:.2f}"
+            mflops = count_flops(m, size) / 1e6 if flops else None
+            shown = "-" if mflops is None else (f"{mflops:.0f}" if markdown else f"{mflops:.1f}")
+        except Exception as e:  # an architecture that cannot take this input size (e.g. a fixed window)
+            note = f"cannot run on {size}px faces: {(str(e).splitlines() or [type(e).__name__])[0][:70]}"
         if markdown:
-            typer.echo(f"| `{n}` | {spec.input_size} | {count_parameters(m) / 1e6:.2f} M | "
-                       f"{'-' if mflops is None else f'{mflops:.0f}'} | {spec.reported} | {spec.source} |")
+            typer.echo(f"| `{n}` | {size} | {params} M | {shown} | {note or spec.reported} | {spec.source} |")
         else:
-            typer.echo(f"{n:<24} {spec.input_size:>5} {count_parameters(m) / 1e6:>8.2f}M "
-                       f"{'-' if mflops is None else f'{mflops:.1f}':>8}  {spec.reported} — {spec.source}")
+            typer.echo(f"{n:<24} {size:>5} {params:>8}M {shown:>8}  {note or spec.reported + ' — ' + spec.source}")
 
 
+SWEEP_EPILOG = """
+Examples:
+
+  ferkit sweep --data fer2013.csv.gz --name opt-grid model=frivas_cnn1 epochs=10 \\
+      optimizer=sgd,adam,adamw schedule=cosine,step,plateau lr=0.01,0.001
+
+  ferkit sweep --data fer2013.csv.gz --name lr-search --random 6 lr=0.1,0.03,0.01,0.003,0.001 \\
+      batch_size=32,64,128 model=frivas_cnn1 epochs=5     (6 of the 15 combinations, drawn with --seed)
+
+  ferkit sweep --resume runs/opt-grid          (after a kill: finished trials are not re-run)
+
+Each key=v1,v2,... is any `ferkit train` setting (config key, dotted for augment.* and model_kwargs.*); a key with
+one value is fixed. Every combination is a trial, trained one after another in DIR/trial-NNN (a normal run
+directory). DIR/results.csv and results.md tabulate best and final PublicTest accuracy per trial; DIR/sweep.png
+draws PublicTest accuracy per epoch for every trial and the final accuracy per cell of the grid.
+"""
+
+
+@app.command(epilog=SWEEP_EPILOG)
+def sweep(
+    settings: Annotated[list[str] | None, typer.Argument(
+        help="key=value1,value2,... settings to combine (one value: fixed for every trial).")] = None,
+    data: Annotated[str | None, typer.Option(
+        show_default=_default("data"), help="FER2013 CSV (.csv or .csv.gz) or image-folder root.")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="Sweep directory name under --out (default sweep-<time>); an existing one resumes.")] = None,
+    out: Annotated[Path, typer.Option(help="Parent directory of the sweep directory.")] = Path("runs"),
+    resume: Annotated[Path | None, typer.Option(
+        help="Resume the sweep in this directory with the settings it started with.")] = None,
+    random: Annotated[int, typer.Option(
+        help="Train this many of the combinations, drawn at random (0 = every one).", min=0)] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the --random draw.")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Train every combination of some settings (grid or random search), one run per trial, and compare them."""
+    import time
+
+    from ferkit.data import DataError
+    from ferkit.training import TrainingError
+    from ferkit.training.config import TrainConfig
+    from ferkit.training.sweep import SweepError, load_plan, parse_grid, run_sweep
+
+    try:
+        if resume is not None:
+            plan = load_plan(resume)
+            grid, random, seed, sweep_dir = plan["grid"], int(plan.get("random", 0)), int(plan.get("seed", 0)), resume
+        else:
+            grid = parse_grid(list(settings or []))
+            if "data" not in grid:
+                grid["data"] = [data or TrainConfig().data]
+            elif data is not None:
+                _fail("give the data once: --data or data=...")
+            sweep_dir = out / (name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+        for d in grid["data"]:
+            if not Path(d).exists():
+                _fail(f"data file {d!r} not found (pass --data PATH to fer2013.csv or fer2013.csv.gz)")
+        result = run_sweep(grid, sweep_dir, random=random, seed=seed, progress=progress)
+    except (SweepError, DataError, TrainingError, ValueError, FileNotFoundError, ImportError) as e:
+        _fail(str(e))
+    done = sum(r["status"] == "done" for r in result.rows)
+    typer.echo(f"{done}/{len(result.rows)} trials done; {sweep_dir / 'results.md'}, {sweep_dir / 'results.csv'}, "
+               f"{sweep_dir / 'sweep.png'}")
 
 
 REPRODUCE_EPILOG = """

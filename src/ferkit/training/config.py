@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,8 +63,14 @@ class TrainConfig:
     distill_weight: float = 0.7  # loss = (1 - w) * CE(labels) + w * T^2 * KL(teacher_T || student_T)
     distill_temperature: float = 4.0
     # Start from a trained model's weights (same model, model_kwargs and classes) instead of a random init:
-    # fine-tuning, or continuing a model's training with a new teacher or schedule.
+    # fine-tuning, or continuing a model's training with a new teacher or schedule. Or from a user's timm or
+    # torchvision state dict (.safetensors, or .pth read with weights_only=True): RGB stem kernels summed to
+    # grayscale, a new head (ferkit.models.pretrained).
     init_weights: str = ""
+    # Fine-tuning (ferkit.models.finetune): parts kept frozen, comma-separated (stem, backbone, head or prefixes of
+    # parameter names), and the backbone's learning rate as a fraction of lr (discriminative rates; 0 freezes it).
+    freeze: str = ""
+    backbone_lr_scale: float = 1.0
 
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # What a training face looks like to the model. 'resize': the whole face at the model's input size.
@@ -149,6 +156,9 @@ class TrainConfig:
             raise ValueError("distill_weight must be in [0, 1] and distill_temperature > 0")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be at least 1")
+        if not (math.isfinite(self.backbone_lr_scale) and self.backbone_lr_scale >= 0):
+            raise ValueError(f"backbone_lr_scale must be >= 0 (1 = lr for all, 0 = backbone frozen), "
+                             f"got {self.backbone_lr_scale}")
         if self.time_limit < 0:
             raise ValueError(f"time_limit must be minutes >= 0 (0 = off), got {self.time_limit}")
 

@@ -27,7 +27,9 @@ from ferkit.data import FaceData, file_sha256, get_label_set, load_dataset
 from ferkit.data.augment import augment, normalize, resize, to_float
 from ferkit.device import autocast, resolve_device, resolve_precision
 from ferkit.models import count_parameters, create_model
+from ferkit.models.finetune import parameter_groups
 from ferkit.models.predict import NonFiniteOutputError, model_tta, predict_proba, tencrop_source_size
+from ferkit.models.pretrained import check_pretrained, is_ferkit_weights, load_pretrained
 from ferkit.models.weights import SHIPPED_MODELS, load_model, read_metadata, resolve_weights, save_weights
 from ferkit.shared_files import claimed, replacing, write_rows
 from ferkit.training.config import RESUME_SETTINGS, TrainConfig
@@ -120,9 +122,10 @@ def create_run(cfg: TrainConfig) -> Path:
     # hold the name.
     cfg.validate()
     try:
-        create_model(cfg.model, num_classes=get_label_set(cfg.label_set).num_classes, **cfg.model_kwargs)
+        model = create_model(cfg.model, num_classes=get_label_set(cfg.label_set).num_classes, **cfg.model_kwargs)
     except TypeError as e:  # a keyword the model's builder does not take
         raise ValueError(f"model_kwargs {cfg.model_kwargs} do not fit model {cfg.model}: {e}") from e
+    parameter_groups(model, cfg.freeze, cfg.backbone_lr_scale, cfg.lr)  # a freeze= part naming no parameter
     resolve_precision(cfg.precision, resolve_device(cfg.device))
     _start_weights(cfg)
     out = Path(cfg.out_dir)
@@ -137,7 +140,7 @@ def create_run(cfg: TrainConfig) -> Path:
             raise TrainingError(f"run directory {run_dir} {what}, or choose another --name") from None
     else:
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        stem = f"{cfg.model.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"  # timm:NAME -> timm-NAME
         for n in itertools.count(1):
             run_dir = out / (stem if n == 1 else f"{stem}-{n}")
             try:
@@ -441,6 +444,11 @@ def _start_weights(cfg: TrainConfig) -> dict[str, dict[str, str]]:
         if not path.is_file():
             raise FileNotFoundError(f"{key} {spec}: no such weights file (nor a shipped model: "
                                     f"{', '.join(SHIPPED_MODELS)})")
+        if key == "init_weights" and not is_ferkit_weights(path):  # a user's timm/torchvision state dict
+            report = check_pretrained(lambda: create_model(cfg.model, num_classes=len(classes), **cfg.model_kwargs),
+                                      path)
+            found[key] = {"path": spec, "sha256": file_sha256(path), "state_dict": report.to_json()}
+            continue
         try:
             meta = read_metadata(path)
         except Exception as e:  # safetensors raises its own error types on a file that is not one
@@ -478,6 +486,9 @@ def _teacher_probabilities(cfg: TrainConfig, train_set: FaceData, device: torch.
 
 def _load_initial_weights(model: torch.nn.Module, cfg: TrainConfig) -> None:
     """Copy the weights of `cfg.init_weights` (checked by `_start_weights` to be this model) into `model`."""
+    if not is_ferkit_weights(resolve_weights(cfg.init_weights)):
+        print(f"starting from {load_pretrained(model, resolve_weights(cfg.init_weights)).summary()}", flush=True)
+        return
     init, meta = load_model(cfg.init_weights)
     model.load_state_dict(init.state_dict())
     print(f"starting from the weights of {cfg.init_weights} ({meta.get('public_test_acc', 'n/a')} PublicTest)",
@@ -485,7 +496,7 @@ def _load_initial_weights(model: torch.nn.Module, cfg: TrainConfig) -> None:
 
 
 def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    params = model.parameters()
+    params = parameter_groups(model, cfg.freeze, cfg.backbone_lr_scale, cfg.lr)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                                weight_decay=cfg.weight_decay)
@@ -507,7 +518,8 @@ def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_pe
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.plateau_factor,
                                                           patience=cfg.plateau_patience)
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                                   total_steps=total)
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
 
     def cosine(s: int) -> float:

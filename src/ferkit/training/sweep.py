@@ -1,0 +1,298 @@
+"""`ferkit sweep`: train every combination of some settings (or a random sample of them), one run per trial.
+
+Settings are `key=value1,value2,...` over any TrainConfig key (`optimizer=sgd,adam,adamw schedule=cosine,step
+lr=0.01,0.001`; a key with one value is fixed for every trial; commas inside brackets stay in one value:
+`augment.crop_scale=[0.8,1.2],[1,1]`). The sweep directory holds:
+  sweep.json            the grid, the trials (in order) and the random-search seed: what a resume must match
+  trial-000/ ...        each trial a normal run directory (config.json, metrics.csv, best.safetensors, ...)
+  results.csv / .md     one row per trial: its settings, best and final PublicTest accuracy, epochs, minutes
+  sweep.png             PublicTest accuracy per epoch for every trial, and the final accuracy per grid cell
+Trials run one after another. Run the same sweep again (same directory and settings) after a kill: finished
+trials are not re-run, a trial killed midway resumes from its last epoch, the rest start. The tables and the
+figure are rewritten after every trial.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random as random_module
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ferkit.shared_files import read_rows, write_rows, write_text
+from ferkit.training.config import TrainConfig
+
+SWEEP_FILE = "sweep.json"
+# Set by the sweep itself: where each trial's run directory goes.
+RESERVED_KEYS = ("out_dir", "run_name", "progress")
+RESULT_FIELDS = ("trial", "status", "best_public_test", "best_epoch", "final_public_test", "epochs",
+                 "planned_epochs", "train_minutes", "run_dir")
+
+
+class SweepError(ValueError):
+    """A sweep that cannot start or resume as asked; the message says why."""
+
+
+def split_values(raw: str) -> list[str]:
+    """`raw` split at commas outside brackets and quotes: 'sgd,adam' -> ['sgd', 'adam'], '[1,2],[3,4]' -> two."""
+    values, depth, quote, current = [], 0, "", ""
+    for ch in raw:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            values.append(current.strip())
+            current = ""
+            continue
+        current += ch
+    values.append(current.strip())
+    return values
+
+
+def parse_grid(assignments: list[str]) -> dict[str, list[str]]:
+    """`key=v1,v2` strings as {key: [values]}, each value checked as a TrainConfig setting (SweepError naming
+    the key for an unknown key, an empty value list or a value the setting does not take)."""
+    grid: dict[str, list[str]] = {}
+    if not assignments:
+        raise SweepError("a sweep needs settings to vary, e.g. optimizer=sgd,adam lr=0.01,0.001")
+    for item in assignments:
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise SweepError(f"sweep setting {item!r} is not of the form key=value1,value2,...")
+        if key in RESERVED_KEYS:
+            raise SweepError(f"sweep setting {key!r} is set by the sweep itself (each trial is DIR/trial-NNN)")
+        if key in grid:
+            raise SweepError(f"sweep setting {key!r} is given twice; list all its values once: {key}=a,b")
+        values = split_values(raw)
+        if not raw.strip() or any(not v for v in values):
+            raise SweepError(f"sweep setting {key}={raw}: empty value list or an empty value between commas")
+        if len(set(values)) != len(values):
+            raise SweepError(f"sweep setting {key}={raw}: a value is listed twice")
+        for v in values:
+            try:
+                TrainConfig().override([f"{key}={v}"]).validate()
+            except (ValueError, TypeError) as e:
+                raise SweepError(f"sweep setting {key}={v}: {e}") from e
+        grid[key] = values
+    return grid
+
+
+def axes(grid: dict[str, list[str]]) -> list[str]:
+    """The keys that vary (more than one value), in the order given."""
+    return [k for k, v in grid.items() if len(v) > 1]
+
+
+def plan_trials(grid: dict[str, list[str]], random: int = 0, seed: int = 0) -> list[dict[str, str]]:
+    """Every combination (the last key varies fastest), or `random` of them drawn without replacement."""
+    keys = list(grid)
+    combos = [dict(zip(keys, values, strict=True)) for values in itertools.product(*grid.values())]
+    if random < 0:
+        raise SweepError(f"random must be a number of trials >= 0 (0 = the whole grid), got {random}")
+    if random and random < len(combos):
+        combos = random_module.Random(seed).sample(combos, random)
+    return combos
+
+
+@dataclass
+class SweepResult:
+    sweep_dir: Path
+    rows: list[dict[str, Any]]
+
+
+def run_sweep(grid: dict[str, list[str]], sweep_dir: str | os.PathLike, *, random: int = 0, seed: int = 0,
+              data: Any = None, progress: bool = True, stop_after_epochs: int | None = None) -> SweepResult:
+    """Train (or resume) the sweep in `sweep_dir`; see the module's docstring.
+
+    data: an already loaded FaceData for every trial (tests); by default each trial loads its `data` setting.
+    stop_after_epochs: end the call after that many epochs of the first trial it trains, as a kill would (tests).
+    """
+    from ferkit.training.trainer import hold_run, train
+
+    sweep_dir = Path(sweep_dir)
+    trials = plan_trials(grid, random, seed)
+    plan = {"grid": grid, "random": random, "seed": seed, "trials": trials}
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with hold_run(sweep_dir):  # one process per sweep directory
+        saved_path = sweep_dir / SWEEP_FILE
+        if saved_path.is_file():
+            saved = json.loads(saved_path.read_text())
+            if {k: saved.get(k) for k in ("grid", "random", "seed")} != {k: plan[k] for k in ("grid", "random",
+                                                                                              "seed")}:
+                raise SweepError(f"{sweep_dir} holds a sweep started with {_describe(saved)}; resume it with the "
+                                 f"same settings (`ferkit sweep --resume {sweep_dir}`), or choose another --name")
+            trials = saved["trials"]
+        else:
+            write_text(saved_path, json.dumps(plan, indent=2) + "\n")
+        print(f"ferkit sweep: {len(trials)} trials over {', '.join(axes(grid)) or 'no varying setting'} in "
+              f"{sweep_dir}", flush=True)
+        for i, settings in enumerate(trials):
+            run_dir = sweep_dir / trial_name(i)
+            status = trial_status(run_dir)
+            label = ", ".join(f"{k}={settings[k]}" for k in axes(grid))
+            if status == "done":
+                print(f"trial {i + 1}/{len(trials)} ({label}): done, not re-run", flush=True)
+                continue
+            print(f"trial {i + 1}/{len(trials)} ({label}): {'resuming' if status == 'partial' else 'training'}",
+                  flush=True)
+            if status == "partial":
+                train(TrainConfig(progress=progress), resume=run_dir, data=data, stop_after_epochs=stop_after_epochs)
+            else:
+                cfg = TrainConfig(out_dir=str(sweep_dir), run_name=run_dir.name, progress=progress).override(
+                    [f"{k}={v}" for k, v in settings.items()])
+                train(cfg, data=data, stop_after_epochs=stop_after_epochs)
+            rows = write_results(sweep_dir, grid, trials)
+            if stop_after_epochs is not None:
+                return SweepResult(sweep_dir, rows)
+        return SweepResult(sweep_dir, write_results(sweep_dir, grid, trials))
+
+
+def _describe(saved: dict) -> str:
+    grid = " ".join(f"{k}={','.join(v)}" for k, v in saved.get("grid", {}).items())
+    return grid + (f" --random {saved['random']} --seed {saved['seed']}" if saved.get("random") else "")
+
+
+def load_plan(sweep_dir: str | os.PathLike) -> dict[str, Any]:
+    """A sweep directory's sweep.json (SweepError when there is none)."""
+    path = Path(sweep_dir) / SWEEP_FILE
+    if not path.is_file():
+        raise SweepError(f"{sweep_dir} holds no sweep (no {SWEEP_FILE})")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SweepError(f"{path} is damaged ({e})") from e
+
+
+def trial_name(i: int) -> str:
+    return f"trial-{i:03d}"
+
+
+def trial_status(run_dir: Path) -> str:
+    """'done' (trained to its last epoch, or stopped by early stopping / its time limit), 'partial' (a run
+    directory to resume) or 'new'."""
+    if not (run_dir / "config.json").is_file():
+        return "new"
+    manifest = run_dir / "manifest.json"
+    if manifest.is_file() and (run_dir / "checkpoint.pt").is_file():
+        m = json.loads(manifest.read_text())
+        if m.get("stopped_by") or int(m.get("epochs_done", 0)) >= int(m["config"]["epochs"]):
+            return "done"
+    return "partial"
+
+
+def _metrics(run_dir: Path) -> list[dict[str, float]]:
+    path = run_dir / "metrics.csv"
+    return [{k: float(v) for k, v in r.items()} for r in read_rows(path)] if path.is_file() else []
+
+
+def collect(sweep_dir: Path, grid: dict[str, list[str]], trials: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """One row per trial: its varying settings, status and accuracies (empty where it has not trained yet)."""
+    rows = []
+    for i, settings in enumerate(trials):
+        run_dir = sweep_dir / trial_name(i)
+        history = _metrics(run_dir)
+        row: dict[str, Any] = {"trial": trial_name(i), **{k: settings[k] for k in axes(grid)},
+                               "status": trial_status(run_dir) if history else "not run",
+                               "run_dir": str(run_dir)}
+        if history:
+            best = max(history, key=lambda h: h["val_acc"])
+            manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").is_file() \
+                else {}
+            row.update(best_public_test=f"{best['val_acc']:.4f}", best_epoch=int(best["epoch"]),
+                       final_public_test=f"{history[-1]['val_acc']:.4f}", epochs=len(history),
+                       planned_epochs=manifest.get("config", {}).get("epochs", ""),
+                       train_minutes=f"{sum(h['seconds'] for h in history) / 60:.1f}")
+        rows.append(row)
+    return rows
+
+
+def write_results(sweep_dir: Path, grid: dict[str, list[str]], trials: list[dict[str, str]]) -> list[dict]:
+    """results.csv, results.md and sweep.png from the trials' run directories; returns the rows."""
+    rows = collect(sweep_dir, grid, trials)
+    fields = ["trial", *axes(grid), *RESULT_FIELDS[1:]]
+    write_rows(sweep_dir / "results.csv", fields, rows)
+    write_text(sweep_dir / "results.md", render_markdown(grid, rows))
+    plot_sweep(sweep_dir, grid, trials, sweep_dir / "sweep.png")
+    return rows
+
+
+def render_markdown(grid: dict[str, list[str]], rows: list[dict[str, Any]]) -> str:
+    fixed = {k: v[0] for k, v in grid.items() if len(v) == 1}
+    head = ["trial", *axes(grid), "best PublicTest", "best epoch", "final PublicTest", "epochs", "train min"]
+    lines = [f"Fixed: {' '.join(f'`{k}={v}`' for k, v in fixed.items()) or 'none'}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    scores = [float(r["best_public_test"]) for r in rows if r.get("best_public_test")]
+    for r in rows:
+        epochs = "" if not r.get("epochs") else (str(r["epochs"]) if str(r["epochs"]) == str(r["planned_epochs"])
+                                                  else f"{r['epochs']} of {r['planned_epochs']}")
+        best = r["status"]
+        if r.get("best_public_test"):
+            value = float(r["best_public_test"])
+            best = f"**{value:.2%}**" if value == max(scores) else f"{value:.2%}"  # the sweep's best in bold
+        final = f"{float(r['final_public_test']):.2%}" if r.get("final_public_test") else ""
+        cells = [r["trial"], *(f"`{r[k]}`" for k in axes(grid)), best, str(r.get("best_epoch", "")), final, epochs,
+                 str(r.get("train_minutes", ""))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(sweep_dir: Path, grid: dict[str, list[str]], trials: list[dict[str, str]],
+               path: str | os.PathLike) -> None:
+    """Left: PublicTest accuracy per epoch, one line per trial. Right: final PublicTest accuracy per cell (rows:
+    the first varying setting's values; columns: the other varying settings' combinations; blank: not run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    import numpy as np
+
+    keys = axes(grid)
+    row_key, col_keys = (keys[0], keys[1:]) if keys else (None, [])
+    row_values = grid[row_key] if row_key else [""]
+    col_combos = list(itertools.product(*(grid[k] for k in col_keys))) or [()]
+    cells = np.full((len(row_values), len(col_combos)), np.nan)
+    fig, (ax_curves, ax_cells) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1.2, 1]})
+    cmap = plt.get_cmap("tab20" if len(trials) > 10 else "tab10")
+    for i, settings in enumerate(trials):
+        history = _metrics(sweep_dir / trial_name(i))
+        if not history:
+            continue
+        label = ", ".join(settings[k] for k in keys) or trial_name(i)
+        ax_curves.plot([h["epoch"] for h in history], [h["val_acc"] for h in history], marker="." if
+                       len(history) < 15 else None, color=cmap(i % cmap.N), label=label)
+        r = row_values.index(settings[row_key]) if row_key else 0
+        c = col_combos.index(tuple(settings[k] for k in col_keys))
+        cells[r, c] = history[-1]["val_acc"]
+    ax_curves.set(xlabel="epoch", ylabel="PublicTest accuracy", title="PublicTest accuracy per epoch")
+    ax_curves.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax_curves.grid(alpha=0.3)
+    if ax_curves.lines:
+        ax_curves.legend(fontsize=7, ncol=2 if len(ax_curves.lines) > 9 else 1, title=", ".join(keys) or None,
+                         title_fontsize=7)
+    finite = cells[np.isfinite(cells)]
+    image = ax_cells.imshow(np.ma.masked_invalid(cells), cmap="viridis", aspect="auto",
+                            vmin=finite.min() if finite.size else 0, vmax=finite.max() if finite.size else 1)
+    for (r, c), value in np.ndenumerate(cells):
+        if math.isfinite(value):
+            ax_cells.text(c, r, f"{value:.1%}", ha="center", va="center", fontsize=8,
+                          color="white" if finite.size and value < (finite.min() + finite.max()) / 2 else "black")
+    ax_cells.set_yticks(range(len(row_values)), row_values)
+    ax_cells.set_xticks(range(len(col_combos)), [", ".join(c) for c in col_combos], rotation=30, ha="right",
+                        fontsize=8)
+    ax_cells.set(ylabel=row_key or "", xlabel=", ".join(col_keys), title="final PublicTest accuracy per cell")
+    fig.colorbar(image, ax=ax_cells, fraction=0.046)
+    fixed = " ".join(f"{k}={v[0]}" for k, v in grid.items() if len(v) == 1 and k != "data")
+    fig.suptitle(f"sweep {Path(sweep_dir).name}" + (f" ({fixed})" if fixed else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
