@@ -102,3 +102,18 @@ def test_sweep_command(tiny_csv: Path, tmp_path: Path) -> None:
     assert empty.exit_code == 2 and "empty value list" in empty.output
     missing = runner.invoke(app, ["sweep", "--resume", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "holds no sweep" in missing.output
+
+
+@pytest.mark.slow
+def test_sweep_trials_in_parallel_on_ray(tiny_csv: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    fixed = [s for s in FIXED if not s.startswith("epochs=")]
+    grid = parse_grid([*fixed, "epochs=1", f"data={tiny_csv}", "lr=0.05,0.005,0.0005"])
+    sweep_dir = tmp_path / "sweep"
+    run_sweep(grid, sweep_dir, progress=False, stop_after_epochs=1)  # trial 0 here, as if the rest were killed
+    result = run_sweep(grid, sweep_dir, progress=False, parallel=2)
+    assert [r["status"] for r in result.rows] == ["done"] * 3
+    assert all((sweep_dir / f"trial-{i:03d}" / "best.safetensors").is_file() for i in range(3))
+    assert len((sweep_dir / "results.csv").read_text().splitlines()) == 4
+    with pytest.raises(SweepError, match="parallel must be"):
+        run_sweep(grid, sweep_dir, parallel=0)

@@ -187,6 +187,8 @@ Examples:
 
   ferkit sweep --resume runs/opt-grid          (after a kill: finished trials are not re-run)
 
+  ferkit sweep --resume runs/opt-grid --parallel 4 --ray-address auto    (the rest as Ray tasks on a cluster)
+
 Each key=v1,v2,... is any `ferkit train` setting (config key, dotted for augment.* and model_kwargs.*); a key with
 one value is fixed. Every combination is a trial, trained one after another in DIR/trial-NNN (a normal run
 directory). DIR/results.csv and results.md tabulate best and final PublicTest accuracy per trial; DIR/sweep.png
@@ -208,6 +210,11 @@ def sweep(
     random: Annotated[int, typer.Option(
         help="Train this many of the combinations, drawn at random (0 = every one).", min=0)] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the --random draw.")] = 0,
+    parallel: Annotated[int, typer.Option(
+        help="Trials at once, as Ray tasks (the cluster extra); 1 = one after another here.", min=1)] = 1,
+    ray_address: Annotated[str, typer.Option(
+        help="With --parallel: 'local' (a private Ray here), 'auto' or host:port (a cluster whose nodes see the "
+             "data and the sweep directory).")] = "local",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Train every combination of some settings (grid or random search), one run per trial, and compare them."""
@@ -232,7 +239,8 @@ def sweep(
         for d in grid["data"]:
             if not Path(d).exists():
                 _fail(f"data file {d!r} not found (pass --data PATH to fer2013.csv or fer2013.csv.gz)")
-        result = run_sweep(grid, sweep_dir, random=random, seed=seed, progress=progress)
+        result = run_sweep(grid, sweep_dir, random=random, seed=seed, progress=progress, parallel=parallel,
+                           ray_address=ray_address)
     except (SweepError, DataError, TrainingError, ValueError, FileNotFoundError, ImportError) as e:
         _fail(str(e))
     done = sum(r["status"] == "done" for r in result.rows)

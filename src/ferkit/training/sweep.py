@@ -10,6 +10,10 @@ lr=0.01,0.001`; a key with one value is fixed for every trial; commas inside bra
 Trials run one after another. Run the same sweep again (same directory and settings) after a kill: finished
 trials are not re-run, a trial killed midway resumes from its last epoch, the rest start. The tables and the
 figure are rewritten after every trial.
+
+With the cluster extra (Ray), `parallel=N` runs up to N trials at once as Ray tasks (one CPU each; a trial's
+torch threads follow its `threads` setting), on a private local Ray or, with `ray_address` ("auto", host:port),
+on a cluster whose nodes all see the data file and the sweep directory (a shared filesystem). Resume is the same.
 """
 
 from __future__ import annotations
@@ -110,13 +114,19 @@ class SweepResult:
 
 
 def run_sweep(grid: dict[str, list[str]], sweep_dir: str | os.PathLike, *, random: int = 0, seed: int = 0,
-              data: Any = None, progress: bool = True, stop_after_epochs: int | None = None) -> SweepResult:
+              data: Any = None, progress: bool = True, stop_after_epochs: int | None = None, parallel: int = 1,
+              ray_address: str = "local") -> SweepResult:
     """Train (or resume) the sweep in `sweep_dir`; see the module's docstring.
 
     data: an already loaded FaceData for every trial (tests); by default each trial loads its `data` setting.
     stop_after_epochs: end the call after that many epochs of the first trial it trains, as a kill would (tests).
+    parallel: trials at once, as Ray tasks (1: one after another in this process); ray_address: "local" (a private
+    Ray on this machine), "auto" or host:port (a cluster).
     """
-    from ferkit.training.trainer import hold_run, train
+    from ferkit.training.trainer import hold_run
+
+    if parallel < 1:
+        raise SweepError(f"parallel must be a number of trials >= 1, got {parallel}")
 
     sweep_dir = Path(sweep_dir)
     trials = plan_trials(grid, random, seed)
@@ -135,25 +145,81 @@ def run_sweep(grid: dict[str, list[str]], sweep_dir: str | os.PathLike, *, rando
             write_text(saved_path, json.dumps(plan, indent=2) + "\n")
         print(f"ferkit sweep: {len(trials)} trials over {', '.join(axes(grid)) or 'no varying setting'} in "
               f"{sweep_dir}", flush=True)
+        todo = []
         for i, settings in enumerate(trials):
-            run_dir = sweep_dir / trial_name(i)
-            status = trial_status(run_dir)
+            status = trial_status(sweep_dir / trial_name(i))
             label = ", ".join(f"{k}={settings[k]}" for k in axes(grid))
             if status == "done":
                 print(f"trial {i + 1}/{len(trials)} ({label}): done, not re-run", flush=True)
-                continue
+            else:
+                todo.append(i)
+        if parallel > 1 and todo:
+            _run_on_ray(sweep_dir, grid, trials, todo, parallel, ray_address, data)
+            return SweepResult(sweep_dir, write_results(sweep_dir, grid, trials))
+        for i in todo:
+            status = trial_status(sweep_dir / trial_name(i))
+            label = ", ".join(f"{k}={trials[i][k]}" for k in axes(grid))
             print(f"trial {i + 1}/{len(trials)} ({label}): {'resuming' if status == 'partial' else 'training'}",
                   flush=True)
-            if status == "partial":
-                train(TrainConfig(progress=progress), resume=run_dir, data=data, stop_after_epochs=stop_after_epochs)
-            else:
-                cfg = TrainConfig(out_dir=str(sweep_dir), run_name=run_dir.name, progress=progress).override(
-                    [f"{k}={v}" for k, v in settings.items()])
-                train(cfg, data=data, stop_after_epochs=stop_after_epochs)
+            train_trial(str(sweep_dir), i, trials[i], progress, data, stop_after_epochs)
             rows = write_results(sweep_dir, grid, trials)
             if stop_after_epochs is not None:
                 return SweepResult(sweep_dir, rows)
         return SweepResult(sweep_dir, write_results(sweep_dir, grid, trials))
+
+
+def train_trial(sweep_dir: str, i: int, settings: dict[str, str], progress: bool = False, data: Any = None,
+                stop_after_epochs: int | None = None) -> str:
+    """Train (or resume, or leave as it is when done) trial `i` of the sweep in `sweep_dir`; its run directory."""
+    from ferkit.training.trainer import train
+
+    run_dir = Path(sweep_dir) / trial_name(i)
+    status = trial_status(run_dir)
+    if status == "partial":
+        train(TrainConfig(progress=progress), resume=run_dir, data=data, stop_after_epochs=stop_after_epochs)
+    elif status == "new":
+        cfg = TrainConfig(out_dir=str(sweep_dir), run_name=run_dir.name, progress=progress).override(
+            [f"{k}={v}" for k, v in settings.items()])
+        train(cfg, data=data, stop_after_epochs=stop_after_epochs)
+    return str(run_dir)
+
+
+def _run_on_ray(sweep_dir: Path, grid: dict[str, list[str]], trials: list[dict[str, str]], todo: list[int],
+                parallel: int, address: str, data: Any) -> None:
+    """Trials `todo` as Ray tasks, at most `parallel` at once; the tables are rewritten as each one ends."""
+    try:
+        import ray
+    except ImportError:
+        raise SweepError("parallel trials run on Ray: pip install 'ferkit[cluster]' (or parallel=1)") from None
+    started = not ray.is_initialized()
+    if started and address == "local":
+        ray.init(address="local", num_cpus=parallel, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=False)
+    elif started:
+        ray.init(address=address, log_to_driver=False)
+    try:
+        task = ray.remote(num_cpus=1, max_retries=0)(train_trial)
+        where = str(sweep_dir.resolve())
+        data_ref = ray.put(data) if data is not None else None
+        queue, pending = list(todo), {}
+        while queue or pending:
+            while queue and len(pending) < parallel:
+                i = queue.pop(0)
+                print(f"trial {i + 1}/{len(trials)}: started on Ray", flush=True)
+                pending[task.remote(where, i, trials[i], False, data_ref)] = i
+            finished, _ = ray.wait(list(pending), num_returns=1)
+            for ref in finished:
+                i = pending.pop(ref)
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    cause = e.cause if getattr(e, "cause", None) is not None else e
+                    raise SweepError(f"{trial_name(i)} failed on Ray: {type(cause).__name__}: {cause}") from e
+                print(f"trial {i + 1}/{len(trials)}: done", flush=True)
+                write_results(sweep_dir, grid, trials)
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _describe(saved: dict) -> str:
