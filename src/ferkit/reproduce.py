@@ -10,6 +10,8 @@ code behind `ferkit evaluate`), and records everything a reviewer needs under `r
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import shutil
@@ -23,7 +25,7 @@ from ferkit.ensembles.predictions import save_prediction_file
 from ferkit.evaluation import evaluate
 from ferkit.models.weights import load_model
 from ferkit.shared_files import locked, read_rows, write_rows, write_text
-from ferkit.training import RESUME_SETTINGS, TrainConfig, create_run, hold_run, train
+from ferkit.training import RESUME_SETTINGS, TrainConfig, create_run, distributed, hold_run, train
 from ferkit.training.report import hardware
 
 # epochs: epochs trained; planned_epochs: the recipe's schedule (more than `epochs` when early stopping or a time
@@ -114,6 +116,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
 ]}
 
 
+FERPLUS_SUFFIX = "_ferplus"  # row and run-directory suffix of a system trained on FER+ labels
+
+
 def recipe_command(name: str, extra: list[str] | None = None) -> str:
     return " ".join(["ferkit reproduce", name, "--data fer2013.csv.gz", *(extra or [])])
 
@@ -121,12 +126,74 @@ def recipe_command(name: str, extra: list[str] | None = None) -> str:
 def reproduce(name: str, data: str | os.PathLike, *, runs_dir: str | os.PathLike = "runs",
               results_dir: str | os.PathLike = "results", extra: list[str] | None = None,
               progress: bool = True) -> dict[str, str]:
-    """Train (or resume) recipe `name`, evaluate it on both test splits, and record the results row."""
+    """Train (or resume) recipe `name`, evaluate it on both test splits, and record the results row.
+
+    Started by torchrun, the processes train the recipe together; rank 0 alone prepares the run directory,
+    evaluates and records, and the other processes return an empty row."""
+    with distributed.processes() as d:
+        return _reproduce(name, data, runs_dir, results_dir, extra, progress, d)
+
+
+def _reproduce(name: str, data: str | os.PathLike, runs_dir: str | os.PathLike, results_dir: str | os.PathLike,
+               extra: list[str] | None, progress: bool, d: distributed.Dist) -> dict[str, str]:
     if name not in RECIPES:
         raise ValueError(f"unknown system {name!r}; known: {', '.join(RECIPES)}")
     recipe = RECIPES[name]
-    run_dir = Path(runs_dir) / f"repro-{name}"
     extra = list(extra or [])
+    # Trained on FER+ labels (labels=fer2013new.csv), a system is another row, run directory and predictions
+    # file: its numbers must never replace the FER2013 row's.
+    key = f"{name}{FERPLUS_SUFFIX}" if TrainConfig().override(_split_settings(extra)[0]).labels else name
+    run_dir = Path(runs_dir) / f"repro-{key}"
+    overrides_file = run_dir / "reproduce_overrides.json"
+    changes, extra = d.from_rank0(functools.partial(_start_run, recipe, data, runs_dir, run_dir, extra, progress))
+    with contextlib.ExitStack() as stack:
+        def hold() -> None:  # no writes into a run another process trains
+            stack.enter_context(hold_run(run_dir))
+            write_text(overrides_file, json.dumps(extra))
+
+        d.from_rank0(hold)
+        result = train(TrainConfig(progress=progress), resume=run_dir, changes=changes)
+    if not d.main:
+        return {}
+
+    model, meta = load_model(result.run_dir / "best.safetensors")
+    manifest = json.loads((run_dir / "manifest.json").read_text())  # the run's config, data and timings
+    trained = manifest["config"]  # the data as the run saw it: bad rows skipped or not, FER+ labels or not
+    dataset = load_dataset(str(data), meta["label_set"], skip_bad_rows=bool(trained.get("skip_bad_rows")),
+                           labels=trained.get("labels") or None, label_mode=trained.get("label_mode", "majority"))
+    trained_on = manifest.get("data", {})
+    if trained_on.get("sha256") and trained_on["sha256"] != dataset.sha256:
+        raise ValueError(f"{run_dir} was trained on {trained_on.get('path')} (sha256 {trained_on['sha256'][:12]}...), "
+                         f"but --data {data} is other data (sha256 {dataset.sha256[:12]}...); evaluate it on the "
+                         "data it was trained on")
+    scores = {split: evaluate(model, meta, dataset, split, tta=recipe.tta, weights_path=run_dir / "best.safetensors")
+              for split in ("PublicTest", "PrivateTest")}
+
+    results = Path(results_dir)
+    pub, priv = scores["PublicTest"], scores["PrivateTest"]
+    save_prediction_file(results / "predictions" / f"{key}.npz", pub.classes, recipe.model, recipe.tta,
+                         (pub.probs, pub.labels, pub.rows), (priv.probs, priv.labels, priv.rows))
+    record = results / "runs" / key
+    record.mkdir(parents=True, exist_ok=True)
+    for f in ("manifest.json", "config.json", "metrics.csv", "curves.png"):
+        shutil.copy2(run_dir / f, record / f)
+    (record / "evaluation.json").write_text(json.dumps({s: r.to_json() for s, r in scores.items()}, indent=2) + "\n")
+    hw = manifest.get("hardware") or hardware()  # where it trained (a resumed run is re-reported elsewhere)
+    row = {"system": recipe.system, "registry_name": recipe.model, "classes": str(len(pub.classes)),
+           "reported": f"{recipe.reported:.4f}", "public_test": f"{pub.accuracy:.4f}",
+           "private_test": f"{priv.accuracy:.4f}", "epochs": str(manifest["epochs_done"]),
+           "planned_epochs": str(manifest["config"]["epochs"]),
+           "train_minutes": f"{manifest['train_seconds'] / 60:.1f}",
+           "hardware": hw.get("cuda") or f"{hw.get('cpu', 'cpu')} x{hw['torch_threads']} threads",
+           "command": recipe_command(name, extra)}
+    upsert_row(results / "seeds.csv", key, row)
+    return row
+
+
+def _start_run(recipe: Recipe, data: str | os.PathLike, runs_dir: str | os.PathLike, run_dir: Path,
+               extra: list[str], progress: bool) -> tuple[dict | None, list[str]]:
+    """Make `run_dir` for `recipe`, or check that its saved overrides agree with `extra` to resume it: the run
+    settings to change (None for a new run) and the overrides to record."""
     overrides_file = run_dir / "reproduce_overrides.json"
     if (run_dir / "config.json").is_file():
         # Resume (from the first epoch when none was saved). What the run learns with must be what it started
@@ -145,41 +212,7 @@ def reproduce(name: str, data: str | os.PathLike, *, runs_dir: str | os.PathLike
         cfg = TrainConfig(data=str(data), out_dir=str(runs_dir), run_name=run_dir.name, model=recipe.model,
                           progress=progress).override([*recipe.overrides, *extra])
         create_run(cfg)  # a new directory with its config.json, or an error when run_dir is taken
-    with hold_run(run_dir):  # no writes into a run another process trains
-        write_text(overrides_file, json.dumps(extra))
-        result = train(TrainConfig(progress=progress), resume=run_dir, changes=changes)
-
-    model, meta = load_model(result.run_dir / "best.safetensors")
-    manifest = json.loads((run_dir / "manifest.json").read_text())  # the run's config, data and timings
-    dataset = load_dataset(str(data), meta["label_set"],
-                           skip_bad_rows=bool(manifest["config"].get("skip_bad_rows")))
-    trained_on = manifest.get("data", {})
-    if trained_on.get("sha256") and trained_on["sha256"] != dataset.sha256:
-        raise ValueError(f"{run_dir} was trained on {trained_on.get('path')} (sha256 {trained_on['sha256'][:12]}...), "
-                         f"but --data {data} is other data (sha256 {dataset.sha256[:12]}...); evaluate it on the "
-                         "data it was trained on")
-    scores = {split: evaluate(model, meta, dataset, split, tta=recipe.tta, weights_path=run_dir / "best.safetensors")
-              for split in ("PublicTest", "PrivateTest")}
-
-    results = Path(results_dir)
-    pub, priv = scores["PublicTest"], scores["PrivateTest"]
-    save_prediction_file(results / "predictions" / f"{name}.npz", pub.classes, recipe.model, recipe.tta,
-                         (pub.probs, pub.labels, pub.rows), (priv.probs, priv.labels, priv.rows))
-    record = results / "runs" / name
-    record.mkdir(parents=True, exist_ok=True)
-    for f in ("manifest.json", "config.json", "metrics.csv", "curves.png"):
-        shutil.copy2(run_dir / f, record / f)
-    (record / "evaluation.json").write_text(json.dumps({s: r.to_json() for s, r in scores.items()}, indent=2) + "\n")
-    hw = manifest.get("hardware") or hardware()  # where it trained (a resumed run is re-reported elsewhere)
-    row = {"system": recipe.system, "registry_name": recipe.model, "classes": str(len(pub.classes)),
-           "reported": f"{recipe.reported:.4f}", "public_test": f"{pub.accuracy:.4f}",
-           "private_test": f"{priv.accuracy:.4f}", "epochs": str(manifest["epochs_done"]),
-           "planned_epochs": str(manifest["config"]["epochs"]),
-           "train_minutes": f"{manifest['train_seconds'] / 60:.1f}",
-           "hardware": hw.get("cuda") or f"{hw.get('cpu', 'cpu')} x{hw['torch_threads']} threads",
-           "command": recipe_command(name, extra)}
-    upsert_row(results / "seeds.csv", name, row)
-    return row
+    return changes, extra
 
 
 def _split_settings(overrides: list[str]) -> tuple[list[str], dict[str, str]]:

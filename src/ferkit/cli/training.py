@@ -25,6 +25,10 @@ Examples:
   ferkit train --resume runs/ferkit_vgg_s-20261123-101500     (continue a killed run)
   ferkit train --resume runs/<name> --time-limit 240 threads=2 (resume with a longer limit, more threads)
 
+  torchrun --nproc_per_node 2 -m ferkit train --data fer2013.csv.gz --model ferkit_vgg_s --batch-size 64
+      (2 processes train one run: --batch-size is the global batch, each takes 32 per step; see
+      docs/scale-out.md. Resume it with torchrun and the same number of processes.)
+
 Trailing key=value pairs set any config field (see config.json in a run directory); values are JSON
 (numbers, true/false, lists) or bare strings. Each run writes runs/<name>/ with config.json,
 metrics.csv, curves.png, best.safetensors, last.safetensors, checkpoint.pt and manifest.json.
@@ -114,7 +118,7 @@ def train(
             _fail(f"labels file {cfg.labels!r} not found (--labels takes FER+'s fer2013new.csv)")
         run_training(cfg)
     except (DataError, TrainingError, ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+        _fail_once(str(e))
 
 
 @app.command(epilog="""
@@ -274,6 +278,9 @@ def reproduce(
     report: Annotated[bool, typer.Option(
         "--report", help="Only refresh docs/results.md's table and docs/results.png from results/seeds.csv.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    labels: Annotated[str | None, typer.Option(
+        help=LABELS_HELP + " The system is then recorded as NAME_ferplus.", show_default=False)] = None,
+    label_mode: Annotated[str | None, typer.Option(help=LABEL_MODE_HELP, show_default=False)] = None,
 ) -> None:
     """Retrain a published FER2013 system with its recipe and record its measured accuracy."""
     from ferkit.data import DataError
@@ -303,16 +310,30 @@ def reproduce(
         return
     if not Path(data).exists():
         _fail(f"data file {data!r} not found (pass --data PATH to fer2013.csv or fer2013.csv.gz)")
+    if labels is not None and not Path(labels).is_file():
+        _fail(f"labels file {labels!r} not found (--labels takes FER+'s fer2013new.csv)")
+    flags = [f"labels={labels}"] * (labels is not None) + [f"label_mode={label_mode}"] * (label_mode is not None)
     try:
-        row = run_reproduce(system, data, runs_dir=runs, results_dir=results, extra=list(overrides or []),
+        row = run_reproduce(system, data, runs_dir=runs, results_dir=results, extra=[*flags, *(overrides or [])],
                             progress=progress)
     except (DataError, TrainingError, ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+        _fail_once(str(e))
+    if not row:  # one of several torchrun processes, not rank 0: rank 0 evaluates and reports
+        return
     typer.echo(f"{system}: PublicTest {row['public_test']}  PrivateTest {row['private_test']}  "
                f"(reported {row['reported']}); row written to {results / 'seeds.csv'}")
     # docs/results.md renders the project's own results/; a run recorded elsewhere (--results) leaves it alone.
     if Path("docs/results.md").is_file() and Path(results).resolve() == Path("results").resolve():
         write_report(results)
+
+
+def _fail_once(message: str) -> None:
+    """`_fail`, said by one of several torchrun processes (rank 0; they all stop with the same error)."""
+    import os
+
+    if int(os.environ.get("RANK", "0") or 0) > 0:
+        raise typer.Exit(2)
+    _fail(message)
 
 
 def _json(value: object) -> str:

@@ -81,7 +81,10 @@ class TrainConfig:
     normalize: str = "dataset"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun with CUDA: each process its LOCAL_RANK's GPU)
+    # Under torchrun (several processes, CUDA only): BatchNorm normalizes with the whole batch's statistics
+    # instead of each process's share's. No effect on one process.
+    sync_batchnorm: bool = False
     precision: str = "auto"  # auto (CPU: bf16 where native else fp32; CUDA: bf16/fp16) | fp32 | bf16 | fp16
     channels_last: bool = True
     threads: int = 0  # CPU threads; 0 = torch default

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import itertools
 import math
 import os
@@ -32,6 +33,7 @@ from ferkit.models.predict import NonFiniteOutputError, model_tta, predict_proba
 from ferkit.models.pretrained import check_pretrained, is_ferkit_weights, load_pretrained
 from ferkit.models.weights import SHIPPED_MODELS, load_model, read_metadata, resolve_weights, save_weights
 from ferkit.shared_files import claimed, replacing, write_rows
+from ferkit.training import distributed
 from ferkit.training.config import RESUME_SETTINGS, TrainConfig
 from ferkit.training.report import command_line, git_commit, hardware, library_versions, plot_curves, write_json
 
@@ -70,24 +72,49 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
 
     Raises TrainingError when the run directory is taken, in use, damaged or cannot be written, and when
     training diverges.
+
+    Started by torchrun (WORLD_SIZE > 1), the processes train the run together (`ferkit.training.distributed`):
+    rank 0 makes, holds and writes the run directory; every process returns the same RunResult.
     """
     if resume is None:
         if changes:
             raise ValueError("changes apply to a resumed run; pass the settings in cfg for a new one")
         if cfg is None:
             raise ValueError("train() needs a TrainConfig or a run directory to resume")
-        run_dir = create_run(cfg)
-    else:
-        run_dir = Path(resume)
-        if not (run_dir / "config.json").is_file() and not (run_dir / "checkpoint.pt").is_file():
-            raise FileNotFoundError(f"cannot resume: {run_dir} holds no run (no config.json or checkpoint.pt)")
     progress = cfg.progress if cfg is not None else True
-    with hold_run(run_dir):
-        cfg, state, history = _read_run(run_dir, changes)
-        cfg.progress = progress
+    with distributed.processes() as d, contextlib.ExitStack() as stack:
+        if not d.main:  # one voice: rank 0 prints (errors still reach stderr on every process)
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+
+        def start() -> tuple[Path, TrainConfig, dict | None, list[dict]]:  # rank 0's part: the files
+            if resume is None:
+                run_dir = create_run(cfg)
+            else:
+                run_dir = Path(resume)
+                if not (run_dir / "config.json").is_file() and not (run_dir / "checkpoint.pt").is_file():
+                    raise FileNotFoundError(f"cannot resume: {run_dir} holds no run (no config.json or checkpoint.pt)")
+            stack.enter_context(hold_run(run_dir))
+            return run_dir, *_read_run(run_dir, changes)
+
+        run_dir, cfg, state, history = d.from_rank0(start)
+        cfg.progress = progress and d.main
+        saved_by = int(state.get("world_size", 1)) if state is not None else d.world_size
+        if saved_by != d.world_size:
+            raise TrainingError(
+                f"cannot resume {run_dir} with {_processes(d.world_size)}: its checkpoint was trained by "
+                f"{_processes(saved_by)}, and a run resumes exactly only as it trained (the processes' shares of "
+                f"each batch, their BatchNorm statistics and dropout draws). Resume it with "
+                + (f"`ferkit train --resume {run_dir}` (one process)" if saved_by == 1 else
+                   f"`torchrun --nproc_per_node {saved_by} -m ferkit train --resume {run_dir}` (or the same "
+                   f"number of processes over several hosts)")
+                + ", or start a new run from its weights: init_weights=" + str(run_dir / "last.safetensors"))
         if resume is not None and state is None:
             print(f"{run_dir} saved no epoch yet: training it from its first epoch", flush=True)
-        return _train(cfg, run_dir, state, history, data, stop_after_epochs)
+        return _train(cfg, run_dir, state, history, data, stop_after_epochs, d)
+
+
+def _processes(n: int) -> str:
+    return "1 process" if n == 1 else f"{n} processes"
 
 
 _HELD: set[Path] = set()  # run directories this process holds
@@ -183,9 +210,10 @@ def _read_run(run_dir: Path, changes: dict[str, Any] | None) -> tuple[TrainConfi
 
 
 def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[dict[str, float]],
-           data: FaceData | None, stop_after_epochs: int | None) -> RunResult:
-    """The run in `run_dir` with config `cfg`, from `state` (its checkpoint; None: from the start)."""
-    device = resolve_device(cfg.device)
+           data: FaceData | None, stop_after_epochs: int | None, d: distributed.Dist = distributed.SINGLE) -> RunResult:
+    """The run in `run_dir` with config `cfg`, from `state` (its checkpoint; None: from the start), trained by
+    the processes `d` (rank 0 alone writes files; see `ferkit.training.distributed` for what each one does)."""
+    device = distributed.local_device(resolve_device(cfg.device), d)
     amp_dtype = resolve_precision(cfg.precision, device)
     start_weights = _start_weights(cfg)  # recorded in the manifest
 
@@ -232,6 +260,10 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
     val_tta = "center" if crop else "none"
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
+    if d.active:
+        _check_shares(cfg, len(train_set), len(val_set), device, d)
+        if cfg.sync_batchnorm:  # BatchNorm on the global batch's statistics (the same Parameters: see torch)
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     class_weight = None
     if cfg.class_weights == "balanced":
         counts = np.bincount(train_set.labels, minlength=num_classes).clip(min=1)
@@ -256,13 +288,28 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
         start_epoch, step = int(state["epoch"]), int(state["step"])
         best_acc, best_epoch, stale = float(state["best_acc"]), int(state["best_epoch"]), int(state["stale"])
         elapsed = float(state["elapsed"])
+    net = model  # what the training steps call: the model, or (several processes) its DDP wrapper
+    if d.active:
+        # Each process draws its own dropout masks from the global torch RNG; rank 0's stream is the one a
+        # one-process run would use.
+        if state is not None:
+            torch.set_rng_state(state["rank_torch_rng"][d.rank])
+        elif d.rank:
+            torch.manual_seed(cfg.seed + 1_000_003 * d.rank)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     weights_meta = {"model": cfg.model, "num_classes": num_classes, "classes": list(data.label_set.classes),
                     "label_set": data.label_set.name, "input_size": input_size, "normalize": cfg.normalize,
-                    "model_kwargs": cfg.model_kwargs, "train_view": cfg.train_view}  # train_view: see model_tta
+                    "model_kwargs": cfg.model_kwargs, "train_view": cfg.train_view,  # train_view: see model_tta
+                    # the mean training target: the class prior the model learns (models.prior, --prior uniform)
+                    "class_prior": [round(float(v), 6) for v in class_prior(train_set, cfg.label_mode)]}
 
     print(f"ferkit train: {cfg.model} ({count_parameters(model) / 1e6:.2f} M params) on {device}"
           f" [{'fp32' if amp_dtype is None else str(amp_dtype).removeprefix('torch.')}]; "
           f"{len(train_set)} train / {len(val_set)} PublicTest faces; run dir {run_dir}", flush=True)
+    if d.active:
+        print(f"{d.world_size} processes: each takes {cfg.batch_size // d.world_size} faces of every batch of "
+              f"{cfg.batch_size}{' (SyncBatchNorm)' if cfg.sync_batchnorm else ''}", flush=True)
 
     # ---- epochs ------------------------------------------------------------------------------
     epochs_this_call = 0
@@ -272,7 +319,7 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
     checked = step  # the last step whose loss was checked finite
     for epoch in range(start_epoch, start_epoch if finished else cfg.epochs):
         t0 = time.perf_counter()
-        model.train()
+        net.train()
         order = torch.randperm(len(train_set), generator=gen).to(device)
         # Running sums stay on the device: reading them every step would make the CPU wait for each GPU step.
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -284,15 +331,21 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             x = resize(to_float(train_images[idx]), face_size)
             x = augment(x, cfg.augment, gen, crop=crop)
+            if d.active:  # every process drew and augmented the whole batch alike; each keeps its share of it
+                batch = idx
+                x, idx = x[d.shard(len(batch))], batch[d.shard(len(batch))]
             x = normalize(x, cfg.normalize).contiguous(memory_format=memory_format)
             y = train_labels[idx]
             with autocast(device, amp_dtype):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), train_targets[idx], weight=class_weight,
-                                   label_smoothing=cfg.label_smoothing)
-            if teacher_probs is not None:
-                loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * distillation_loss(
-                    logits.float(), teacher_probs[idx], cfg.distill_temperature)
+                logits = net(x)
+            if d.active:
+                loss = _share_loss(cfg, logits.float(), train_targets, class_weight, teacher_probs, batch, idx, d)
+            else:
+                loss = F.cross_entropy(logits.float(), train_targets[idx], weight=class_weight,
+                                       label_smoothing=cfg.label_smoothing)
+                if teacher_probs is not None:
+                    loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * distillation_loss(
+                        logits.float(), teacher_probs[idx], cfg.distill_temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -301,34 +354,40 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
             step += 1
             if scheduler is not None and cfg.schedule != "plateau":
                 scheduler.step()
-            loss_sum += loss.detach().double() * len(y)
+            # (Several processes: this share's part of the batch's loss sum; `seen` counts this share's faces.)
+            loss_sum += loss.detach().double() * (len(batch) / d.world_size if d.active else len(y))
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
             if cfg.progress and (b % 20 == 0 or b == steps_per_epoch - 1):
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
             snapshot = cfg.save_every and step % cfg.save_every == 0
             if snapshot or step % FINITE_CHECK_EVERY == 0:
-                checked = _require_finite(cfg, epoch, checked, step, loss_sum, model if snapshot else None)
+                checked = _require_finite(cfg, epoch, checked, step, d.sum(loss_sum), model if snapshot else None)
             if snapshot:
-                with _saving(run_dir, epoch):
-                    (run_dir / "snapshots").mkdir(exist_ok=True)
-                    save_weights(model, run_dir / "snapshots" / f"step{step:07d}.safetensors",
-                                 weights_meta | {"step": step})
+                d.from_rank0(functools.partial(_save_snapshot, run_dir, epoch, model, step, weights_meta))
         bar.close()
+        if d.active:  # the epoch's totals over every process's shares
+            loss_sum, correct, seen = d.sum(loss_sum), d.sum(correct), len(train_set)
+            d.sync_buffers(model)  # every process evaluates (and rank 0 saves) rank 0's BatchNorm statistics
         # Nothing non-finite may become best, last or the checkpoint: the loss and the weights both.
         checked = _require_finite(cfg, epoch, checked, step, loss_sum, model)
 
         # Validation on PublicTest (model selection only). Finite weights can still be too large to compute with.
+        # Several processes: each predicts its share of the faces, and every process gets all the predictions.
+        nonfinite = False
         try:
-            probs = predict_proba(model, val_set.images, input_size=input_size, norm=cfg.normalize, tta=val_tta,
-                                  dtype=amp_dtype)
+            probs = predict_proba(model, val_set.images[d.shard(len(val_set))] if d.active else val_set.images,
+                                  input_size=input_size, norm=cfg.normalize, tta=val_tta, dtype=amp_dtype)
         except NonFiniteOutputError:
-            raise _diverged(cfg, epoch, "its PublicTest predictions became NaN or infinite") from None
+            nonfinite = True
+        if d.any(nonfinite):
+            raise _diverged(cfg, epoch, "its PublicTest predictions became NaN or infinite")
+        probs = d.rows(probs, len(val_set), device)
         val_acc = float((probs.argmax(1) == val_set.labels).mean())
         val_loss = float(-np.log(probs[np.arange(len(probs)), val_set.labels].clip(1e-12)).mean())
         if cfg.schedule == "plateau":
             scheduler.step(val_acc)
-        seconds = time.perf_counter() - t0
+        seconds = d.broadcast(time.perf_counter() - t0)  # rank 0's clock: every process stops at the same epoch
         elapsed += seconds
         row = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
@@ -348,20 +407,29 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
         # Persist: best and last weights, metrics, curves, manifest, then the resume checkpoint, each atomically.
         # The checkpoint comes last: a run killed (or out of disk) before it resumes at this epoch, which
         # rewrites the others as they were.
-        with _saving(run_dir, epoch):
-            if improved:
-                save_weights(model, run_dir / "best.safetensors", weights_meta | {"epoch": epoch + 1,
-                                                                                   "public_test_acc": val_acc})
-            save_weights(model, run_dir / "last.safetensors", weights_meta | {"epoch": epoch + 1})
-            _write_metrics(run_dir / "metrics.csv", history)
-            plot_curves(history, run_dir / "curves.png", title=f"{cfg.model} ({run_dir.name})")
-            _write_manifest(run_dir, cfg, data, commit, best_acc, best_epoch, epoch + 1, elapsed, device, reason,
-                            start_weights)
-            _save_checkpoint(run_dir / "checkpoint.pt", {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                "torch_rng": torch.get_rng_state(), "generator": gen.get_state(), "epoch": epoch + 1, "step": step,
-                "best_acc": best_acc, "best_epoch": best_epoch, "stale": stale, "elapsed": elapsed})
+        # Several processes: rank 0 writes (with every process's RNG state), the others wait for it.
+        rank_rngs = {"rank_torch_rng": d.gather(torch.get_rng_state())} if d.active else {}
+        if d.main:
+            try:
+                with _saving(run_dir, epoch):
+                    if improved:
+                        save_weights(model, run_dir / "best.safetensors",
+                                     weights_meta | {"epoch": epoch + 1, "public_test_acc": val_acc})
+                    save_weights(model, run_dir / "last.safetensors", weights_meta | {"epoch": epoch + 1})
+                    _write_metrics(run_dir / "metrics.csv", history)
+                    plot_curves(history, run_dir / "curves.png", title=f"{cfg.model} ({run_dir.name})")
+                    _write_manifest(run_dir, cfg, data, commit, best_acc, best_epoch, epoch + 1, elapsed, device,
+                                    reason, start_weights, d.world_size)
+                    _save_checkpoint(run_dir / "checkpoint.pt", {
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                        "torch_rng": torch.get_rng_state(), "generator": gen.get_state(), "epoch": epoch + 1,
+                        "step": step, "best_acc": best_acc, "best_epoch": best_epoch, "stale": stale,
+                        "elapsed": elapsed, "world_size": d.world_size, **rank_rngs})
+            except Exception as e:
+                d.settle(e)  # the other processes stop with the same error
+                raise
+        d.settle(None)
 
         epochs_this_call += 1
         if reason is not None:
@@ -373,6 +441,57 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
     print(f"best PublicTest accuracy {best_acc:.4f} at epoch {best_epoch}; weights: {run_dir / 'best.safetensors'}",
           flush=True)
     return RunResult(run_dir, best_acc, best_epoch, len(history), history)
+
+
+def _check_shares(cfg: TrainConfig, n_train: int, n_val: int, device: torch.device, d: distributed.Dist) -> None:
+    """Settings that several processes cannot train as documented: a ValueError saying what to change."""
+    if cfg.batch_size % d.world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is the global batch, shared by {d.world_size} processes: "
+                         f"make it a multiple of {d.world_size}")
+    last = n_train % cfg.batch_size
+    if 0 < last < d.world_size:
+        raise ValueError(f"the epoch's last batch holds {last} faces, fewer than the {d.world_size} processes: "
+                         f"change batch_size or limit_train")
+    if n_val < d.world_size:
+        raise ValueError(f"PublicTest holds {n_val} faces, fewer than the {d.world_size} processes")
+    if cfg.sync_batchnorm and device.type != "cuda":
+        raise ValueError("sync_batchnorm needs CUDA devices (torch's SyncBatchNorm does not run on CPU); on CPU "
+                         "each process normalizes with the statistics of its own share of the batch")
+
+
+def _share_loss(cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor, class_weight: torch.Tensor | None,
+                teacher_probs: torch.Tensor | None, batch: torch.Tensor, share: torch.Tensor,
+                d: distributed.Dist) -> torch.Tensor:
+    """This process's loss for its `share` of the rows of `batch`, scaled so that DDP's average of the
+    processes' gradients is the gradient of the one-process loss of the whole batch: the share's part of that
+    loss (its per-face terms over the whole batch's normalizer), times the number of processes.
+
+    The normalizer is what F.cross_entropy's mean divides by: the batch size, or with class weights and class
+    targets the sum of the batch's targets' weights; distillation's batchmean divides by the batch size."""
+    per_face = F.cross_entropy(logits, targets[share], weight=class_weight, label_smoothing=cfg.label_smoothing,
+                               reduction="none")
+    hard = targets.dim() == 1
+    norm = class_weight[targets[batch]].sum() if class_weight is not None and hard else len(batch)
+    loss = per_face.sum() / norm
+    if teacher_probs is not None:
+        kl = distillation_loss(logits, teacher_probs[share], cfg.distill_temperature) * (len(share) / len(batch))
+        loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kl
+    return loss * d.world_size
+
+
+def _save_snapshot(run_dir: Path, epoch: int, model: torch.nn.Module, step: int, weights_meta: dict) -> None:
+    with _saving(run_dir, epoch):
+        (run_dir / "snapshots").mkdir(exist_ok=True)
+        save_weights(model, run_dir / "snapshots" / f"step{step:07d}.safetensors", weights_meta | {"step": step})
+
+
+def class_prior(train_set: FaceData, label_mode: str) -> np.ndarray:
+    """The class frequencies a run trains towards: of its labels, or of the vote distributions it fits."""
+    if label_mode == "soft" and train_set.soft_labels is not None:
+        prior = train_set.soft_labels.astype(np.float64).mean(axis=0)
+    else:
+        prior = np.bincount(train_set.labels, minlength=train_set.label_set.num_classes) / len(train_set)
+    return np.maximum(prior, 1e-6)  # a class absent from a small training set stays usable as a divisor
 
 
 def _stop_reason(cfg: TrainConfig, stale: int, elapsed: float) -> str | None:
@@ -537,8 +656,9 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 def _write_manifest(run_dir: Path, cfg: TrainConfig, data: FaceData, commit: str, best_acc: float, best_epoch: int,
                     epochs_done: int, elapsed: float, device: torch.device, stopped_by: str | None = None,
-                    start_weights: dict[str, dict[str, str]] | None = None) -> None:
-    """start_weights: the teacher and initial weights, as `_start_weights` gives them."""
+                    start_weights: dict[str, dict[str, str]] | None = None, world_size: int = 1) -> None:
+    """start_weights: the teacher and initial weights, as `_start_weights` gives them; world_size: the number
+    of processes that trained the run (torchrun)."""
     manifest_path = run_dir / "manifest.json"
     previous = _read_json(manifest_path) if manifest_path.is_file() else {}
     commands = previous.get("commands", [])
@@ -551,7 +671,7 @@ def _write_manifest(run_dir: Path, cfg: TrainConfig, data: FaceData, commit: str
         "command": commands[0] if commands else command_line(), "commands": commands,
         "config": cfg.to_dict(), "data": {"path": data.source, "sha256": data.sha256, "summary": data.summary()},
         "git_commit": commits[0], "git_commits": commits, "versions": library_versions(), "hardware": hardware(),
-        "device": str(device),
+        "device": str(device), "world_size": world_size,
         "epochs_done": epochs_done, "best_epoch": best_epoch, "best_public_test_acc": best_acc,
         "train_seconds": round(elapsed, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **({"stopped_by": stopped_by} if stopped_by else {}), **(start_weights or {}),
