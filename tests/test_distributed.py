@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -78,10 +79,11 @@ def metrics(run: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def data(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     d = tmp_path_factory.mktemp("ddp")
-    os.environ.setdefault("FERKIT_CACHE", str(d / "cache"))  # children inherit it; tests never touch ~/.cache
-    return write_csv(d / "tiny.csv", synthetic_rows({"Training": 70, "PublicTest": 35, "PrivateTest": 35}))
+    with pytest.MonkeyPatch.context() as mp:  # this module's processes (and their children) cache under d
+        mp.setenv("FERKIT_CACHE", str(d / "cache"))
+        yield write_csv(d / "tiny.csv", synthetic_rows({"Training": 70, "PublicTest": 35, "PrivateTest": 35}))
 
 
 @pytest.fixture(scope="module")
