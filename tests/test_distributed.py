@@ -1,5 +1,5 @@
 """Training on several processes (torchrun, gloo on CPU): the same run as one process, exact resume after a kill,
-one process unchanged, and the refusals (another world size, settings that cannot be shared).
+one process unchanged, reproduce, and the refusals (another world size, settings that cannot be shared).
 
 The multi-process tests start `torchrun` themselves on 127.0.0.1 with a free port, on tiny synthetic data and the
 cheapest model, each launch bounded by a timeout after which its whole process group is killed.
@@ -176,6 +176,18 @@ def test_torchrun_with_one_process_is_the_one_process_run(data: Path, tmp_path: 
     for k, v in b.items():
         assert torch.equal(a[k], v), k
     assert metrics(tmp_path / "tr" / "r") == metrics(plain.run_dir)
+
+
+def test_reproduce_under_torchrun_trains_once_and_records_once(data: Path, tmp_path: Path) -> None:
+    args = ["-m", "ferkit", "reproduce", "sixclass_cnn4", "--data", str(data), "--runs", "runs", "--results",
+            "results", "--no-progress", "epochs=1"]
+    done = torchrun(2, args, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert done.stdout.count("row written to") == 1  # rank 0 evaluates and reports; the other process returns
+    manifest = json.loads((tmp_path / "runs" / "repro-sixclass_cnn4" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["epochs_done"] == 1
+    with open(tmp_path / "results" / "seeds.csv") as f:
+        assert [row["name"] for row in csv.DictReader(f)] == ["sixclass_cnn4"]
 
 
 # ---- in-process checks of the pieces (no processes started) -------------------------------------------------
