@@ -57,12 +57,23 @@ def test_weights_with_a_bad_class_prior_do_not_load(tmp_path: Path, prior: objec
         load_model(path)
 
 
-def test_trained_weights_record_their_class_prior(tiny_csv: Path, tmp_path: Path) -> None:
-    result = runner.invoke(app, ["train", "--data", str(tiny_csv), "--model", "sixclass_cnn4", "--epochs", "1",
-                                 "--out", str(tmp_path), "--name", "r", "--no-progress", "--precision", "fp32"])
+@pytest.mark.parametrize("class_weights", ["none", "balanced"])
+def test_trained_weights_record_their_class_prior(tmp_path: Path, cache_dir: Path, class_weights: str) -> None:
+    from conftest import synthetic_rows, write_csv
+
+    # Training: 35 faces, classes 0..6 five times each, plus 14 more of classes 0 and 1: a skewed prior.
+    rows = synthetic_rows({"Training": 49, "PublicTest": 14})
+    rows += [r for r in synthetic_rows({"Training": 14}, seed=1) if r[0] < 2] * 7
+    data = write_csv(tmp_path / "skewed.csv", rows)
+    result = runner.invoke(app, ["train", "--data", str(data), "--model", "sixclass_cnn4", "--epochs", "1",
+                                 "--out", str(tmp_path), "--name", "r", "--no-progress", "--precision", "fp32",
+                                 "--class-weights", class_weights])
     assert result.exit_code == 0, result.output
     _, meta = load_model(tmp_path / "r" / "best.safetensors")
-    assert meta["class_prior"] == pytest.approx([1 / 7] * 7, abs=1e-6)  # tiny_csv: 70 faces, 10 of each class
+    counts = np.bincount([r[0] for r in rows if r[2] == "Training"], minlength=7)
+    # Balanced class weights already cancel the skew in the loss: the prior the model learns is uniform.
+    expected = [1 / 7] * 7 if class_weights == "balanced" else counts / counts.sum()
+    assert meta["class_prior"] == pytest.approx(expected, abs=1e-5)
 
 
 def test_evaluate_and_recognizer_apply_the_prior(tiny_csv: Path, tmp_path: Path) -> None:

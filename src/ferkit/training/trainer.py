@@ -302,7 +302,8 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
                     "label_set": data.label_set.name, "input_size": input_size, "normalize": cfg.normalize,
                     "model_kwargs": cfg.model_kwargs, "train_view": cfg.train_view,  # train_view: see model_tta
                     # the mean training target: the class prior the model learns (models.prior, --prior uniform)
-                    "class_prior": [round(float(v), 6) for v in class_prior(train_set, cfg.label_mode)]}
+                    "class_prior": [round(float(v), 6) for v in class_prior(train_set, cfg.label_mode,
+                                                                             cfg.class_weights)]}
 
     print(f"ferkit train: {cfg.model} ({count_parameters(model) / 1e6:.2f} M params) on {device}"
           f" [{'fp32' if amp_dtype is None else str(amp_dtype).removeprefix('torch.')}]; "
@@ -485,8 +486,11 @@ def _save_snapshot(run_dir: Path, epoch: int, model: torch.nn.Module, step: int,
         save_weights(model, run_dir / "snapshots" / f"step{step:07d}.safetensors", weights_meta | {"step": step})
 
 
-def class_prior(train_set: FaceData, label_mode: str) -> np.ndarray:
-    """The class frequencies a run trains towards: of its labels, or of the vote distributions it fits."""
+def class_prior(train_set: FaceData, label_mode: str, class_weights: str = "none") -> np.ndarray:
+    """The class frequencies a run trains towards: of its labels, or of the vote distributions it fits; uniform
+    when balanced class weights already cancel them in the loss (so --prior uniform does not correct twice)."""
+    if class_weights == "balanced":
+        return np.full(train_set.label_set.num_classes, 1.0 / train_set.label_set.num_classes)
     if label_mode == "soft" and train_set.soft_labels is not None:
         prior = train_set.soft_labels.astype(np.float64).mean(axis=0)
     else:
