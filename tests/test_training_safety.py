@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import synthetic_rows, write_csv
 from safetensors.torch import load_file
 from test_training import SMALL_MODEL, small_config, without_timing
 from typer.testing import CliRunner
 
 from ferkit.cli import app
-from ferkit.data import file_sha256
+from ferkit.data import DataError, file_sha256
 from ferkit.models.weights import shipped_weights_path
 from ferkit.shared_files import claimed
 from ferkit.training import TrainingError, create_run, train
@@ -230,3 +231,126 @@ def test_bad_settings_fail_before_any_run_directory(tiny_csv: Path, tmp_path: Pa
     with pytest.raises((FileNotFoundError, ValueError), match=message):
         train(small_config(tiny_csv, tmp_path / "runs", **setting))
     assert not (tmp_path / "runs").exists()
+
+
+# ---- review: a new run that fails before its first checkpoint frees its name -----------------------------------
+
+
+@pytest.fixture
+def bad_row_csv(tmp_path: Path, cache_dir: Path) -> Path:
+    """tiny_csv's faces with one row whose pixels are cut short: a DataError unless skip_bad_rows."""
+    rows = synthetic_rows({"Training": 70, "PublicTest": 35, "PrivateTest": 35})
+    rows[3] = (rows[3][0], " ".join(rows[3][1].split()[:100]), rows[3][2])
+    return write_csv(tmp_path / "bad.csv", rows)
+
+
+def test_a_new_run_failing_before_its_first_checkpoint_leaves_no_directory(bad_row_csv: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError):
+        train(small_config(bad_row_csv, tmp_path / "runs", epochs=1))
+    assert not (tmp_path / "runs" / "run").exists()
+    # the same name, with the setting that was missing: a new run (not "holds a run: continue it with --resume")
+    result = train(small_config(bad_row_csv, tmp_path / "runs", epochs=1, skip_bad_rows=True))
+    assert result.run_dir == tmp_path / "runs" / "run" and (result.run_dir / "checkpoint.pt").is_file()
+
+
+def test_cli_train_retries_a_failed_new_run_under_its_name(bad_row_csv: Path, tmp_path: Path) -> None:
+    args = ["train", "--data", str(bad_row_csv), "--model", SMALL_MODEL, "--epochs", "1", "--out", str(tmp_path),
+            "--name", "x", "--no-progress", "precision=\"fp32\"", "batch_size=16"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 2 and "line 5" in first.output, first.output
+    again = CliRunner().invoke(app, [*args, "skip_bad_rows=true"])
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "x" / "checkpoint.pt").is_file()
+
+
+@pytest.mark.parametrize("case", ["no PublicTest rows", "diverged"])
+def test_other_failures_of_a_new_run_free_its_name(tiny_csv: Path, tmp_path: Path, case: str) -> None:
+    if case == "no PublicTest rows":
+        train_only = write_csv(tmp_path / "train_only.csv", synthetic_rows({"Training": 20}))
+        cfg, error = small_config(train_only, tmp_path / "runs", epochs=1), ValueError
+    else:
+        cfg, error = small_config(tiny_csv, tmp_path / "runs", epochs=1, lr=1e6), TrainingError
+    with pytest.raises(error):
+        train(cfg)
+    assert not (tmp_path / "runs" / "run").exists()
+
+
+def test_a_failed_new_run_holding_other_files_or_interrupted_is_kept(bad_row_csv: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import ferkit.training.trainer as trainer
+
+    real_create = trainer.create_run
+
+    def create_with_a_file(cfg):  # someone put a file in the directory while the run started
+        run_dir = real_create(cfg)
+        (run_dir / "notes.txt").write_text("mine")
+        return run_dir
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "create_run", create_with_a_file)
+        with pytest.raises(DataError):
+            train(small_config(bad_row_csv, tmp_path / "a", epochs=1))
+    assert sorted(p.name for p in (tmp_path / "a" / "run").iterdir()) == ["config.json", "notes.txt"]
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while the data loads: the run stays, to resume
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "load_dataset", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train(small_config(bad_row_csv, tmp_path / "b", epochs=1, skip_bad_rows=True))
+    run_dir = tmp_path / "b" / "run"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]
+    assert train(resume=run_dir).epochs_run == 1
+    # a resumed run that fails is never removed
+    (run_dir / "checkpoint.pt").unlink()
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps(config | {"skip_bad_rows": False}))
+    for name in ("best.safetensors", "last.safetensors", "metrics.csv", "curves.png", "manifest.json"):
+        (run_dir / name).unlink()
+    with pytest.raises(DataError):
+        train(resume=run_dir)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]
+
+
+def test_reproduce_retries_a_failed_new_run(bad_row_csv: Path, tmp_path: Path) -> None:
+    from ferkit.reproduce import reproduce
+
+    where = {"runs_dir": tmp_path / "runs", "results_dir": tmp_path / "results", "progress": False}
+    with pytest.raises(DataError):
+        reproduce("sixclass_cnn4", bad_row_csv, extra=["epochs=1", "precision=fp32"], **where)
+    assert not (tmp_path / "runs" / "repro-sixclass_cnn4").exists()
+    # other overrides for the same system: a new run (not "was started with overrides ...")
+    row = reproduce("sixclass_cnn4", bad_row_csv, extra=["epochs=1", "precision=fp32", "skip_bad_rows=true"], **where)
+    assert row["epochs"] == "1" and row["command"].endswith("skip_bad_rows=true")
+
+
+def test_a_two_process_run_with_settings_it_cannot_share_frees_its_name(tiny_csv: Path, tmp_path: Path) -> None:
+    from test_distributed import torchrun
+
+    out = torchrun(2, ["-m", "ferkit", "train", "--data", str(tiny_csv), "--out", str(tmp_path / "runs"),
+                       "--name", "x", "--model", SMALL_MODEL, "--epochs", "1", "--no-progress", "batch_size=15",
+                       "precision=\"fp32\"", "threads=1"], cwd=tmp_path)
+    assert out.returncode != 0 and "make it a multiple of 2" in out.stdout, out.stdout[-3000:]
+    assert not (tmp_path / "runs" / "x").exists()
+
+
+# ---- review: resume does not need the initial weights' file again --------------------------------------------
+
+
+def test_resume_records_the_initial_weights_the_run_started_from(tiny_csv: Path, tmp_path: Path) -> None:
+    source = train(small_config(tiny_csv, tmp_path / "source", epochs=1)).run_dir / "last.safetensors"
+    init = tmp_path / "init.safetensors"
+    init.write_bytes(source.read_bytes())
+    started = {"path": str(init), "sha256": file_sha256(init)}
+    run_dir = train(small_config(tiny_csv, tmp_path / "runs", epochs=3, init_weights=str(init)),
+                    stop_after_epochs=1).run_dir
+    assert json.loads((run_dir / "manifest.json").read_text())["init_weights"] == started
+    init.unlink()  # gone: the checkpoint holds what the run learned from it
+    train(resume=run_dir, stop_after_epochs=1)
+    assert json.loads((run_dir / "manifest.json").read_text())["init_weights"] == started
+    # replaced by other weights: the record stays the file the run started from
+    other = train(small_config(tiny_csv, tmp_path / "other", epochs=1, seed=5)).run_dir / "last.safetensors"
+    init.write_bytes(other.read_bytes())
+    assert train(resume=run_dir).epochs_run == 3
+    assert json.loads((run_dir / "manifest.json").read_text())["init_weights"] == started

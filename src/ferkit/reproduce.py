@@ -24,9 +24,10 @@ from ferkit.data import load_dataset
 from ferkit.ensembles.predictions import save_prediction_file
 from ferkit.evaluation import evaluate
 from ferkit.models.weights import load_model
-from ferkit.shared_files import locked, read_rows, write_rows, write_text
+from ferkit.shared_files import locked, read_rows, replacing, write_rows, write_text
 from ferkit.training import RESUME_SETTINGS, TrainConfig, create_run, distributed, hold_run, train
 from ferkit.training.report import hardware
+from ferkit.training.trainer import removed_on_failure
 
 # epochs: epochs trained; planned_epochs: the recipe's schedule (more than `epochs` when early stopping or a time
 # limit ended the run).
@@ -147,12 +148,12 @@ def _reproduce(name: str, data: str | os.PathLike, runs_dir: str | os.PathLike, 
     overrides_file = run_dir / "reproduce_overrides.json"
     changes, extra = d.from_rank0(functools.partial(_start_run, recipe, data, runs_dir, run_dir, extra, progress))
     with contextlib.ExitStack() as stack:
-        def hold() -> None:  # no writes into a run another process trains
-            stack.enter_context(hold_run(run_dir))
-            write_text(overrides_file, json.dumps(extra))
-
-        d.from_rank0(hold)
-        result = train(TrainConfig(progress=progress), resume=run_dir, changes=changes)
+        d.from_rank0(lambda: stack.enter_context(hold_run(run_dir)))  # no writes into a run another process trains
+        # A new run (changes None) that fails before its first checkpoint (bad data, settings that do not fit) is
+        # removed, so that the system can be reproduced again with other overrides.
+        with removed_on_failure(run_dir, changes is None and d.main, ("config.json", overrides_file.name)):
+            d.from_rank0(functools.partial(write_text, overrides_file, json.dumps(extra)))
+            result = train(TrainConfig(progress=progress), resume=run_dir, changes=changes)
     if not d.main:
         return {}
 
@@ -176,8 +177,9 @@ def _reproduce(name: str, data: str | os.PathLike, runs_dir: str | os.PathLike, 
     record = results / "runs" / key
     record.mkdir(parents=True, exist_ok=True)
     for f in ("manifest.json", "config.json", "metrics.csv", "curves.png"):
-        shutil.copy2(run_dir / f, record / f)
-    (record / "evaluation.json").write_text(json.dumps({s: r.to_json() for s, r in scores.items()}, indent=2) + "\n")
+        with replacing(record / f) as tmp:  # atomic, as every result file
+            shutil.copy2(run_dir / f, tmp)
+    write_text(record / "evaluation.json", json.dumps({s: r.to_json() for s, r in scores.items()}, indent=2) + "\n")
     hw = manifest.get("hardware") or hardware()  # where it trained (a resumed run is re-reported elsewhere)
     row = {"system": recipe.system, "registry_name": recipe.model, "classes": str(len(pub.classes)),
            "reported": f"{recipe.reported:.4f}", "public_test": f"{pub.accuracy:.4f}",
@@ -327,5 +329,6 @@ def plot_comparison(rows: list[dict[str, str]], path: str | os.PathLike,
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title("FER2013: published vs re-measured with ferkit")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with replacing(path) as tmp:  # atomic: a kill mid-write leaves the previous figure
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=110)
     plt.close(fig)

@@ -57,6 +57,10 @@ class TrainingError(Exception):
     """A run that cannot start, go on or be saved; the message says why and what to do (the CLI prints it)."""
 
 
+class _SaveError(TrainingError):
+    """A run's files could not be written (a full disk): the run stays, to resume once there is space."""
+
+
 def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = None, data: FaceData | None = None,
           stop_after_epochs: int | None = None, changes: dict[str, Any] | None = None) -> RunResult:
     """Train `cfg.model` on the Training split, selecting on PublicTest.
@@ -71,7 +75,8 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
     stop_after_epochs: end this call after that many epochs, as a kill would (tests of resume).
 
     Raises TrainingError when the run directory is taken, in use, damaged or cannot be written, and when
-    training diverges.
+    training diverges. A new run that fails before its first checkpoint (bad data, settings that do not fit)
+    leaves no directory behind, so its name can be used again (`removed_on_failure`).
 
     Started by torchrun (WORLD_SIZE > 1), the processes train the run together (`ferkit.training.distributed`):
     rank 0 makes, holds and writes the run directory; every process returns the same RunResult.
@@ -110,7 +115,8 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
                 + ", or start a new run from its weights: init_weights=" + str(run_dir / "last.safetensors"))
         if resume is not None and state is None:
             print(f"{run_dir} saved no epoch yet: training it from its first epoch", flush=True)
-        return _train(cfg, run_dir, state, history, data, stop_after_epochs, d)
+        with removed_on_failure(run_dir, resume is None and d.main):  # rank 0 alone touches the files
+            return _train(cfg, run_dir, state, history, data, stop_after_epochs, d)
 
 
 def _processes(n: int) -> str:
@@ -138,6 +144,28 @@ def hold_run(run_dir: str | os.PathLike) -> Iterator[None]:
             yield
         finally:
             _HELD.discard(key)
+
+
+@contextlib.contextmanager
+def removed_on_failure(run_dir: Path, new: bool = True, files: tuple[str, ...] = ("config.json",)) -> Iterator[None]:
+    """The first training of a run directory this process just made (`new`; False: the block runs as is): when
+    the block raises an Exception before the run's first checkpoint, the directory is removed, so that the same
+    name can be tried again (its data or settings were wrong: with its config.json kept, `--name` would be
+    refused and `--resume` would retry the same settings).
+
+    Removed only while it holds nothing but `files`, what this process wrote into it. Kept: a run whose save
+    failed (a full disk: it resumes once there is space), one that wrote anything else (weights, snapshots,
+    someone's file), and one stopped by a KeyboardInterrupt or a kill, which resumes from its first epoch."""
+    try:
+        yield
+    except Exception as e:
+        if new and not isinstance(e, _SaveError) and not (run_dir / "checkpoint.pt").exists():
+            with contextlib.suppress(OSError):  # a directory that cannot be removed stays, to resume or delete
+                if {p.name for p in run_dir.iterdir()} <= set(files):
+                    for name in files:
+                        (run_dir / name).unlink(missing_ok=True)
+                    run_dir.rmdir()
+        raise
 
 
 def create_run(cfg: TrainConfig) -> Path:
@@ -215,7 +243,7 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
     the processes `d` (rank 0 alone writes files; see `ferkit.training.distributed` for what each one does)."""
     device = distributed.local_device(resolve_device(cfg.device), d)
     amp_dtype = resolve_precision(cfg.precision, device)
-    start_weights = _start_weights(cfg)  # recorded in the manifest
+    start_weights = _start_weights(cfg, resumed=run_dir if state is not None else None)  # for the manifest
 
     # The code this call runs, read before any long work (data loading, a teacher pass): commits made while
     # the run trains must not be credited with it.
@@ -537,8 +565,8 @@ def _saving(run_dir: Path, epoch: int) -> Iterator[None]:
     except OSError as e:
         kept = (f"its checkpoint of epoch {epoch} is intact: it goes on from there" if epoch
                 else "no epoch was saved yet: it starts again from its config.json")
-        raise TrainingError(f"could not save epoch {epoch + 1} in {run_dir} ({e}); {kept} after you free some "
-                            f"space and resume it (ferkit train --resume {run_dir})") from e
+        raise _SaveError(f"could not save epoch {epoch + 1} in {run_dir} ({e}); {kept} after you free some "
+                         f"space and resume it (ferkit train --resume {run_dir})") from e
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -552,17 +580,27 @@ def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
     return F.kl_div(student_log_t, teacher_t, reduction="batchmean") * temperature ** 2
 
 
-def _start_weights(cfg: TrainConfig) -> dict[str, dict[str, str]]:
+def _start_weights(cfg: TrainConfig, resumed: Path | None = None) -> dict[str, dict[str, str]]:
     """The run's teacher and initial weights as the manifest records them ({"teacher": {"path", "sha256"}}), after
     checking that each is a ferkit weights file (a path or a shipped model's name) that fits the run: the teacher
     predicts the run's classes; the initial weights are the run's model, with its model_kwargs and classes.
-    Checked before training, so a bad one fails before any work (or any run directory)."""
+    Checked before training, so a bad one fails before any work (or any run directory).
+
+    resumed: the directory of a run resumed from its checkpoint. Its initial weights are in the checkpoint, so
+    their file is neither needed nor read again (it may be gone, or hold other weights by now): their record is
+    the one its manifest.json kept from the run's start. The teacher is checked again: its probabilities are
+    computed again."""
     classes = list(get_label_set(cfg.label_set).classes)
     found = {}
     for key in ("teacher", "init_weights"):
         spec = getattr(cfg, key)
         if not spec:
             continue
+        if key == "init_weights" and resumed is not None:
+            with contextlib.suppress(OSError, ValueError, AttributeError):  # no manifest.json: checked as new
+                if isinstance(record := _read_json(resumed / "manifest.json").get(key), dict):
+                    found[key] = record
+                    continue
         path = resolve_weights(spec)
         if not path.is_file():
             raise FileNotFoundError(f"{key} {spec}: no such weights file (nor a shipped model: "
