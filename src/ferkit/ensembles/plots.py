@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from ferkit.shared_files import replacing
 
 
 def plot_members_vs_ensemble(rows: Sequence[dict[str, Any]], path: str | os.PathLike,
@@ -44,4 +47,5 @@ def plot_members_vs_ensemble(rows: Sequence[dict[str, Any]], path: str | os.Path
     ax.grid(axis="x", alpha=0.3)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with replacing(path) as tmp:  # atomic: a kill mid-write leaves the previous figure
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=110)

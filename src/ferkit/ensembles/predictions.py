@@ -27,6 +27,7 @@ from ferkit.ensembles.combine import (
     canonical_method,
     fit_ensemble,
 )
+from ferkit.shared_files import replacing
 
 PREDICTION_KEYS = ("classes", "public_probs", "public_labels", "public_rows", "private_probs", "private_labels",
                    "private_rows")
@@ -154,7 +155,8 @@ def save_prediction_file(path: str | os.PathLike, classes: Sequence[str], model:
     for key, (probs, labels, rows) in (("public", public), ("private", private)):
         arrays |= {f"{key}_probs": np.asarray(probs, dtype=np.float32),
                    f"{key}_labels": np.asarray(labels, dtype=np.int64), f"{key}_rows": np.asarray(rows, np.int64)}
-    np.savez_compressed(path, **arrays)
+    with replacing(path) as tmp, open(tmp, "wb") as f:  # atomic: a kill mid-write leaves the previous file
+        np.savez_compressed(f, **arrays)
     return path
 
 

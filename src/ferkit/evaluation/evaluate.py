@@ -26,7 +26,7 @@ from ferkit.evaluation.metrics import confusion_matrix, format_report, report_fr
 from ferkit.evaluation.plots import plot_confusion_matrix, plot_error_gallery
 from ferkit.models.predict import model_tta, predict_proba
 from ferkit.models.prior import adjust_prior, check_prior
-from ferkit.shared_files import replacing
+from ferkit.shared_files import replacing, write_text
 
 ARTIFACTS = (
     "confusion_matrix.png", "confusion_matrix_normalized.png", "errors.png", "report.txt", "metrics.json",
@@ -234,7 +234,7 @@ def write_artifacts(result: EvaluationResult, images: np.ndarray,
     plot_confusion_matrix(cm, names, paths["confusion_matrix_normalized.png"], normalize=True,
                           title=f"row-normalized: {title}")
     plot_error_gallery(images, result.labels, result.predictions, result.probs, names, paths["errors.png"])
-    paths["report.txt"].write_text(format_summary(result) + "\n" + format_report(result.report) + "\n"
-                                   + format_confusion(result))
-    paths["metrics.json"].write_text(json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n")
+    write_text(paths["report.txt"], format_summary(result) + "\n" + format_report(result.report) + "\n"
+               + format_confusion(result))
+    write_text(paths["metrics.json"], json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n")
     return paths

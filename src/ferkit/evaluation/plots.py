@@ -9,11 +9,20 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from ferkit.shared_files import replacing
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> None:
+    """Write `fig` to `path` atomically (a kill mid-write leaves the previous file), in the format its suffix names."""
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=110)
 
 
 def _new_figure(figsize: tuple[float, float]) -> Figure:
@@ -62,7 +71,7 @@ def plot_confusion_matrix(cm: npt.ArrayLike, class_names: Sequence[str], path: s
             ax.text(j, i, text, ha="center", va="center", fontsize=fontsize,
                     color="white" if v > 0.5 * vmax else "black")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
 
 
 def plot_error_gallery(images: npt.ArrayLike, y_true: npt.ArrayLike, y_pred: npt.ArrayLike,
@@ -87,7 +96,7 @@ def plot_error_gallery(images: npt.ArrayLike, y_true: npt.ArrayLike, y_pred: npt
     if n == 0:
         fig = _new_figure((4.0, 2.0))
         fig.text(0.5, 0.5, "no misclassified faces", ha="center", va="center")
-        fig.savefig(path, dpi=110)
+        _save(fig, path)
         return 0
     cols = min(n, max(1, math.ceil(math.sqrt(n))))
     rows = math.ceil(n / cols)
@@ -113,7 +122,7 @@ def plot_error_gallery(images: npt.ArrayLike, y_true: npt.ArrayLike, y_pred: npt
     ax.set_axis_off()
     fig.suptitle(f"{n} of {len(wrong)} misclassified, most confident first\n(true → predicted (p))",
                  fontsize=8, y=0.995, va="top")
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     return n
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ferkit.shared_files import write_text
+from ferkit.shared_files import replacing, write_text
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str:
@@ -92,5 +92,6 @@ def plot_curves(history: list[dict[str, float]], path: str | os.PathLike, title:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with replacing(path) as tmp:  # atomic: a kill mid-write leaves the previous figure
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=110)
     plt.close(fig)
