@@ -214,6 +214,27 @@ def test_ray_without_the_extra_names_it(weights: Path, tmp_path: Path, monkeypat
     assert "pip install 'ferkit[cluster]'" in result.output
 
 
+def test_ray_it_cannot_join_is_one_clear_error(weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Joining Ray is ferkit.ray_support.connect, shared with `ferkit sweep`: whatever ray.init raises becomes one
+    error naming the address (not a traceback, nor the address twice)."""
+    ray = pytest.importorskip("ray")
+    from ferkit import ray_support
+    from ferkit.inference import cluster
+
+    assert cluster.connect is ray_support.connect
+
+    def no_cluster(*args, **kwargs):
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(ray, "init", no_cluster)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    result = runner.invoke(app, ["predict", str(sample_image_path()), "--ray", "auto", "--out",
+                                 str(tmp_path / "o"), "--weights", str(weights), *CPU])
+    assert result.exit_code == 2, result.output
+    assert "cannot join Ray at 'auto': ConnectionError: Could not find any running Ray instance." in result.output
+    assert result.output.count("cannot join Ray") == 1 and "Traceback" not in result.output
+
+
 def test_actor_turns_any_failure_into_an_error_row(weights: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process: a file that raises what process_input does not expect is a row, not a failed Ray job."""

@@ -245,8 +245,8 @@ def _run_on_ray(rec, paths: list, address: str, out: str, shard_format: str, opt
         _fail(f"--every must be at least 1, got {every}")
     try:
         started = cluster.connect(address)
-    except Exception as e:  # ConnectionError, ValueError, RuntimeError...: Ray raises many kinds here
-        _fail(f"cannot join Ray at {address!r}: {type(e).__name__}: {e}")
+    except cluster.RayStartError as e:  # whatever ray.init raised, with the address and its type
+        _fail(str(e))
     try:
         stats, skipped = cluster.predict(paths, out, weights=rec.weights_path, classes=list(rec.classes),
                                          options=options, every=every, fmt=shard_format, actors=actors,

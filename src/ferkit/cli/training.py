@@ -193,10 +193,14 @@ Examples:
 
   ferkit sweep --resume runs/opt-grid --parallel 4 --ray-address auto    (the rest as Ray tasks on a cluster)
 
+  ferkit sweep --resume runs/opt-grid --retry-failed      (run the trials that failed again)
+
 Each key=v1,v2,... is any `ferkit train` setting (config key, dotted for augment.* and model_kwargs.*); a key with
 one value is fixed. Every combination is a trial, trained one after another in DIR/trial-NNN (a normal run
 directory). DIR/results.csv and results.md tabulate best and final PublicTest accuracy per trial; DIR/sweep.png
-draws PublicTest accuracy per epoch for every trial and the final accuracy per cell of the grid.
+draws PublicTest accuracy per epoch for every trial and the final accuracy per cell of the grid. A trial that
+fails (diverges, settings that do not go together, a Ray worker lost) is recorded in DIR/trial-NNN/failed.json and
+the others go on; the command then exits with status 1, naming the failed trials.
 """
 
 
@@ -219,6 +223,8 @@ def sweep(
     ray_address: Annotated[str, typer.Option(
         help="With --parallel: 'local' (a private Ray here), 'auto' or host:port (a cluster whose nodes see the "
              "data and the sweep directory).")] = "local",
+    retry_failed: Annotated[bool, typer.Option(
+        help="Run the trials that failed before again (by default a failed trial counts as finished).")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Train every combination of some settings (grid or random search), one run per trial, and compare them."""
@@ -244,12 +250,17 @@ def sweep(
             if not Path(d).exists():
                 _fail(f"data file {d!r} not found (pass --data PATH to fer2013.csv or fer2013.csv.gz)")
         result = run_sweep(grid, sweep_dir, random=random, seed=seed, progress=progress, parallel=parallel,
-                           ray_address=ray_address)
+                           ray_address=ray_address, retry_failed=retry_failed)
     except (SweepError, DataError, TrainingError, ValueError, FileNotFoundError, ImportError) as e:
         _fail(str(e))
     done = sum(r["status"] == "done" for r in result.rows)
     typer.echo(f"{done}/{len(result.rows)} trials done; {sweep_dir / 'results.md'}, {sweep_dir / 'results.csv'}, "
                f"{sweep_dir / 'sweep.png'}")
+    if result.failed:
+        named = ", ".join(f"{r['trial']} ({str(r['error']).partition(':')[0]})" for r in result.failed)
+        _fail(f"{len(result.failed)} of {len(result.rows)} trials failed: {named}; the reasons are in "
+              f"{sweep_dir / 'results.md'}; run them again with `ferkit sweep --resume {sweep_dir} --retry-failed`",
+              code=1)
 
 
 REPRODUCE_EPILOG = """

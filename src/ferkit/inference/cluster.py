@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ferkit.inference import batch
+from ferkit.ray_support import RayStartError, connect  # noqa: F401  joining Ray: shared with `ferkit sweep`
 
 INSTALL_HINT = "Ray inference needs the cluster extra: pip install 'ferkit[cluster]'"
 FORMATS = ("parquet", "csv")
@@ -96,20 +97,6 @@ class RecognizerActor:
             return batch.process_input(self.rec, batch.Input(file, display, Path(file.name)), self.every)
         except Exception as e:  # noqa: BLE001  anything process_input lets through must not kill a long job
             return [batch.Entry(display, error=f"failed: {type(e).__name__}: {e}")]
-
-
-def connect(address: str) -> bool:
-    """Join Ray at `address` ("local": start a private one on this machine, bound to 127.0.0.1; "auto": the
-    cluster `ray start` made this machine part of; or host:port / ray://host:port). Reuses a Ray this process
-    already joined. True when this call started it (so the caller shuts it down)."""
-    ray = require_ray()
-    if ray.is_initialized():
-        return False
-    if address == "local":
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    else:
-        ray.init(address=address, log_to_driver=False)
-    return True
 
 
 def input_table(inputs: list[batch.Input], errors: list[batch.Entry]) -> Any:

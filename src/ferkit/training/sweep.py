@@ -11,6 +11,15 @@ Trials run one after another. Run the same sweep again (same directory and setti
 trials are not re-run, a trial killed midway resumes from its last epoch, the rest start. The tables and the
 figure are rewritten after every trial.
 
+A trial that fails on its own (it diverges, its combination of settings does not go together, its data cannot
+be read, or on Ray its worker dies) does not stop the sweep: its reason goes to trial-NNN/failed.json, the
+tables list it as failed (the figure leaves it out) and the other trials go on. A failed trial counts as
+finished: a resume does not re-run it unless asked (`retry_failed`, `ferkit sweep --retry-failed`).
+
+Path-valued settings (data, labels, teacher, init_weights) naming an existing file or folder are made absolute
+before sweep.json is written, so every trial, in whatever directory it runs (a Ray worker's differs), reads the
+same file.
+
 With the cluster extra (Ray), `parallel=N` runs up to N trials at once as Ray tasks (one CPU each; a trial's
 torch threads follow its `threads` setting), on a private local Ray or, with `ray_address` ("auto", host:port),
 on a cluster whose nodes all see the data file and the sweep directory (a shared filesystem). Resume is the same.
@@ -33,8 +42,11 @@ from ferkit.training.config import TrainConfig
 SWEEP_FILE = "sweep.json"
 # Set by the sweep itself: where each trial's run directory goes.
 RESERVED_KEYS = ("out_dir", "run_name", "progress")
+FAILED_FILE = "failed.json"  # in a trial's directory: why it failed (then the sweep counts it as finished)
+# Settings naming a file or folder: made absolute when they exist (trials on Ray run in another directory).
+PATH_KEYS = ("data", "labels", "teacher", "init_weights")
 RESULT_FIELDS = ("trial", "status", "best_public_test", "best_epoch", "final_public_test", "epochs",
-                 "planned_epochs", "train_minutes", "run_dir")
+                 "planned_epochs", "train_minutes", "run_dir", "error")
 
 
 class SweepError(ValueError):
@@ -96,6 +108,15 @@ def axes(grid: dict[str, list[str]]) -> list[str]:
     return [k for k, v in grid.items() if len(v) > 1]
 
 
+def absolute_paths(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` (a grid, {key: [values]}, or one trial, {key: value}) with the PATH_KEYS values that name an
+    existing file or folder made absolute (others, such as a shipped model's name, stay as they are)."""
+    def fix(key: str, value: str) -> str:
+        return os.path.abspath(value) if key in PATH_KEYS and value and Path(value).exists() else value
+
+    return {k: [fix(k, x) for x in v] if isinstance(v, list) else fix(k, v) for k, v in settings.items()}
+
+
 def plan_trials(grid: dict[str, list[str]], random: int = 0, seed: int = 0) -> list[dict[str, str]]:
     """Every combination (the last key varies fastest), or `random` of them drawn without replacement."""
     keys = list(grid)
@@ -112,16 +133,22 @@ class SweepResult:
     sweep_dir: Path
     rows: list[dict[str, Any]]
 
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        """The rows of the trials that failed (their `error` says why)."""
+        return [r for r in self.rows if r["status"] == "failed"]
+
 
 def run_sweep(grid: dict[str, list[str]], sweep_dir: str | os.PathLike, *, random: int = 0, seed: int = 0,
               data: Any = None, progress: bool = True, stop_after_epochs: int | None = None, parallel: int = 1,
-              ray_address: str = "local") -> SweepResult:
+              ray_address: str = "local", retry_failed: bool = False) -> SweepResult:
     """Train (or resume) the sweep in `sweep_dir`; see the module's docstring.
 
     data: an already loaded FaceData for every trial (tests); by default each trial loads its `data` setting.
     stop_after_epochs: end the call after that many epochs of the first trial it trains, as a kill would (tests).
     parallel: trials at once, as Ray tasks (1: one after another in this process); ray_address: "local" (a private
     Ray on this machine), "auto" or host:port (a cluster).
+    retry_failed: run the trials that failed before (their failed.json) again; by default they are finished.
     """
     from ferkit.training.trainer import hold_run
 
@@ -129,6 +156,7 @@ def run_sweep(grid: dict[str, list[str]], sweep_dir: str | os.PathLike, *, rando
         raise SweepError(f"parallel must be a number of trials >= 1, got {parallel}")
 
     sweep_dir = Path(sweep_dir)
+    grid = absolute_paths(grid)
     trials = plan_trials(grid, random, seed)
     plan = {"grid": grid, "random": random, "seed": seed, "trials": trials}
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -136,21 +164,31 @@ def run_sweep(grid: dict[str, list[str]], sweep_dir: str | os.PathLike, *, rando
         saved_path = sweep_dir / SWEEP_FILE
         if saved_path.is_file():
             saved = json.loads(saved_path.read_text())
-            if {k: saved.get(k) for k in ("grid", "random", "seed")} != {k: plan[k] for k in ("grid", "random",
-                                                                                              "seed")}:
+            # (absolute_paths: a sweep.json written before paths were made absolute, resumed from where it began)
+            if ({"grid": absolute_paths(saved.get("grid", {})), "random": saved.get("random"),
+                 "seed": saved.get("seed")} != {k: plan[k] for k in ("grid", "random", "seed")}):
                 raise SweepError(f"{sweep_dir} holds a sweep started with {_describe(saved)}; resume it with the "
                                  f"same settings (`ferkit sweep --resume {sweep_dir}`), or choose another --name")
-            trials = saved["trials"]
+            trials = [absolute_paths(t) for t in saved["trials"]]
         else:
             write_text(saved_path, json.dumps(plan, indent=2) + "\n")
         print(f"ferkit sweep: {len(trials)} trials over {', '.join(axes(grid)) or 'no varying setting'} in "
               f"{sweep_dir}", flush=True)
         todo = []
         for i, settings in enumerate(trials):
-            status = trial_status(sweep_dir / trial_name(i))
+            run_dir = sweep_dir / trial_name(i)
+            status = trial_status(run_dir)
             label = ", ".join(f"{k}={settings[k]}" for k in axes(grid))
+            if status == "failed" and retry_failed:
+                print(f"trial {i + 1}/{len(trials)} ({label}): failed before ({failure_reason(run_dir)}), "
+                      "run again", flush=True)
+                clear_failure(run_dir)
+                status = trial_status(run_dir)
             if status == "done":
                 print(f"trial {i + 1}/{len(trials)} ({label}): done, not re-run", flush=True)
+            elif status == "failed":
+                print(f"trial {i + 1}/{len(trials)} ({label}): failed ({failure_reason(run_dir)}), not re-run "
+                      "(--retry-failed runs it again)", flush=True)
             else:
                 todo.append(i)
         if parallel > 1 and todo:
@@ -161,7 +199,9 @@ def run_sweep(grid: dict[str, list[str]], sweep_dir: str | os.PathLike, *, rando
             label = ", ".join(f"{k}={trials[i][k]}" for k in axes(grid))
             print(f"trial {i + 1}/{len(trials)} ({label}): {'resuming' if status == 'partial' else 'training'}",
                   flush=True)
-            train_trial(str(sweep_dir), i, trials[i], progress, data, stop_after_epochs)
+            reason = attempt_trial(str(sweep_dir), i, trials[i], progress, data, stop_after_epochs)
+            if reason is not None:
+                print(f"trial {i + 1}/{len(trials)} ({label}): failed: {reason}", flush=True)
             rows = write_results(sweep_dir, grid, trials)
             if stop_after_epochs is not None:
                 return SweepResult(sweep_dir, rows)
@@ -184,21 +224,61 @@ def train_trial(sweep_dir: str, i: int, settings: dict[str, str], progress: bool
     return str(run_dir)
 
 
+def attempt_trial(sweep_dir: str, i: int, settings: dict[str, str], progress: bool = False, data: Any = None,
+                  stop_after_epochs: int | None = None) -> str | None:
+    """`train_trial`, with a failure of the trial's own (it diverged, its settings do not go together, its data or
+    weights cannot be read) recorded in its failed.json instead of raised. The reason, or None when it trained."""
+    from ferkit.data import DataError
+    from ferkit.training.trainer import TrainingError
+
+    try:
+        train_trial(sweep_dir, i, settings, progress, data, stop_after_epochs)
+    except (TrainingError, DataError, ValueError, FileNotFoundError) as e:
+        return record_failure(Path(sweep_dir) / trial_name(i), e)
+    return None
+
+
+def record_failure(run_dir: Path, error: BaseException) -> str:
+    """Write `run_dir`/failed.json for `error`; the reason as shown ("ErrorType: message")."""
+    run_dir.mkdir(parents=True, exist_ok=True)  # a combination refused before its run directory was made
+    write_text(run_dir / FAILED_FILE, json.dumps({"error_type": type(error).__name__, "reason": str(error)},
+                                                 indent=2) + "\n")
+    return f"{type(error).__name__}: {error}"
+
+
+def failure_reason(run_dir: Path) -> str:
+    """A failed trial's reason from its failed.json ("ErrorType: message")."""
+    try:
+        failed = json.loads((run_dir / FAILED_FILE).read_text())
+        return f"{failed['error_type']}: {failed['reason']}"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unknown ({FAILED_FILE} unreadable: {e})"
+
+
+def clear_failure(run_dir: Path) -> None:
+    """Forget a trial's failure: it then resumes from its run directory, or starts anew if it made none."""
+    (run_dir / FAILED_FILE).unlink(missing_ok=True)
+    if run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()  # the trial's run directory is made by its training (an exclusive mkdir)
+
+
 def _run_on_ray(sweep_dir: Path, grid: dict[str, list[str]], trials: list[dict[str, str]], todo: list[int],
                 parallel: int, address: str, data: Any) -> None:
-    """Trials `todo` as Ray tasks, at most `parallel` at once; the tables are rewritten as each one ends."""
+    """Trials `todo` as Ray tasks, at most `parallel` at once; the tables are rewritten as each one ends. A trial
+    that fails, or whose task Ray loses (its worker killed for memory, its node gone), is recorded as failed and
+    the others go on."""
+    from ferkit.ray_support import RayStartError, connect
+
     try:
-        import ray
+        started = connect(address, num_cpus=parallel)
     except ImportError:
         raise SweepError("parallel trials run on Ray: pip install 'ferkit[cluster]' (or parallel=1)") from None
-    started = not ray.is_initialized()
-    if started and address == "local":
-        ray.init(address="local", num_cpus=parallel, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False)
-    elif started:
-        ray.init(address=address, log_to_driver=False)
+    except RayStartError as e:
+        raise SweepError(f"{e}; or run the trials one after another here (parallel=1)") from e
+    import ray
+
     try:
-        task = ray.remote(num_cpus=1, max_retries=0)(train_trial)
+        task = ray.remote(num_cpus=1, max_retries=0)(attempt_trial)
         where = str(sweep_dir.resolve())
         data_ref = ray.put(data) if data is not None else None
         queue, pending = list(todo), {}
@@ -211,11 +291,12 @@ def _run_on_ray(sweep_dir: Path, grid: dict[str, list[str]], trials: list[dict[s
             for ref in finished:
                 i = pending.pop(ref)
                 try:
-                    ray.get(ref)
-                except ray.exceptions.RayTaskError as e:
-                    cause = e.cause if getattr(e, "cause", None) is not None else e
-                    raise SweepError(f"{trial_name(i)} failed on Ray: {type(cause).__name__}: {cause}") from e
-                print(f"trial {i + 1}/{len(trials)}: done", flush=True)
+                    reason = ray.get(ref)
+                except ray.exceptions.RayError as e:  # an error the trial did not catch, a crashed worker...
+                    cause = getattr(e, "cause", None) if isinstance(e, ray.exceptions.RayTaskError) else None
+                    reason = record_failure(sweep_dir / trial_name(i), cause if cause is not None else e)
+                print(f"trial {i + 1}/{len(trials)}: " + (f"failed: {reason}" if reason is not None else "done"),
+                      flush=True)
                 write_results(sweep_dir, grid, trials)
     finally:
         if started:
@@ -243,8 +324,10 @@ def trial_name(i: int) -> str:
 
 
 def trial_status(run_dir: Path) -> str:
-    """'done' (trained to its last epoch, or stopped by early stopping / its time limit), 'partial' (a run
-    directory to resume) or 'new'."""
+    """'failed' (its failed.json), 'done' (trained to its last epoch, or stopped by early stopping / its time
+    limit), 'partial' (a run directory to resume) or 'new'."""
+    if (run_dir / FAILED_FILE).is_file():
+        return "failed"
     if not (run_dir / "config.json").is_file():
         return "new"
     manifest = run_dir / "manifest.json"
@@ -261,14 +344,17 @@ def _metrics(run_dir: Path) -> list[dict[str, float]]:
 
 
 def collect(sweep_dir: Path, grid: dict[str, list[str]], trials: list[dict[str, str]]) -> list[dict[str, Any]]:
-    """One row per trial: its varying settings, status and accuracies (empty where it has not trained yet)."""
+    """One row per trial: its varying settings, status, accuracies (empty where it has not trained yet) and,
+    for a failed trial, why (`error`; its accuracies are those of the epochs it trained before it failed)."""
     rows = []
     for i, settings in enumerate(trials):
         run_dir = sweep_dir / trial_name(i)
         history = _metrics(run_dir)
+        status = trial_status(run_dir)
         row: dict[str, Any] = {"trial": trial_name(i), **{k: settings[k] for k in axes(grid)},
-                               "status": trial_status(run_dir) if history else "not run",
-                               "run_dir": str(run_dir)}
+                               "status": status if history or status == "failed" else "not run",
+                               "run_dir": str(run_dir),
+                               "error": failure_reason(run_dir) if status == "failed" else ""}
         if history:
             best = max(history, key=lambda h: h["val_acc"])
             manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").is_file() \
@@ -293,21 +379,27 @@ def write_results(sweep_dir: Path, grid: dict[str, list[str]], trials: list[dict
 
 def render_markdown(grid: dict[str, list[str]], rows: list[dict[str, Any]]) -> str:
     fixed = {k: v[0] for k, v in grid.items() if len(v) == 1}
-    head = ["trial", *axes(grid), "best PublicTest", "best epoch", "final PublicTest", "epochs", "train min"]
+    head = ["trial", *axes(grid), "status", "best PublicTest", "best epoch", "final PublicTest", "epochs",
+            "train min"]
     lines = [f"Fixed: {' '.join(f'`{k}={v}`' for k, v in fixed.items()) or 'none'}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    scores = [float(r["best_public_test"]) for r in rows if r.get("best_public_test")]
+    scores = [float(r["best_public_test"]) for r in rows if r.get("best_public_test") and r["status"] != "failed"]
     for r in rows:
         epochs = "" if not r.get("epochs") else (str(r["epochs"]) if str(r["epochs"]) == str(r["planned_epochs"])
                                                   else f"{r['epochs']} of {r['planned_epochs']}")
-        best = r["status"]
+        best = ""
         if r.get("best_public_test"):
             value = float(r["best_public_test"])
-            best = f"**{value:.2%}**" if value == max(scores) else f"{value:.2%}"  # the sweep's best in bold
+            best = f"**{value:.2%}**" if scores and value == max(scores) and r["status"] != "failed" \
+                else f"{value:.2%}"  # the sweep's best in bold
         final = f"{float(r['final_public_test']):.2%}" if r.get("final_public_test") else ""
-        cells = [r["trial"], *(f"`{r[k]}`" for k in axes(grid)), best, str(r.get("best_epoch", "")), final, epochs,
-                 str(r.get("train_minutes", ""))]
+        cells = [r["trial"], *(f"`{r[k]}`" for k in axes(grid)), r["status"], best, str(r.get("best_epoch", "")),
+                 final, epochs, str(r.get("train_minutes", ""))]
         lines.append("| " + " | ".join(cells) + " |")
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        lines += ["", "Failed trials (a resume with --retry-failed runs them again):", ""]
+        lines += [f"- {r['trial']}: {' '.join(str(r['error']).split())}" for r in failed]
     return "\n".join(lines) + "\n"
 
 
@@ -331,7 +423,7 @@ def plot_sweep(sweep_dir: Path, grid: dict[str, list[str]], trials: list[dict[st
     cmap = plt.get_cmap("tab20" if len(trials) > 10 else "tab10")
     for i, settings in enumerate(trials):
         history = _metrics(sweep_dir / trial_name(i))
-        if not history:
+        if not history or (sweep_dir / trial_name(i) / FAILED_FILE).is_file():  # failed trials are left out
             continue
         label = ", ".join(settings[k] for k in keys) or trial_name(i)
         ax_curves.plot([h["epoch"] for h in history], [h["val_acc"] for h in history], marker="." if
