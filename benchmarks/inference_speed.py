@@ -263,8 +263,11 @@ def main() -> None:
         print(json.dumps(measure_fer(args.fer_only, args.seconds)))
         return
 
+    # isort: off
+    import ferkit  # noqa: F401  before torch, as ferkit's commands do: OpenMP then waits passively (ferkit/__init__)
     import cv2
     import torch
+    # isort: on
 
     if args.threads:
         torch.set_num_threads(args.threads)
