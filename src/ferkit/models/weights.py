@@ -39,7 +39,8 @@ DIGEST_KEY = "tensors_sha256"
 # Models shipped inside the package, by the name users pass (`Recognizer(model="fast")`, `--weights fast`):
 # "default" is the most accurate; "fast" is a compact mini-Xception distilled from it (with F-Riv 5), for throughput
 # (see the README's "The shipped models"). tools/ship_model.py --as NAME makes a training run one of them.
-SHIPPED_MODELS = {"default": "ferkit_default", "fast": "ferkit_fast"}
+# default: the most accurate FER2013 model; fast: the compact one; ferplus: trained on FER+'s crowd votes, 8 classes.
+SHIPPED_MODELS = {"default": "ferkit_default", "fast": "ferkit_fast", "ferplus": "ferkit_ferplus"}
 DEFAULT_WEIGHTS_NAME = "ferkit_default.safetensors"
 
 
