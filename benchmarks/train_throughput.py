@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import time
 
+# isort: off
+import ferkit  # noqa: F401  before torch: its OpenMP threads then wait passively (see ferkit/__init__.py)
 import torch
 import torch.nn.functional as F
+# isort: on
 
 from ferkit.device import autocast, cpu_has_native_bf16, resolve_device
 from ferkit.models import create_model, get_spec
