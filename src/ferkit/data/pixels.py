@@ -24,12 +24,15 @@ MAX_PIXELS = 50_000_000
 
 
 class ImageError(ValueError):
-    """An input that cannot be used as an image; `source` names it and `reason` says why."""
+    """An input that cannot be used as an image; `source` names it, `reason` says why, and `kind` classifies it
+    for callers that answer differently (the HTTP API's error codes): empty_file, too_many_pixels, not_an_image,
+    corrupt_image or invalid_image."""
 
-    def __init__(self, source: str, reason: str) -> None:
+    def __init__(self, source: str, reason: str, kind: str = "invalid_image") -> None:
         super().__init__(f"{source}: {reason}")
         self.source = source
         self.reason = reason
+        self.kind = kind
 
 
 def check_pixels(label: str, width: int, height: int, max_pixels: int = MAX_PIXELS) -> None:
@@ -38,7 +41,7 @@ def check_pixels(label: str, width: int, height: int, max_pixels: int = MAX_PIXE
         raise ImageError(label, f"empty image ({width}x{height})")
     if max_pixels and width * height > max_pixels:
         raise ImageError(label, f"image is {width}x{height} = {width * height:,} pixels, more than the "
-                                f"{max_pixels:,}-pixel limit (decompression-bomb guard)")
+                                f"{max_pixels:,}-pixel limit (decompression-bomb guard)", "too_many_pixels")
 
 
 def decode_image(source: str | os.PathLike | bytes, label: str, max_pixels: int = MAX_PIXELS, *,
@@ -51,7 +54,7 @@ def decode_image(source: str | os.PathLike | bytes, label: str, max_pixels: int 
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if isinstance(source, bytes) and not source:
-        raise ImageError(label, "empty file (0 bytes)")
+        raise ImageError(label, "empty file (0 bytes)", "empty_file")
     try:
         with warnings.catch_warnings():
             # Our own limit decides; PIL's warning (and its 2x hard limit) must not leak out as noise.
@@ -66,18 +69,19 @@ def decode_image(source: str | os.PathLike | bytes, label: str, max_pixels: int 
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageError(label, f"refused by the decompression-bomb guard ({e})") from None
+        raise ImageError(label, f"refused by the decompression-bomb guard ({e}); the pixel limit is "
+                                f"{max_pixels:,}", "too_many_pixels") from None
     except UnidentifiedImageError:
-        raise ImageError(label, "not an image file, or a format Pillow cannot read") from None
+        raise ImageError(label, "not an image file, or a format Pillow cannot read", "not_an_image") from None
     except MemoryError:
-        raise ImageError(label, "not enough memory to decode the image") from None
+        raise ImageError(label, "not enough memory to decode the image", "too_many_pixels") from None
     except (FileNotFoundError, PermissionError, IsADirectoryError) as e:  # opening the path, not decoding it
         raise ImageError(label, f"cannot read file ({e.strerror or e})") from None
     except Exception as e:
         # Pillow's decoders are third-party parsers of untrusted bytes and raise whatever their format hits on
         # a corrupt file: OSError ("image file is truncated"), SyntaxError (broken PNG chunks), ValueError,
         # EOFError, struct.error, IndexError, NotImplementedError (a DDS with an unknown pixel format) ...
-        raise ImageError(label, f"corrupt or truncated image ({type(e).__name__}: {e})") from None
+        raise ImageError(label, f"corrupt or truncated image ({type(e).__name__}: {e})", "corrupt_image") from None
 
 
 def pil_to_rgb(im: Any, label: str) -> np.ndarray:

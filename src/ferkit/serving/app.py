@@ -135,48 +135,21 @@ def error_response(status: int, code: str, detail: Any, headers: dict[str, str] 
 # -- image decoding ----------------------------------------------------------------------------------------------
 
 
+# HTTP status of each kind of undecodable upload (ferkit.data.pixels.ImageError.kind); any other kind is 422.
+IMAGE_ERROR_STATUS = {"empty_file": 400, "too_many_pixels": 413}
+
+
 def decode_image(data: bytes, name: str, max_pixels: int) -> np.ndarray:
-    """uint8 RGB (H, W, 3) from encoded bytes, or ApiError: empty, not an image, corrupt, too many pixels.
+    """uint8 RGB (H, W, 3) from encoded bytes (`ferkit.data.pixels.decode_image`: the pixel count checked before
+    any pixel is decoded, EXIF rotation, every mode converted as for files), or ApiError with the image error's
+    kind as its code: empty_file 400, too_many_pixels 413, not_an_image / corrupt_image / invalid_image 422."""
+    from ferkit.data.pixels import ImageError
+    from ferkit.data.pixels import decode_image as decode
 
-    The pixel count in the header is checked before any pixel is decoded (decompression-bomb guard); EXIF
-    rotation is applied; every mode (16-bit, alpha, palette, CMYK ...) is converted like `load_image` does.
-    """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    from ferkit.inference import ImageError, load_image
-
-    if not data:
-        raise ApiError(400, "empty_file", f"{name}: the image is empty (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                width, height = im.size
-                if width * height > max_pixels:
-                    raise ApiError(413, "too_many_pixels", f"{name}: the image is {width}x{height} = "
-                                   f"{width * height:,} pixels, more than the {max_pixels:,}-pixel limit")
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                return load_image(im, name=name, max_pixels=max_pixels)
-    except ApiError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise ApiError(413, "too_many_pixels", f"{name}: the image is too large to decode safely ({e}); the pixel "
-                                               f"limit is {max_pixels:,}") from None
-    except UnidentifiedImageError:
-        raise ApiError(422, "not_an_image", f"{name}: not an image, or a format Pillow cannot read "
-                                            "(send JPEG, PNG, WebP, BMP, GIF or TIFF)") from None
+        return decode(data, name, max_pixels)
     except ImageError as e:
-        code, status = ("too_many_pixels", 413) if "pixel limit" in e.reason else ("invalid_image", 422)
-        raise ApiError(status, code, f"{name}: {e.reason}") from None
-    except MemoryError:
-        raise ApiError(413, "too_many_pixels", f"{name}: not enough memory to decode the image") from None
-    except Exception as e:
-        # Pillow's plug-ins fail in many ways on damaged files: OSError, SyntaxError, ValueError, EOFError,
-        # IndexError, struct.error, and NotImplementedError (a DDS with an unknown pixel format). All of them
-        # are the client's bad file, never a server error.
-        raise ApiError(422, "corrupt_image", f"{name}: corrupt or truncated image, or a variant of its format "
-                                             f"that Pillow cannot decode ({e or type(e).__name__})") from None
+        raise ApiError(IMAGE_ERROR_STATUS.get(e.kind, 422), e.kind, f"{name}: {e.reason}") from None
 
 
 # Peak memory of `decode_image` per pixel, measured (2026-12-06, Pillow + NumPy on x86-64, ru_maxrss) on 9 to 25
