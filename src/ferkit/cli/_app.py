@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import typer
 from rich.markup import escape as literal  # help texts are Rich markup: `ferkit[onnx]` would lose "[onnx]"
@@ -55,6 +57,19 @@ def _print_version(value: bool) -> None:
 def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                        help="Print ferkit's version and exit.")) -> None:
     """Facial emotion recognition toolkit: train, evaluate and compare FER2013 models."""
+
+
+def check_labels_options(labels: str | os.PathLike | None, label_mode: str | None) -> None:
+    """--labels must be a file; --label-mode (None: not given) one of the FER+ modes, other than majority only
+    with --labels."""
+    from ferkit.data.ferplus import MODES
+
+    if label_mode is not None and label_mode not in MODES:
+        _fail(f"unknown --label-mode {label_mode!r}; choose one of {', '.join(MODES)}")
+    if labels is None and label_mode not in (None, "majority"):
+        _fail(f"--label-mode {label_mode} needs --labels (FER+'s fer2013new.csv)")
+    if labels is not None and not Path(labels).is_file():
+        _fail(f"labels file {str(labels)!r} not found (--labels takes FER+'s fer2013new.csv)")
 
 
 def _fail(message: str, code: int = 2) -> None:

@@ -17,6 +17,7 @@ from ferkit.cli._app import (
     WEIGHTS_HELP,
     _fail,
     app,
+    check_labels_options,
 )
 
 EVALUATE_EPILOG = """
@@ -129,18 +130,6 @@ def evaluate(
     for name, path in artifacts.items():
         typer.echo(f"wrote {name}: {path}")
 
-
-
-def check_labels_options(labels: Path | None, label_mode: str) -> None:
-    """--labels must be a file; --label-mode one of the FER+ modes, and given only with --labels."""
-    from ferkit.data.ferplus import MODES
-
-    if label_mode not in MODES:
-        _fail(f"unknown --label-mode {label_mode!r}; choose one of {', '.join(MODES)}")
-    if labels is None and label_mode != "majority":
-        _fail(f"--label-mode {label_mode} needs --labels (FER+'s fer2013new.csv)")
-    if labels is not None and not labels.is_file():
-        _fail(f"labels file {str(labels)!r} not found (--labels takes FER+'s fer2013new.csv)")
 
 
 ENSEMBLE_EPILOG = """

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ferkit.cli._app import LABEL_MODE_HELP, LABELS_HELP, PRECISION_HELP, _fail, app
+from ferkit.cli._app import LABEL_MODE_HELP, LABELS_HELP, PRECISION_HELP, _fail, app, check_labels_options
 
 TRAIN_EPILOG = """
 Examples:
@@ -114,8 +114,7 @@ def train(
         cfg.progress = progress
         if not Path(cfg.data).exists():
             _fail(f"data file {cfg.data!r} not found (pass --data PATH to fer2013.csv or fer2013.csv.gz)")
-        if cfg.labels and not Path(cfg.labels).is_file():
-            _fail(f"labels file {cfg.labels!r} not found (--labels takes FER+'s fer2013new.csv)")
+        check_labels_options(cfg.labels or None, None)  # the mode is checked with the config
         run_training(cfg)
     except (DataError, TrainingError, ValueError, FileNotFoundError) as e:
         _fail_once(str(e))
@@ -321,8 +320,7 @@ def reproduce(
         return
     if not Path(data).exists():
         _fail(f"data file {data!r} not found (pass --data PATH to fer2013.csv or fer2013.csv.gz)")
-    if labels is not None and not Path(labels).is_file():
-        _fail(f"labels file {labels!r} not found (--labels takes FER+'s fer2013new.csv)")
+    check_labels_options(labels, label_mode)
     flags = [f"labels={labels}"] * (labels is not None) + [f"label_mode={label_mode}"] * (label_mode is not None)
     try:
         row = run_reproduce(system, data, runs_dir=runs, results_dir=results, extra=[*flags, *(overrides or [])],
