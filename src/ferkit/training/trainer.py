@@ -177,7 +177,8 @@ def create_run(cfg: TrainConfig) -> Path:
     # hold the name.
     cfg.validate()
     try:
-        model = create_model(cfg.model, num_classes=get_label_set(cfg.label_set).num_classes, **cfg.model_kwargs)
+        with torch.device("meta"):  # shapes and names only: no memory, no initialization (_train builds the model)
+            model = create_model(cfg.model, num_classes=get_label_set(cfg.label_set).num_classes, **cfg.model_kwargs)
     except TypeError as e:  # a keyword the model's builder does not take
         raise ValueError(f"model_kwargs {cfg.model_kwargs} do not fit model {cfg.model}: {e}") from e
     parameter_groups(model, cfg.freeze, cfg.backbone_lr_scale, cfg.lr)  # a freeze= part naming no parameter
