@@ -1,11 +1,16 @@
 """Decision-level ensembles: combine members' class probabilities (fitted on PublicTest, reported on PrivateTest).
 
-combine      numpy combiners, fit_ensemble / apply_ensemble, greedy forward selection, log-linear pooling
+combine      fitting: fit_ensemble, greedy forward selection, log-linear weights (numpy, PublicTest only)
 predictions  ensembles of saved results/predictions/*.npz files (no model runs), the methods table
 members      members from weights files or a run's snapshots (runs the models on both test splits)
 artifact     one .safetensors file holding a whole ensemble, loadable like a single model
 plots        members-vs-ensembles bar chart
 records      results/ensembles.csv rows (`ferkit ensemble --record NAME`) and their Markdown table
+
+What a fitted ensemble computes is a model, so it lives in the models layer, which must not import this package:
+EnsembleWeights, apply_ensemble and the combination rules in `ferkit.models.ensemble_weights`, EnsembleModel and
+save_ensemble / load_ensemble in `ferkit.models.ensemble` (which `ferkit.models.weights.load_model` uses).
+`combine` and `artifact` re-export them, so they are importable from here as before.
 """
 
 from ferkit.ensembles.artifact import EnsembleModel, is_ensemble_file, load_ensemble, save_ensemble

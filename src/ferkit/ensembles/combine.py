@@ -8,6 +8,10 @@ Fitting and applying are separate steps, and fitting only ever sees PublicTest:
     weights = fit_ensemble("accuracy_weighted", public_probs, public_labels)   # PublicTest only
     combined = apply_ensemble(weights, private_probs)                           # (N, C), report on PrivateTest
 
+This module fits. Applying (EnsembleWeights, apply_ensemble and the rules it applies: weighted_mean, class_weighted,
+majority_vote, log_linear) is defined in the models layer, `ferkit.models.ensemble_weights`, because a saved
+ensemble runs as a model there; those names are re-exported here.
+
 Methods (the formulas; a_m, prec_m(c) are measured on PublicTest):
 
 mean
@@ -50,60 +54,39 @@ log_linear  (log-linear pooling: a weighted geometric mean, i.e. stacking with o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
-
 import numpy as np
 import numpy.typing as npt
 
-METHODS: tuple[str, ...] = ("mean", "accuracy_weighted", "class_weighted", "vote", "greedy", "log_linear")
+# Re-exported (see __all__): they were defined here before moving to the models layer (see the module docstring).
+from ferkit.models.ensemble_weights import (
+    ALIASES,
+    LOG_FLOOR,
+    METHODS,
+    VOTE_TIE_EPS,
+    EnsembleWeights,
+    apply_ensemble,
+    canonical_method,
+    check_probs,
+    check_weights,
+    class_weighted,
+    finite_nonnegative,
+    log_linear,
+    majority_vote,
+    member_log_probs,
+    vote_tie_eps,
+    weighted_mean,
+)
+
+__all__ = ["ALIASES", "COMBINERS", "LOG_FLOOR", "METHODS", "VOTE_TIE_EPS", "EnsembleWeights", "accuracy",
+           "accuracy_weighted", "accuracy_weights", "apply_ensemble", "canonical_method", "check_probs",
+           "check_weights", "class_weighted", "fit_ensemble", "greedy_selection", "log_linear", "log_linear_weights",
+           "majority_vote", "mean", "member_accuracies", "member_log_probs", "per_class_precision", "vote_tie_eps",
+           "weighted_mean"]
+
 COMBINERS: tuple[str, ...] = ("mean", "accuracy_weighted", "class_weighted", "vote")  # what greedy can select with
-ALIASES = {"average": "mean", "majority_vote": "vote", "majority": "vote", "forward_selection": "greedy",
-           "geometric": "log_linear"}
-VOTE_TIE_EPS = 1e-3  # the largest tie-break weight; see vote_tie_eps()
-LOG_FLOOR = 1e-6  # log_linear: probabilities below this count as this (an exact 0 would be log 0 = -inf)
-
-
-def canonical_method(name: str) -> str:
-    """One of METHODS (aliases: average, majority_vote, forward_selection, geometric)."""
-    key = name.strip().lower().replace("-", "_")
-    key = ALIASES.get(key, key)
-    if key not in METHODS:
-        raise ValueError(f"unknown ensemble method {name!r}; choose one of {', '.join(METHODS)}")
-    return key
 
 
 # ---- validation and per-member statistics ---------------------------------------------------------------
-
-
-def check_probs(probs: npt.ArrayLike, name: str = "probs") -> np.ndarray:
-    """(M, N, C) float64 member probabilities; raises ValueError on a wrong shape or non-finite values."""
-    arr = np.asarray(probs, dtype=np.float64)
-    if arr.ndim != 3:
-        raise ValueError(f"{name} must have shape (members, faces, classes), got {arr.shape}")
-    if arr.shape[0] < 1 or arr.shape[2] < 1:
-        raise ValueError(f"{name} needs at least one member and one class, got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} holds NaN or infinite values")
-    return arr
-
-
-def _finite_nonnegative(w: np.ndarray) -> bool:
-    return bool(np.all(np.isfinite(w) & (w >= 0)))  # NaN compares False both ways: test for it explicitly
-
-
-def check_weights(weights: npt.ArrayLike, name: str, ndim: int) -> np.ndarray:
-    """Ensemble weights as a float64 array of `ndim` dimensions, none empty, every value finite and >= 0."""
-    try:
-        w = np.asarray(weights, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{name} must be numbers, got {weights!r}") from e
-    if w.ndim != ndim or w.size == 0:
-        raise ValueError(f"{name} must be a non-empty {ndim}-d array, got shape {w.shape}")
-    if not _finite_nonnegative(w):
-        raise ValueError(f"{name} must be finite and non-negative, got {w.tolist()}")
-    return w
 
 
 def _check_labels(labels: npt.ArrayLike, probs: np.ndarray) -> np.ndarray:
@@ -157,15 +140,6 @@ def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
 # ---- the combiners --------------------------------------------------------------------------------------
 
 
-def weighted_mean(probs: npt.ArrayLike, weights: npt.ArrayLike) -> np.ndarray:
-    """sum_m w_m P[m] / sum_m w_m."""
-    p = check_probs(probs)
-    w = np.asarray(weights, dtype=np.float64)
-    if w.shape != (p.shape[0],) or not _finite_nonnegative(w) or w.sum() <= 0:
-        raise ValueError(f"member weights must be {p.shape[0]} non-negative numbers with a positive sum, got {w}")
-    return np.tensordot(w / w.sum(), p, axes=1)
-
-
 def mean(probs: npt.ArrayLike) -> np.ndarray:
     """Simple averaging: (1/M) sum_m P[m]."""
     p = check_probs(probs)
@@ -175,7 +149,7 @@ def mean(probs: npt.ArrayLike) -> np.ndarray:
 def accuracy_weights(accuracies: npt.ArrayLike) -> np.ndarray:
     """w_m = a_m / sum_j a_j (uniform if every accuracy is 0)."""
     a = np.asarray(accuracies, dtype=np.float64)
-    if not _finite_nonnegative(a):
+    if not finite_nonnegative(a):
         raise ValueError(f"accuracies must be finite and non-negative, got {a}")
     return a / a.sum() if a.sum() > 0 else np.full(a.shape, 1.0 / max(len(a), 1))
 
@@ -183,65 +157,6 @@ def accuracy_weights(accuracies: npt.ArrayLike) -> np.ndarray:
 def accuracy_weighted(probs: npt.ArrayLike, accuracies: npt.ArrayLike) -> np.ndarray:
     """Accuracy-weighted averaging: sum_m (a_m / sum_j a_j) P[m], a_m = member m's (PublicTest) accuracy."""
     return weighted_mean(probs, accuracy_weights(accuracies))
-
-
-def class_weighted(probs: npt.ArrayLike, class_weights: npt.ArrayLike,
-                   fallback_weights: npt.ArrayLike | None = None) -> np.ndarray:
-    """S[n, c] = sum_m W[m, c] P[m, n, c], renormalized per face.
-
-    A face whose S row is all zero gets the (fallback_weights-weighted, default plain) mean instead.
-    """
-    p = check_probs(probs)
-    w = np.asarray(class_weights, dtype=np.float64)
-    if w.shape != (p.shape[0], p.shape[2]) or not _finite_nonnegative(w):
-        raise ValueError(f"class weights must be non-negative with shape {(p.shape[0], p.shape[2])}, got {w.shape}")
-    scores = np.einsum("mc,mnc->nc", w, p)
-    total = scores.sum(axis=1, keepdims=True)
-    fallback = p.mean(axis=0) if fallback_weights is None else weighted_mean(p, fallback_weights)
-    out = np.where(total > 0, scores / np.where(total > 0, total, 1.0), fallback)
-    return out
-
-
-def vote_tie_eps(votes: npt.ArrayLike) -> float:
-    """Weight of the summed-probability tie-break: min(1e-3, 0.5 / total votes), below the smallest vote gap."""
-    return float(min(VOTE_TIE_EPS, 0.5 / max(float(np.sum(votes)), 1.0)))
-
-
-def majority_vote(probs: npt.ArrayLike, weights: npt.ArrayLike | None = None) -> np.ndarray:
-    """Vote fractions of the members' argmax classes, ties broken by summed probability (see module doc).
-
-    weights: optional votes per member (integers, e.g. greedy multiplicities); default one vote each.
-    """
-    p = check_probs(probs)
-    m, _, c = p.shape
-    w = np.ones(m) if weights is None else np.asarray(weights, dtype=np.float64)
-    if w.shape != (m,) or not _finite_nonnegative(w) or w.sum() <= 0:
-        raise ValueError(f"vote weights must be {m} non-negative numbers with a positive sum, got {w}")
-    eps = vote_tie_eps(w)
-    w = w / w.sum()
-    onehot = np.eye(c)[p.argmax(axis=2)]  # (M, N, C)
-    votes = np.tensordot(w, onehot, axes=1)
-    summed = np.tensordot(w, p, axes=1)
-    return (votes + eps * summed) / (1.0 + eps)
-
-
-def member_log_probs(probs: npt.ArrayLike) -> np.ndarray:
-    """(M, N, C) log of the members' probabilities, floored at LOG_FLOOR (the log_linear features)."""
-    return np.log(np.maximum(check_probs(probs), LOG_FLOOR))
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return z / z.sum(axis=-1, keepdims=True)
-
-
-def log_linear(probs: npt.ArrayLike, weights: npt.ArrayLike) -> np.ndarray:
-    """Log-linear pooling: softmax_c(sum_m w_m log P[m, n, c]) (all-zero weights give the uniform distribution)."""
-    log_p = member_log_probs(probs)
-    w = np.asarray(weights, dtype=np.float64)
-    if w.shape != (log_p.shape[0],) or not _finite_nonnegative(w):
-        raise ValueError(f"log-linear weights must be {log_p.shape[0]} non-negative numbers, got {w}")
-    return _softmax(np.tensordot(w, log_p, axes=1))
 
 
 def log_linear_weights(probs: npt.ArrayLike, labels: npt.ArrayLike) -> np.ndarray:
@@ -277,74 +192,6 @@ def log_linear_weights(probs: npt.ArrayLike, labels: npt.ArrayLike) -> np.ndarra
 # ---- fitted ensembles -----------------------------------------------------------------------------------
 
 
-@dataclass
-class EnsembleWeights:
-    """A fitted ensemble: how to combine M members' probabilities.
-
-    method: what was fitted (one of METHODS).
-    combiner: the rule apply_ensemble uses: method itself, or for greedy the rule its selection used.
-    member_weights: (M,) weights (mean/accuracy_weighted: sum to 1; vote: votes per member; class_weighted:
-        multiplicity / total, used only for faces whose class-weighted scores are all zero; log_linear: the
-        exponents w_m, not normalized: their sum is an inverse temperature). A member with weight 0 does not
-        influence the output.
-    class_weights: (M, C) per-member per-class weights for the class_weighted combiner, else None.
-    selected: greedy only: the chosen member indices in selection order (a repeat = chosen again).
-    public_accuracy: the combined PublicTest accuracy at fit time (what greedy maximized).
-    """
-
-    method: str
-    combiner: str
-    member_weights: np.ndarray
-    class_weights: np.ndarray | None = None
-    selected: tuple[int, ...] = ()
-    public_accuracy: float | None = None
-
-    def __post_init__(self) -> None:
-        # Weights come from fitting, from saved files and from users: NaN or negative weights would combine
-        # into NaN or negative "probabilities" (printed as a dominant class), so they are refused here.
-        self.member_weights = check_weights(self.member_weights, "member weights", ndim=1)
-        if self.class_weights is not None:
-            self.class_weights = check_weights(self.class_weights, "class weights", ndim=2)
-            if self.class_weights.shape[0] != self.num_members:
-                raise ValueError(f"class weights have {self.class_weights.shape[0]} rows for "
-                                 f"{self.num_members} members")
-        if any(not 0 <= i < self.num_members for i in self.selected):
-            raise ValueError(f"selected member indices {list(self.selected)} are outside 0..{self.num_members - 1}")
-
-    @property
-    def num_members(self) -> int:
-        return int(len(self.member_weights))
-
-    def used_members(self) -> list[int]:
-        """Indices of members that influence the output (non-zero weight)."""
-        return [int(i) for i in np.flatnonzero(self.member_weights > 0)]
-
-    def subset(self, keep: Sequence[int]) -> EnsembleWeights:
-        """The same ensemble restricted to members `keep` (e.g. drop the zero-weight ones before saving)."""
-        keep = [int(i) for i in keep]
-        remap = {old: new for new, old in enumerate(keep)}
-        w = self.member_weights[keep]
-        if self.combiner in ("mean", "accuracy_weighted") and w.sum() > 0:
-            w = w / w.sum()
-        return EnsembleWeights(self.method, self.combiner, w,
-                               None if self.class_weights is None else self.class_weights[keep],
-                               tuple(remap[i] for i in self.selected if i in remap), self.public_accuracy)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"method": self.method, "combiner": self.combiner,
-                "member_weights": [float(x) for x in self.member_weights],
-                "class_weights": None if self.class_weights is None else self.class_weights.tolist(),
-                "selected": list(self.selected), "public_accuracy": self.public_accuracy}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> EnsembleWeights:
-        cw = d.get("class_weights")
-        return cls(method=canonical_method(d["method"]), combiner=canonical_method(d.get("combiner") or d["method"]),
-                   member_weights=np.asarray(d["member_weights"], dtype=np.float64),
-                   class_weights=None if cw is None else np.asarray(cw, dtype=np.float64),
-                   selected=tuple(int(i) for i in d.get("selected") or ()), public_accuracy=d.get("public_accuracy"))
-
-
 def _fit_combiner(combiner: str, probs: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> EnsembleWeights:
     """Weights of `combiner` for the multiset of members given by `counts` (k_m copies of member m)."""
     if combiner == "mean":
@@ -357,24 +204,6 @@ def _fit_combiner(combiner: str, probs: np.ndarray, labels: np.ndarray, counts: 
     if combiner == "vote":
         return EnsembleWeights(combiner, combiner, counts.astype(np.float64))
     raise ValueError(f"unknown combiner {combiner!r}; choose one of {', '.join(COMBINERS)}")
-
-
-def apply_ensemble(weights: EnsembleWeights, probs: npt.ArrayLike) -> np.ndarray:
-    """(N, C) combined probabilities of members' (M, N, C) probabilities under fitted `weights`."""
-    p = check_probs(probs)
-    if p.shape[0] != weights.num_members:
-        raise ValueError(f"the ensemble was fitted for {weights.num_members} members, got {p.shape[0]}")
-    if weights.class_weights is not None and weights.class_weights.shape[1] != p.shape[2]:
-        raise ValueError(f"the ensemble was fitted for {weights.class_weights.shape[1]} classes, got {p.shape[2]}")
-    if weights.combiner in ("mean", "accuracy_weighted"):
-        return weighted_mean(p, weights.member_weights)
-    if weights.combiner == "class_weighted":
-        return class_weighted(p, weights.class_weights, weights.member_weights)
-    if weights.combiner == "vote":
-        return majority_vote(p, weights.member_weights)
-    if weights.combiner == "log_linear":
-        return log_linear(p, weights.member_weights)
-    raise ValueError(f"unknown combiner {weights.combiner!r}")
 
 
 def greedy_selection(fit_probs: npt.ArrayLike, fit_labels: npt.ArrayLike, method: str = "mean",

@@ -18,6 +18,7 @@ import torch
 
 from ferkit.data.augment import FER2013_MEAN, FER2013_STD
 from ferkit.export import MEMBER_OUTPUT_NAME
+from ferkit.models.ensemble_weights import EnsembleWeights, apply_ensemble  # numpy only (ferkit.ensembles: ~0.5 s)
 
 
 def onnx_backend_installed() -> bool:
@@ -102,10 +103,8 @@ class OnnxClassifier:
         # A saved ensemble's export also gives its members' probabilities (M, B, C): under a multi-view TTA they
         # are averaged over the views and then combined, as the ensemble was fitted (see _probs_over_views).
         self.member_output = MEMBER_OUTPUT_NAME if MEMBER_OUTPUT_NAME in outputs else None
-        self.ensemble_weights = None
+        self.ensemble_weights: EnsembleWeights | None = None
         if self.meta.get("ensemble"):
-            from ferkit.ensembles.combine import EnsembleWeights  # only ensembles need it (and its package's imports)
-
             self.ensemble_weights = EnsembleWeights.from_json(self.meta["weights"])
         # Small batches of a small network are faster on one thread (waking workers costs more than they
         # save); which one wins depends on the network, so the first small batch measures both (see _small).
@@ -154,8 +153,6 @@ class OnnxClassifier:
             raise ValueError(f"{self.path} is an ensemble exported by an older ferkit, without its members' "
                              f"outputs; re-export it (ferkit export) to run its {ensemble.combiner} combiner under a "
                              "multi-view TTA, or use the torch backend")
-        from ferkit.ensembles.combine import apply_ensemble
-
         members = self.run(x, self.member_output)
         members = members.reshape(members.shape[0], views, -1, members.shape[-1]).mean(1)
         return apply_ensemble(ensemble, members).astype(np.float32)
