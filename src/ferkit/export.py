@@ -27,6 +27,10 @@ whose forward branches on a buffer's value); the ``exporter`` metadata says whic
 with ONNX Runtime at batch sizes 1 and 3 before it is written (``verify``): the dynamo exporter matched
 PyTorch to <= 1.2e-7 on every registry model but `tan_pca` and on ensembles with each combiner; a fitted
 `tan_pca` is refused (the TorchScript tracer bakes its `len(x)` to the example batch). See docs/detection.md.
+
+Layering: export sits below `ferkit.inference`, whose ONNX backend (`ferkit.inference.onnx_backend.OnnxClassifier`)
+uses this module's export, names and `onnx_session`; so export opens its own ONNX Runtime sessions to verify and
+read files and never imports inference.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +50,7 @@ import torch
 from torch import nn
 
 from ferkit.data import file_sha256
+from ferkit.data.fer2013 import IMAGE_SIDE
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
@@ -175,13 +180,12 @@ def export_onnx(source: Any, out: str | os.PathLike, *, meta: dict[str, Any] | N
 
     onnx = _require("onnx")
     from ferkit import __version__
-    from ferkit.inference.faces import FER_SIZE
 
     model, meta, sha = _load(source, meta)
     classes = list(meta.get("classes") or [])
     if not classes:
         raise ValueError("the model's metadata lists no class names")
-    input_size = int(meta.get("input_size") or getattr(model, "input_size", FER_SIZE))
+    input_size = int(meta.get("input_size") or getattr(model, "input_size", IMAGE_SIDE))
     kind = resolve_exporter(exporter)
     # Export a CPU copy in eval mode (the caller's module is left as it was); ensembles keep their float64 combiner.
     # Contiguous (NCHW) weights: load_model returns channels_last modules, which the exporter would trace into
@@ -236,9 +240,7 @@ def export_onnx(source: Any, out: str | os.PathLike, *, meta: dict[str, Any] | N
 
 def _verify(net: ProbabilityModel, path: Path, input_size: int, name: str, kind: str, tol: float = 1e-4) -> None:
     try:
-        from ferkit.inference.onnx_backend import OnnxClassifier
-
-        session = OnnxClassifier(path)
+        session = onnx_session(path)
     except ImportError:  # no onnxruntime: nothing to check with
         return
     g = torch.Generator().manual_seed(0)
@@ -248,7 +250,7 @@ def _verify(net: ProbabilityModel, path: Path, input_size: int, name: str, kind:
             refs = net(x)
         for output, ref in zip(net.output_names, refs if net.ensemble else (refs,), strict=True):
             try:
-                got = session.run(x.numpy(), output)
+                got = run_session(session, x.numpy(), output)
             except Exception as e:  # onnxruntime raises its own error types
                 raise ValueError(f"the ONNX export of {name} ({kind} exporter) fails at batch size {batch}: "
                                  f"{str(e).splitlines()[0][:300]}") from e
@@ -275,14 +277,34 @@ def _export(net: ProbabilityModel, example: torch.Tensor, path: Path, opset: int
 def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """ferkit's metadata of an exported file: the original weights metadata (`ferkit` prop) plus the export
     facts (`exporter`, `source_sha256`, ...). Needs only onnxruntime."""
+    return metadata_from_session(onnx_session(path), str(path))
+
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None,
+                 providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
+    """An ONNX Runtime InferenceSession over the file at `path` (FileNotFoundError if there is none).
+
+    threads: intra-op threads (default: torch.get_num_threads(), the CPU share ferkit gives torch). Worker threads
+    wait passively between runs: spinning ones would compete for the cores with whatever runs next (e.g. the
+    PyTorch face detector)."""
     ort = _require("onnxruntime")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ONNX file {path} does not exist")
     opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(threads or torch.get_num_threads())
+    opts.inter_op_num_threads = 1
     opts.log_severity_level = 4  # errors arrive as exceptions; no duplicate log lines
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return metadata_from_session(session, str(path))
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=list(providers))
+
+
+def run_session(session: Any, x: np.ndarray, output: str | None = None) -> np.ndarray:
+    """The graph's output `output` (default: its first, the probabilities) for preprocessed faces x (B, 1, S, S)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    name = output or session.get_outputs()[0].name
+    return session.run([name], {session.get_inputs()[0].name: x})[0]
 
 
 def metadata_from_session(session: Any, name: str = "<onnx>") -> dict[str, Any]:
@@ -300,11 +322,9 @@ def metadata_from_session(session: Any, name: str = "<onnx>") -> dict[str, Any]:
 def check_parity(model: nn.Module, onnx_path: str | os.PathLike, input_size: int, n: int = 16,
                  seed: int = 0) -> float:
     """Max |probability difference| between `model` (fp32 PyTorch) and the ONNX file on `n` random faces."""
-    from ferkit.inference.onnx_backend import OnnxClassifier
-
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, input_size, input_size, generator=g)
     with torch.no_grad():
         ref = ProbabilityModel(model).eval().probabilities(x.to(next(model.parameters()).device)).cpu().numpy()
-    got = OnnxClassifier(onnx_path).run(x.numpy())
+    got = run_session(onnx_session(onnx_path), x.numpy())
     return float(np.abs(got - ref).max())

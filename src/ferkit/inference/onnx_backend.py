@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ferkit.data.augment import FER2013_MEAN, FER2013_STD
-from ferkit.export import MEMBER_OUTPUT_NAME
+from ferkit.export import MEMBER_OUTPUT_NAME, onnx_session
 from ferkit.models.ensemble_weights import EnsembleWeights, apply_ensemble  # numpy only (ferkit.ensembles: ~0.5 s)
 
 
@@ -111,15 +111,7 @@ class OnnxClassifier:
         self._small_session: Any = None
 
     def _session(self, threads: int) -> Any:
-        opts = self._ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 4  # errors arrive as exceptions; no duplicate log lines
-        # No busy-waiting between runs: ORT's spinning worker threads would otherwise compete for the cores
-        # with the PyTorch face detector that runs right after each classification.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        return self._ort.InferenceSession(str(self.path), opts, providers=self.providers)
+        return onnx_session(self.path, threads, self.providers)  # workers wait passively: see onnx_session
 
     def _small(self, x: np.ndarray) -> Any:
         """The session for batches up to SMALL_BATCH: the faster of one thread and `threads` threads, timed
