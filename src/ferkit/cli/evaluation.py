@@ -207,7 +207,8 @@ def ensemble(
     records: Annotated[Path, typer.Option(help="The results table --record writes.")] = Path(
         "results/ensembles.csv"),
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
-    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
+    precision: Annotated[str, typer.Option(
+        help=PRECISION_HELP + " Default fp32, as `ferkit evaluate`: the same scores on every machine.")] = "fp32",
     batch_size: Annotated[int, typer.Option(help="Faces per forward pass.")] = 256,
     labels: Annotated[Path | None, typer.Option(
         help=LABELS_HELP + " With --weights / --snapshots.", show_default=False)] = None,

@@ -52,7 +52,7 @@ def member_classes(path: str | os.PathLike) -> list[str]:
 
 
 def predict_members(weights: Sequence[str | os.PathLike], data: str | os.PathLike | FaceData, *, tta: str = "auto",
-                    batch_size: int = 256, device: str | torch.device = "auto", precision: str = "auto",
+                    batch_size: int = 256, device: str | torch.device = "auto", precision: str = "fp32",
                     names: Sequence[str] | None = None) -> MemberSet:
     """Run every weights file on PublicTest and PrivateTest of `data` (via `ferkit.evaluation.evaluate`).
 

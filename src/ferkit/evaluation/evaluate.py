@@ -112,7 +112,7 @@ def check_label_set(meta: dict[str, Any], label_set: LabelSet) -> None:
 
 def evaluate(model: nn.Module, meta: dict[str, Any], data: FaceData, split: str = "PrivateTest",
              tta: str = "auto", batch_size: int = 256, device: str | torch.device = "auto",
-             precision: str = "auto", weights_path: str | os.PathLike | None = None,
+             precision: str = "fp32", weights_path: str | os.PathLike | None = None,
              prior: str = "none") -> EvaluationResult:
     """Run `model` on one split of `data` and score it.
 
@@ -121,8 +121,9 @@ def evaluate(model: nn.Module, meta: dict[str, Any], data: FaceData, split: str 
     tta: 'auto' (the view the weights were selected on, see models.predict.model_tta), 'none', 'flip' (average
     with the mirror image), 'tencrop', 'center' or 'shift' (see models.predict.TTA_MODES); the result records the
     mode run.
-    device: 'auto' | 'cpu' | 'cuda[:N]'; the model is moved there. precision: 'auto' (CPU: bf16 autocast
-    where the CPU has native bf16, else fp32; CUDA: bf16/fp16) | 'fp32' | 'bf16' | 'fp16'.
+    device: 'auto' | 'cpu' | 'cuda[:N]'; the model is moved there. precision: 'fp32' (the default: the same
+    accuracy on every machine) | 'auto' (CPU: bf16 autocast where the CPU has native bf16, else fp32; CUDA:
+    bf16/fp16; faster, but the score then depends on the CPU it ran on) | 'bf16' | 'fp16'.
     weights_path: the weights file, only to record its sha256.
     prior: 'none', or 'uniform' to divide the probabilities by the training class prior (models.prior).
     """
