@@ -17,15 +17,23 @@ import numpy as np
 import torch
 
 from ferkit.data.augment import FER2013_MEAN, FER2013_STD
-from ferkit.export import MEMBER_OUTPUT_NAME, onnx_session
+from ferkit.export import (
+    DEFAULT_OPSET,
+    EXPORT_REVISION,
+    MEMBER_OUTPUT_NAME,
+    _require,
+    export_onnx,
+    installed,
+    metadata_from_session,
+    onnx_session,
+    resolve_exporter,
+)
 from ferkit.models.ensemble_weights import EnsembleWeights, apply_ensemble  # numpy only (ferkit.ensembles: ~0.5 s)
 
 
 def onnx_backend_installed() -> bool:
     """True when onnxruntime (to run) and onnx (to export) are installed; looked up without importing them
     (importing onnx takes ~1 s, onnxruntime is imported only when a session is made)."""
-    from ferkit.export import installed
-
     return installed("onnxruntime") and installed("onnx")
 
 
@@ -39,7 +47,6 @@ def cached_export(weights: str | os.PathLike, cache_dir: str | os.PathLike | Non
     """The ONNX export of `weights` (a .safetensors model or ensemble), made on first use and reused after."""
     from ferkit import __version__
     from ferkit.data import file_sha256
-    from ferkit.export import DEFAULT_OPSET, EXPORT_REVISION, export_onnx, resolve_exporter
 
     weights = Path(weights)
     kind = resolve_exporter("auto")
@@ -85,8 +92,6 @@ class OnnxClassifier:
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None,
                  device: str | torch.device = "cpu") -> None:
-        from ferkit.export import _require, metadata_from_session
-
         self._ort = _require("onnxruntime")
         self.path = Path(path)
         if not self.path.is_file():
