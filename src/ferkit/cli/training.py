@@ -22,6 +22,9 @@ Examples:
   ferkit train --data fer2013.csv.gz --model mini_xception teacher=runs/<big>/best.safetensors \
       distill_weight=0.7 distill_temperature=4       (knowledge distillation from a trained model)
 
+  ferkit train --data fer2013.csv.gz --model ferkit_vgg_s --average ema --sam-rho 0.05 \\
+      --mixup-alpha 0.2 --cutmix-alpha 1.0 mix_prob=0.5   (weight averaging, SAM, mixup/CutMix; README)
+
   ferkit train --resume runs/ferkit_vgg_s-20261123-101500     (continue a killed run)
   ferkit train --resume runs/<name> --time-limit 240 threads=2 (resume with a longer limit, more threads)
 
@@ -73,6 +76,20 @@ def train(
         show_default=_default("early_stopping"), help="Patience in epochs; 0 disables.")] = None,
     grad_clip: Annotated[float | None, typer.Option(
         show_default=_default("grad_clip"), help="Max gradient norm; 0 disables.")] = None,
+    average: Annotated[str | None, typer.Option(
+        show_default=_default("average"),
+        help="none | ema | swa: select and save averaged weights (ema_decay=0.999 per step; swa_start=0.75: SWA "
+             "averages once per epoch after that fraction of the epochs).")] = None,
+    sam_rho: Annotated[float | None, typer.Option(
+        show_default=_default("sam_rho"),
+        help="SAM radius (e.g. 0.05), 0 = off; sam_adaptive=true for ASAM. Two passes per step: ~2x step "
+             "time.")] = None,
+    mixup_alpha: Annotated[float | None, typer.Option(
+        show_default=_default("mixup_alpha"), help="mixup Beta(alpha, alpha), 0 = off; mix_prob=P mixes that "
+                                                   "fraction of the batches.")] = None,
+    cutmix_alpha: Annotated[float | None, typer.Option(
+        show_default=_default("cutmix_alpha"), help="CutMix Beta(alpha, alpha), 0 = off (with mixup: one of the "
+                                                    "two per batch, 50/50).")] = None,
     time_limit: Annotated[float | None, typer.Option(
         show_default=_default("time_limit"),
         help="Minutes of training; the run ends after the epoch that reaches them (0 = off).")] = None,
@@ -102,7 +119,8 @@ def train(
              "epochs": epochs, "batch_size": batch_size,
              "optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, "schedule": schedule,
              "label_smoothing": label_smoothing, "class_weights": class_weights, "early_stopping": early_stopping,
-             "grad_clip": grad_clip, "time_limit": time_limit, "device": device, "precision": precision,
+             "grad_clip": grad_clip, "average": average, "sam_rho": sam_rho, "mixup_alpha": mixup_alpha,
+             "cutmix_alpha": cutmix_alpha, "time_limit": time_limit, "device": device, "precision": precision,
              "seed": seed, "out_dir": out, "run_name": name, "save_every": save_every, "limit_train": limit_train}
     assignments = [f"{k}={_json(v)}" for k, v in flags.items() if v is not None] + list(overrides or [])
     try:

@@ -14,6 +14,7 @@ from ferkit.data.ferplus import MODES as LABEL_MODES
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 TRAIN_VIEWS = ("resize", "crop")
 SCHEDULES = ("none", "step", "plateau", "cosine", "onecycle")
+AVERAGES = ("none", "ema", "swa")
 # Settings that say how a run trains on this machine and for how long, not what it learns: a resumed run may
 # change them (more threads on a freer machine, a longer time limit to finish a run that used up its own, more
 # early-stopping patience to continue a run that stopped on a noisy plateau: the epochs it goes on with are
@@ -71,6 +72,25 @@ class TrainConfig:
     # parameter names), and the backbone's learning rate as a fraction of lr (discriminative rates; 0 freezes it).
     freeze: str = ""
     backbone_lr_scale: float = 1.0
+
+    # Training levers (ferkit.training.levers). Weight averaging: PublicTest selection, best and last weights use
+    # an average of the trained weights: 'ema' (an exponential moving average, updated every step with
+    # `ema_decay`, BatchNorm statistics averaged too) or 'swa' (the mean of the weights at the end of each epoch
+    # after the first `swa_start` fraction of the epochs, BatchNorm statistics recomputed on the training faces).
+    average: str = "none"
+    ema_decay: float = 0.999
+    swa_start: float = 0.75
+    # Sharpness-aware minimization (Foret et al. 2021): each step's gradient is taken at the weights moved a
+    # distance `sam_rho` up the gradient, so a step costs two forward/backward passes; 0 = off. sam_adaptive: ASAM
+    # (Kwon et al. 2021), the move scaled by each weight's magnitude.
+    sam_rho: float = 0.0
+    sam_adaptive: bool = False
+    # mixup (Zhang et al. 2018) / CutMix (Yun et al. 2019): a batch is blended with a shuffled copy of itself, its
+    # targets likewise; each lever is on when its Beta(alpha, alpha) parameter is > 0 (both on: one of the two
+    # per batch, 50/50), and `mix_prob` of the batches are mixed.
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
 
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # What a training face looks like to the model. 'resize': the whole face at the model's input size.
@@ -164,6 +184,24 @@ class TrainConfig:
                              f"got {self.backbone_lr_scale}")
         if self.time_limit < 0:
             raise ValueError(f"time_limit must be minutes >= 0 (0 = off), got {self.time_limit}")
+        self._validate_levers()
+
+    def _validate_levers(self) -> None:
+        """The training levers' settings; NaN fails every range test, so it is refused with the value named."""
+        if self.average not in AVERAGES:
+            raise ValueError(f"average {self.average!r} not in {AVERAGES}")
+        ranges = {  # setting: (test, what it must be)
+            "ema_decay": (lambda v: 0 < v < 1, "in (0, 1), e.g. 0.999"),
+            "swa_start": (lambda v: 0 <= v < 1, "a fraction of the epochs in [0, 1)"),
+            "sam_rho": (lambda v: 0 <= v < math.inf, "a finite number >= 0 (0 = off), e.g. 0.05"),
+            "mixup_alpha": (lambda v: 0 <= v < math.inf, "a finite number >= 0 (0 = off), e.g. 0.2"),
+            "cutmix_alpha": (lambda v: 0 <= v < math.inf, "a finite number >= 0 (0 = off), e.g. 1.0"),
+            "mix_prob": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+        }
+        for name, (ok, what) in ranges.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
+                raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
 def _as_type_of(current: Any, value: Any, raw: str, key: str) -> Any:

@@ -340,7 +340,10 @@ def trial_status(run_dir: Path) -> str:
 
 def _metrics(run_dir: Path) -> list[dict[str, float]]:
     path = run_dir / "metrics.csv"
-    return [{k: float(v) for k, v in r.items()} for r in read_rows(path)] if path.is_file() else []
+    if not path.is_file():
+        return []
+    # Every column is a number but val_weights, the name of the weights evaluated (trainer.METRIC_FIELDS).
+    return [{k: float(v) for k, v in r.items() if k != "val_weights"} for r in read_rows(path)]
 
 
 def collect(sweep_dir: Path, grid: dict[str, list[str]], trials: list[dict[str, str]]) -> list[dict[str, Any]]:

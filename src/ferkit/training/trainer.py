@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ferkit.data import FaceData, file_sha256, get_label_set, load_dataset
-from ferkit.data.augment import augment, normalize, resize, to_float
+from ferkit.data.augment import augment, center_crop, normalize, resize, to_float
 from ferkit.device import autocast, resolve_device, resolve_precision
 from ferkit.models import count_parameters, create_model
 from ferkit.models.finetune import parameter_groups
@@ -33,11 +33,13 @@ from ferkit.models.predict import NonFiniteOutputError, model_tta, predict_proba
 from ferkit.models.pretrained import check_pretrained, is_ferkit_weights, load_pretrained
 from ferkit.models.weights import SHIPPED_MODELS, load_model, read_metadata, resolve_weights, save_weights
 from ferkit.shared_files import claimed, replacing, write_rows
-from ferkit.training import distributed
+from ferkit.training import distributed, levers
 from ferkit.training.config import RESUME_SETTINGS, TrainConfig
 from ferkit.training.report import command_line, git_commit, hardware, library_versions, plot_curves, write_json
 
-METRIC_FIELDS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
+# val_weights: the weights PublicTest evaluated (and best/last saved): 'raw' (the trained weights), or the average
+# that `average` keeps ('ema', 'swa'; SWA's first epochs, before it averages anything, are 'raw').
+METRIC_FIELDS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_weights", "seconds")
 CHECKPOINT_KEYS = frozenset({"model", "optimizer", "scheduler", "torch_rng", "generator", "epoch", "step", "best_acc",
                              "best_epoch", "stale", "elapsed"})
 # Steps between checks that the training loss is finite: each check waits for the device, so not every step.
@@ -50,7 +52,7 @@ class RunResult:
     best_val_acc: float
     best_epoch: int
     epochs_run: int
-    history: list[dict[str, float]]
+    history: list[dict[str, Any]]  # metrics.csv's rows: numbers, and val_weights's name
 
 
 class TrainingError(Exception):
@@ -301,6 +303,8 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
     optimizer = _make_optimizer(cfg, model)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     scheduler = _make_scheduler(cfg, optimizer, steps_per_epoch)
+    averaged = levers.averaged_model(model, cfg)  # the EMA or SWA weights (average=none: None)
+    mixing = levers.mixes(cfg)
 
     # ---- resume ------------------------------------------------------------------------------
     start_epoch, step, best_acc, best_epoch, stale, elapsed = 0, 0, -1.0, 0, 0, 0.0
@@ -310,7 +314,9 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
             optimizer.load_state_dict(state["optimizer"])
             if scheduler is not None:
                 scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["torch_rng"])
+            if averaged is not None:
+                averaged.load_state_dict(state["average"])
+            _restore_rng_state(state, device, d)
             gen.set_state(state["generator"])
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise TrainingError(f"cannot resume {run_dir}: its checkpoint.pt does not fit its config.json ({e})") from e
@@ -319,11 +325,9 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
         elapsed = float(state["elapsed"])
     net = model  # what the training steps call: the model, or (several processes) its DDP wrapper
     if d.active:
-        # Each process draws its own dropout masks from the global torch RNG; rank 0's stream is the one a
-        # one-process run would use.
-        if state is not None:
-            torch.set_rng_state(state["rank_torch_rng"][d.rank])
-        elif d.rank:
+        # Each process draws its own dropout masks from the global torch RNG (a resumed one: its own saved state,
+        # `_restore_rng_state`); rank 0's stream is the one a one-process run would use.
+        if state is None and d.rank:
             torch.manual_seed(cfg.seed + 1_000_003 * d.rank)
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -340,6 +344,16 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
     if d.active:
         print(f"{d.world_size} processes: each takes {cfg.batch_size // d.world_size} faces of every batch of "
               f"{cfg.batch_size}{' (SyncBatchNorm)' if cfg.sync_batchnorm else ''}", flush=True)
+
+    def forward_loss(x: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor | None,
+                     rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits of this process's faces `x` (its `rows` of the batch) and its loss (`_batch_loss`)."""
+        with autocast(device, amp_dtype):
+            logits = net(x)
+        return logits, _batch_loss(cfg, logits.float(), targets, class_weight, teacher, rows, d)
+
+    def backward(x: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor | None, rows: slice) -> None:
+        forward_loss(x, targets, teacher, rows)[1].backward()
 
     # ---- epochs ------------------------------------------------------------------------------
     epochs_this_call = 0
@@ -361,31 +375,32 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             x = resize(to_float(train_images[idx]), face_size)
             x = augment(x, cfg.augment, gen, crop=crop)
-            if d.active:  # every process drew and augmented the whole batch alike; each keeps its share of it
-                batch = idx
-                x, idx = x[d.shard(len(batch))], batch[d.shard(len(batch))]
-            x = normalize(x, cfg.normalize).contiguous(memory_format=memory_format)
-            y = train_labels[idx]
-            with autocast(device, amp_dtype):
-                logits = net(x)
-            if d.active:
-                loss = _share_loss(cfg, logits.float(), train_targets, class_weight, teacher_probs, batch, idx, d)
-            else:
-                loss = F.cross_entropy(logits.float(), train_targets[idx], weight=class_weight,
-                                       label_smoothing=cfg.label_smoothing)
-                if teacher_probs is not None:
-                    loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * distillation_loss(
-                        logits.float(), teacher_probs[idx], cfg.distill_temperature)
+            # What the loss aims at for these faces: their targets and (distillation) the teacher's probabilities.
+            targets = train_targets[idx]
+            teacher = teacher_probs[idx] if teacher_probs is not None else None
+            if mixing:  # as distributions, mixed on the whole batch before any process takes its share
+                x, targets, teacher, _ = levers.mix_batch(x, levers.as_distribution(targets, num_classes), teacher,
+                                                          cfg, gen)
+            # Several processes: every process drew, augmented and mixed the whole batch alike; each keeps its share.
+            rows = d.shard(len(idx)) if d.active else slice(None)
+            x = normalize(x[rows], cfg.normalize).contiguous(memory_format=memory_format)
+            y = train_labels[idx[rows]]
+            logits, loss = forward_loss(x, targets, teacher, rows)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.sam_rho:  # the gradient at the weights SAM perturbs replaces this one; the step starts from here
+                levers.sam_gradient(model, functools.partial(backward, x, targets, teacher, rows), cfg.sam_rho,
+                                    cfg.sam_adaptive)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
+            if cfg.average == "ema":
+                averaged.update_parameters(model)
             step += 1
             if scheduler is not None and cfg.schedule != "plateau":
                 scheduler.step()
             # (Several processes: this share's part of the batch's loss sum; `seen` counts this share's faces.)
-            loss_sum += loss.detach().double() * (len(batch) / d.world_size if d.active else len(y))
+            loss_sum += loss.detach().double() * (len(idx) / d.world_size if d.active else len(y))
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
             if cfg.progress and (b % 20 == 0 or b == steps_per_epoch - 1):
@@ -401,12 +416,22 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
             d.sync_buffers(model)  # every process evaluates (and rank 0 saves) rank 0's BatchNorm statistics
         # Nothing non-finite may become best, last or the checkpoint: the loss and the weights both.
         checked = _require_finite(cfg, epoch, checked, step, loss_sum, model)
+        if levers.swa_averages(cfg, epoch + 1):
+            averaged.update_parameters(model)
+            with autocast(device, amp_dtype):
+                levers.recompute_batchnorm(averaged.module, _plain_batches(train_images, face_size, crop, cfg,
+                                                                           memory_format), device)
+        if averaged is not None and d.active:  # each process averaged (or recomputed) its own BatchNorm statistics
+            d.sync_buffers(averaged)
+        # The weights PublicTest evaluates and best/last keep: the average, once it holds any.
+        evaluated = averaged.module if averaged is not None and averaged.n_averaged > 0 else model
+        val_weights = cfg.average if evaluated is not model else "raw"
 
         # Validation on PublicTest (model selection only). Finite weights can still be too large to compute with.
         # Several processes: each predicts its share of the faces, and every process gets all the predictions.
         nonfinite = False
         try:
-            probs = predict_proba(model, val_set.images[d.shard(len(val_set))] if d.active else val_set.images,
+            probs = predict_proba(evaluated, val_set.images[d.shard(len(val_set))] if d.active else val_set.images,
                                   input_size=input_size, norm=cfg.normalize, tta=val_tta, dtype=amp_dtype)
         except NonFiniteOutputError:
             nonfinite = True
@@ -421,7 +446,7 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
         elapsed += seconds
         row = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
-               "val_loss": val_loss, "val_acc": val_acc, "seconds": seconds}
+               "val_loss": val_loss, "val_acc": val_acc, "val_weights": val_weights, "seconds": seconds}
         history.append(row)
         improved = val_acc > best_acc
         if improved:
@@ -429,8 +454,8 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
         else:
             stale += 1
         print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}  "
-              f"PublicTest acc {val_acc:.4f}{' *' if improved else ''}  lr {row['lr']:.2e}  {seconds:.0f}s",
-              flush=True)
+              f"PublicTest acc{'' if val_weights == 'raw' else f' ({val_weights})'} {val_acc:.4f}"
+              f"{' *' if improved else ''}  lr {row['lr']:.2e}  {seconds:.0f}s", flush=True)
 
         reason = _stop_reason(cfg, stale, elapsed) if epoch + 1 < cfg.epochs else None
 
@@ -438,14 +463,14 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
         # The checkpoint comes last: a run killed (or out of disk) before it resumes at this epoch, which
         # rewrites the others as they were.
         # Several processes: rank 0 writes (with every process's RNG state), the others wait for it.
-        rank_rngs = {"rank_torch_rng": d.gather(torch.get_rng_state())} if d.active else {}
+        rng_states = _rng_state(device, d)
         if d.main:
             try:
                 with _saving(run_dir, epoch):
                     if improved:
-                        save_weights(model, run_dir / "best.safetensors",
+                        save_weights(evaluated, run_dir / "best.safetensors",
                                      weights_meta | {"epoch": epoch + 1, "public_test_acc": val_acc})
-                    save_weights(model, run_dir / "last.safetensors", weights_meta | {"epoch": epoch + 1})
+                    save_weights(evaluated, run_dir / "last.safetensors", weights_meta | {"epoch": epoch + 1})
                     _write_metrics(run_dir / "metrics.csv", history)
                     plot_curves(history, run_dir / "curves.png", title=f"{cfg.model} ({run_dir.name})")
                     _write_manifest(run_dir, cfg, data, commit, best_acc, best_epoch, epoch + 1, elapsed, device,
@@ -453,9 +478,10 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
                     _save_checkpoint(run_dir / "checkpoint.pt", {
                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                        "torch_rng": torch.get_rng_state(), "generator": gen.get_state(), "epoch": epoch + 1,
+                        **({"average": averaged.state_dict()} if averaged is not None else {}),
+                        **rng_states, "generator": gen.get_state(), "epoch": epoch + 1,
                         "step": step, "best_acc": best_acc, "best_epoch": best_epoch, "stale": stale,
-                        "elapsed": elapsed, "world_size": d.world_size, **rank_rngs})
+                        "elapsed": elapsed, "world_size": d.world_size})
             except Exception as e:
                 d.settle(e)  # the other processes stop with the same error
                 raise
@@ -487,6 +513,57 @@ def _check_shares(cfg: TrainConfig, n_train: int, n_val: int, device: torch.devi
     if cfg.sync_batchnorm and device.type != "cuda":
         raise ValueError("sync_batchnorm needs CUDA devices (torch's SyncBatchNorm does not run on CPU); on CPU "
                          "each process normalizes with the statistics of its own share of the batch")
+
+
+def _batch_loss(cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor, class_weight: torch.Tensor | None,
+                teacher: torch.Tensor | None, rows: slice, d: distributed.Dist) -> torch.Tensor:
+    """The training loss of this process's `rows` of a batch (its `logits`), whose targets (class indices, or
+    distributions: FER+ votes, mixed batches) and teacher probabilities (distillation; None: off) are `targets`
+    and `teacher`: (1 - w) * CE(targets) + w * distillation_loss, or with several processes `_share_loss`."""
+    if d.active:
+        pos = torch.arange(len(targets), device=targets.device)
+        return _share_loss(cfg, logits, targets, class_weight, teacher, pos, pos[rows], d)
+    loss = F.cross_entropy(logits, targets, weight=class_weight, label_smoothing=cfg.label_smoothing)
+    if teacher is not None:
+        loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * distillation_loss(
+            logits, teacher, cfg.distill_temperature)
+    return loss
+
+
+def _plain_batches(images: torch.Tensor, face_size: int, crop: int, cfg: TrainConfig,
+                   memory_format: torch.memory_format) -> Iterator[torch.Tensor]:
+    """The training faces in order, un-augmented, in the view PublicTest selection sees (the centre crop when
+    training on crops), ready for the model: SWA's BatchNorm pass (`levers.recompute_batchnorm`)."""
+    for i in range(0, len(images), cfg.batch_size):
+        x = resize(to_float(images[i:i + cfg.batch_size]), face_size)
+        yield normalize(center_crop(x, crop) if crop else x, cfg.normalize).contiguous(memory_format=memory_format)
+
+
+def _rng_state(device: torch.device, d: distributed.Dist) -> dict[str, Any]:
+    """The global RNG states a checkpoint keeps (dropout draws; the shuffling and augmentation generator is
+    saved apart): torch's CPU generator and, training on CUDA, the training GPU's generator (that device's alone:
+    a checkpoint resumes on a machine with other GPUs); with several processes also every process's, by rank
+    (called by every process: it gathers)."""
+    state = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    if d.active:
+        state |= {f"rank_{k}": d.gather(v) for k, v in list(state.items())}
+    return state
+
+
+def _restore_rng_state(state: dict[str, Any], device: torch.device, d: distributed.Dist) -> None:
+    """Put back what `_rng_state` saved, this process's own with several processes. A checkpoint without a CUDA
+    state (saved on CPU, or by a ferkit before it kept one) leaves the GPU's generator as seeded: the run resumes,
+    with other dropout draws on the GPU than an uninterrupted run's."""
+    prefix = "rank_" if d.active else ""
+
+    def saved(key: str) -> torch.Tensor:
+        return state[prefix + key][d.rank] if d.active else state[key]
+
+    torch.set_rng_state(saved("torch_rng"))
+    if device.type == "cuda" and prefix + "cuda_rng" in state:
+        torch.cuda.set_rng_state(saved("cuda_rng"), device)
 
 
 def _share_loss(cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor, class_weight: torch.Tensor | None,
@@ -725,11 +802,14 @@ def _write_metrics(path: Path, history: list[dict[str, float]]) -> None:
     write_rows(path, METRIC_FIELDS, history)
 
 
-def _read_metrics(path: Path) -> list[dict[str, float]]:
-    """metrics.csv rows as numbers; epoch and step stay integers, so a resumed run rewrites them unchanged."""
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """metrics.csv rows as numbers (epoch and step stay integers, so a resumed run rewrites them unchanged), and
+    val_weights's name ('raw' in the rows of a run written before that column existed)."""
+    def value(key: str, text: str) -> int | float | str:
+        return int(float(text)) if key in ("epoch", "step") else text if key == "val_weights" else float(text)
+
     with open(path, newline="") as f:
-        return [{k: int(float(v)) if k in ("epoch", "step") else float(v) for k, v in row.items()}
-                for row in csv.DictReader(f)]
+        return [{"val_weights": "raw"} | {k: value(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def _read_json(path: Path) -> dict:

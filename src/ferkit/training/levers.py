@@ -1,0 +1,136 @@
+"""Training levers beyond the plain loop: weight averaging (EMA, SWA), sharpness-aware minimization (SAM, ASAM)
+and mixup / CutMix. Torch only (timm is optional and torchvision is not a dependency); each piece is small
+enough to read against its paper. The trainer turns them on from TrainConfig (average, ema_decay, swa_start,
+sam_rho, sam_adaptive, mixup_alpha, cutmix_alpha, mix_prob); with their defaults it runs none of this code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
+
+from ferkit.training.config import TrainConfig
+
+# ---- weight averaging ---------------------------------------------------------------------------------------
+
+
+def averaged_model(model: nn.Module, cfg: TrainConfig) -> AveragedModel | None:
+    """The copy of `model` that `cfg.average` keeps (None for 'none'), using torch's own averaging.
+
+    ema: W_ema <- decay * W_ema + (1 - decay) * W after every optimizer step (the first step copies W), with the
+    BatchNorm running statistics averaged alike (use_buffers). swa: the running mean of the weights it is given
+    (once per epoch: `swa_averages`; Izmailov et al. 2018, 'Averaging Weights Leads to Wider Optima and Better
+    Generalization'); its BatchNorm statistics are recomputed for the mean weights (`recompute_batchnorm`)."""
+    if cfg.average == "ema":
+        return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    if cfg.average == "swa":
+        return AveragedModel(model)
+    return None
+
+
+def swa_averages(cfg: TrainConfig, epochs_done: int) -> bool:
+    """Whether SWA adds the weights at the end of epoch `epochs_done` (1-based) to its mean: every epoch after the
+    first `swa_start` fraction of the run's epochs (swa_start 0.75 of 100 epochs: epochs 76-100)."""
+    return cfg.average == "swa" and epochs_done > cfg.swa_start * cfg.epochs
+
+
+def recompute_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device) -> None:
+    """Give `model`'s BatchNorm layers the running statistics of its own weights, from one pass over `batches` in
+    training mode (torch's update_bn): a mean of weights is not a mean of the activations' statistics. The global
+    RNG is forked, so dropout draws in this pass leave the training's random stream (and its resume) as it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        update_bn(batches, model)
+
+
+# ---- SAM / ASAM ---------------------------------------------------------------------------------------------
+
+
+def sam_gradient(model: nn.Module, recompute: Callable[[], None], rho: float, adaptive: bool = False) -> None:
+    """Replace the gradients of `model`'s parameters, those of the loss at the weights w (a backward pass ran), by
+    SAM's: the gradient at w + e, e = rho * T(T g) / ||T g||, after which the base optimizer steps from w.
+
+    T = 1: SAM (Foret, Kleiner, Mobahi & Neyshabur 2021, 'Sharpness-Aware Minimization for Efficiently Improving
+    Generalization', ICLR). T = |w| element-wise: ASAM (Kwon, Kim, Park & Choi 2021, 'ASAM: Adaptive
+    Sharpness-Aware Minimization for Scale-Invariant Learning of Deep Neural Networks', ICML), here without its
+    small eta offset, as in the widely used davda54/sam implementation.
+
+    `recompute()` runs the forward and backward pass again; its backward fills the gradients anew (they are
+    cleared first, so the first pass's do not add to them; under DDP it averages them over the processes as the
+    first backward did, so every process perturbs and steps alike). Only parameters with a gradient move (frozen
+    ones stay). The weights are then put back bit for bit, and so are the buffers (BatchNorm running statistics
+    the second forward updated): the second pass measures a gradient and changes nothing else.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    weights = [p.detach().clone() for p in params]
+    buffers = [b.detach().clone() for b in model.buffers()]
+    with torch.no_grad():
+        scaled = [p.grad * p.abs() if adaptive else p.grad for p in params]  # T g
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in scaled]))
+        scale = rho / (norm + 1e-12)
+        for p, t in zip(params, scaled, strict=True):
+            p.add_((t * p.abs() if adaptive else t) * scale)
+            p.grad = None
+    recompute()
+    with torch.no_grad():
+        for p, w in zip(params, weights, strict=True):
+            p.copy_(w)
+        for b, saved in zip(model.buffers(), buffers, strict=True):
+            b.copy_(saved)
+
+
+# ---- mixup / CutMix -----------------------------------------------------------------------------------------
+
+
+def mixes(cfg: TrainConfig) -> bool:
+    """Whether the run mixes batches at all; when it does not, training is exactly the run without the levers."""
+    return cfg.mix_prob > 0 and (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0)
+
+
+def as_distribution(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B,) class indices as one-hot rows; (B, C) distributions (FER+ votes) as they are."""
+    return F.one_hot(targets, num_classes).float() if targets.dim() == 1 else targets
+
+
+def mix_batch(x: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor | None, cfg: TrainConfig,
+              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
+    """mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) on one batch, as timm's Mixup does it.
+
+    x: (B, 1, H, W) images; targets and teacher: (B, C) distributions (`as_distribution`), the teacher's may be
+    None. With probability `cfg.mix_prob` the batch is mixed with a permutation of itself: mixup blends whole
+    images, x*lam + x[perm]*(1-lam), lam ~ Beta(mixup_alpha, mixup_alpha); CutMix pastes a box of the permuted
+    images whose area is about 1 - lam, lam ~ Beta(cutmix_alpha, cutmix_alpha), and lam becomes the fraction of
+    each image left (the box clipped at the border). Both on: one of the two per batch, 50/50. The targets and
+    the teacher's probabilities are mixed with the same permutation and lam.
+
+    Every random number comes from `gen`, the run's generator (one draw per batch, mixed or not), so a seeded
+    run and its resume mix alike, and processes drawing the same batch mix it alike. Returns the images, targets,
+    teacher probabilities and lam (1.0 for a batch left as it is)."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**63 - 1, (), generator=gen)))
+    if rng.random() >= cfg.mix_prob:
+        return x, targets, teacher, 1.0
+    cutmix = cfg.cutmix_alpha > 0 and (cfg.mixup_alpha <= 0 or rng.random() < 0.5)
+    alpha = cfg.cutmix_alpha if cutmix else cfg.mixup_alpha
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.from_numpy(rng.permutation(len(x))).to(x.device)
+    if cutmix:
+        h, w = x.shape[-2:]
+        side = math.sqrt(1 - lam)
+        cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        y0, y1 = max(cy - int(h * side) // 2, 0), min(cy + int(h * side) // 2, h)
+        x0, x1 = max(cx - int(w * side) // 2, 0), min(cx + int(w * side) // 2, w)
+        mixed = x.clone()
+        mixed[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+    else:
+        mixed = x * lam + x[perm] * (1 - lam)
+
+    def blend(t: torch.Tensor) -> torch.Tensor:
+        return t * lam + t[perm] * (1 - lam)
+
+    return mixed, blend(targets), None if teacher is None else blend(teacher), lam

@@ -1,0 +1,443 @@
+"""Training levers (issue #24): weight averaging (EMA, SWA), SAM / ASAM, mixup / CutMix and the CUDA RNG state in
+checkpoints: each against a hand computation, exact resume, their settings' checks, and their composition with the
+other options (bf16, grad_clip, distillation, soft FER+ labels, class weights, torchrun)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import synthetic_rows, write_csv
+from safetensors.torch import load_file
+from test_training import small_config, without_timing
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from typer.testing import CliRunner
+
+import ferkit.training.trainer as trainer
+from ferkit.cli import app
+from ferkit.data import load_dataset
+from ferkit.data.augment import normalize, resize, to_float
+from ferkit.models import create_model
+from ferkit.models.predict import predict_proba
+from ferkit.models.weights import load_model
+from ferkit.training import TrainConfig, TrainingError, train
+from ferkit.training.distributed import SINGLE
+from ferkit.training.levers import as_distribution, mix_batch, sam_gradient
+
+BN_MODEL = "mini_xception"  # small, with BatchNorm (whose statistics EMA averages and SWA recomputes)
+STEPS_PER_EPOCH = 5  # tiny_csv: 70 Training faces in batches of 16
+
+
+def float_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if v.is_floating_point()}
+
+
+def val_weights(run_dir: Path) -> list[str]:
+    return [row["val_weights"] for row in trainer._read_metrics(run_dir / "metrics.csv")]
+
+
+@pytest.fixture
+def trajectory(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """The trained model's state dict after every optimizer step of the next train() call."""
+    states: list[dict[str, torch.Tensor]] = []
+    built: list[torch.nn.Module] = []
+    real_create = trainer.create_model
+
+    def create(*args, **kwargs):
+        built.append(real_create(*args, **kwargs))
+        return built[-1]
+
+    def record(optimizer, args, kwargs) -> None:
+        states.append({k: v.detach().clone() for k, v in built[-1].state_dict().items()})
+
+    monkeypatch.setattr(trainer, "create_model", create)
+    handle = register_optimizer_step_post_hook(record)
+    yield states
+    handle.remove()
+
+
+# ---- weight averaging -------------------------------------------------------------------------------------------
+
+
+def test_ema_weights_are_the_moving_average_of_the_trajectory(tiny_csv: Path, tmp_path: Path,
+                                                               trajectory: list[dict[str, torch.Tensor]]) -> None:
+    decay = 0.8
+    result = train(small_config(tiny_csv, tmp_path, model=BN_MODEL, epochs=3, lr=0.01, average="ema", ema_decay=decay))
+    assert len(trajectory) == 3 * STEPS_PER_EPOCH
+    ema = [float_tensors(trajectory[0])]  # the first update copies the weights
+    for state in trajectory[1:]:
+        ema.append({k: decay * v + (1 - decay) * state[k] for k, v in ema[-1].items()})
+    last = load_file(str(result.run_dir / "last.safetensors"))
+    assert any("running_mean" in k for k in ema[-1])  # BatchNorm statistics are averaged too
+    for k, v in ema[-1].items():
+        torch.testing.assert_close(last[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert any(not torch.allclose(last[k], v) for k, v in float_tensors(trajectory[-1]).items())  # not the raw ones
+    best_epoch = result.best_epoch
+    best = load_file(str(result.run_dir / "best.safetensors"))
+    for k, v in ema[best_epoch * STEPS_PER_EPOCH - 1].items():
+        torch.testing.assert_close(best[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    # PublicTest evaluated the averaged weights, and metrics.csv says so.
+    assert val_weights(result.run_dir) == ["ema"] * 3
+    model, meta = load_model(result.run_dir / "last.safetensors")
+    public = load_dataset(str(tiny_csv)).split("PublicTest")
+    probs = predict_proba(model, public.images, input_size=meta["input_size"])
+    assert float((probs.argmax(1) == public.labels).mean()) == result.history[-1]["val_acc"]
+    val_loss = float(-np.log(probs[np.arange(len(probs)), public.labels].clip(1e-12)).mean())
+    assert val_loss == pytest.approx(result.history[-1]["val_loss"], rel=1e-5)
+    assert "average" in torch.load(result.run_dir / "checkpoint.pt", weights_only=True)
+
+
+def test_swa_weights_are_the_mean_of_the_epochs_it_averaged(tiny_csv: Path, tmp_path: Path) -> None:
+    # Four epochs, swa_start 0.5: the mean of the weights at the ends of epochs 3 and 4 (the raw weights are
+    # kept as snapshots at every epoch's end).
+    result = train(small_config(tiny_csv, tmp_path, model=BN_MODEL, epochs=4, average="swa", swa_start=0.5,
+                                save_every=STEPS_PER_EPOCH))
+    assert val_weights(result.run_dir) == ["raw", "raw", "swa", "swa"]
+    snapshots = [load_file(str(result.run_dir / "snapshots" / f"step{s:07d}.safetensors")) for s in (15, 20)]
+    model = create_model(BN_MODEL, num_classes=7)
+    params = {name for name, _ in model.named_parameters()}
+    mean = {k: (snapshots[0][k] + snapshots[1][k]) / 2 for k in params}
+    last = load_file(str(result.run_dir / "last.safetensors"))
+    for k, v in mean.items():
+        torch.testing.assert_close(last[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    # Its BatchNorm statistics are those of the mean weights, on the un-augmented training faces.
+    model.load_state_dict(mean, strict=False)
+    faces = torch.from_numpy(load_dataset(str(tiny_csv)).split("Training").images)
+    batches = [normalize(resize(to_float(faces[i:i + 16]), 48)) for i in range(0, len(faces), 16)]
+    torch.optim.swa_utils.update_bn(batches, model)
+    for k, v in model.state_dict().items():
+        if "running_" in k:
+            torch.testing.assert_close(last[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    # The average is kept apart: the weights that train on are the raw ones.
+    raw = torch.load(result.run_dir / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(raw[k], snapshots[1][k]) for k in params)
+
+
+@pytest.mark.parametrize("levers", [
+    dict(model=BN_MODEL, average="ema", ema_decay=0.9),
+    dict(model=BN_MODEL, average="swa", swa_start=0.3),
+    dict(mixup_alpha=0.4, cutmix_alpha=1.0, mix_prob=0.8),
+    dict(sam_rho=0.05, sam_adaptive=True),
+], ids=["ema", "swa", "mixup_cutmix", "asam"])
+def test_resume_after_kill_matches_the_uninterrupted_run(tiny_csv: Path, tmp_path: Path, levers: dict) -> None:
+    full = train(small_config(tiny_csv, tmp_path / "full", **levers))
+    killed = train(small_config(tiny_csv, tmp_path / "resumed", **levers), stop_after_epochs=1)
+    assert killed.epochs_run == 1
+    resumed = train(resume=killed.run_dir)
+    assert without_timing(resumed.history) == without_timing(full.history)
+    for name in ("last.safetensors", "best.safetensors"):
+        a, b = load_file(str(full.run_dir / name)), load_file(str(resumed.run_dir / name))
+        for k, v in a.items():
+            assert torch.equal(v, b[k]), (name, k)
+    # A CPU run keeps no CUDA RNG state; its checkpoint resumes all the same (above).
+    assert "cuda_rng" not in torch.load(resumed.run_dir / "checkpoint.pt", weights_only=True)
+
+
+# ---- SAM / ASAM -----------------------------------------------------------------------------------------------
+
+
+def tiny_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Tanh(),
+                               torch.nn.Linear(4, 2)).double()
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_a_sam_step_is_the_hand_computed_one(adaptive: bool) -> None:
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.tensor([0, 1] * 4)
+    rho, lr = 0.3, 0.1
+    model = tiny_net()
+    names = [n for n, _ in model.named_parameters()]
+    w = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def loss_at(weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        buffers = {n: b.clone() for n, b in model.named_buffers()}  # the hand computation moves no statistics
+        return F.cross_entropy(torch.func.functional_call(model, weights | buffers, (x,)), y)
+
+    # By hand: g at w; e = rho * T(T g) / ||T g||, T = |w| (ASAM) or 1 (SAM); the SGD step with g at w + e.
+    g = dict(zip(names, torch.autograd.grad(loss_at({n: v.requires_grad_() for n, v in w.items()}), list(w.values())),
+                 strict=True))
+    w = {n: v.detach() for n, v in w.items()}
+    t = {n: w[n].abs() if adaptive else torch.ones_like(w[n]) for n in names}
+    norm = torch.sqrt(sum(((t[n] * g[n]) ** 2).sum() for n in names))
+    perturbed = {n: (w[n] + rho * t[n] * t[n] * g[n] / norm).requires_grad_() for n in names}
+    g2 = torch.autograd.grad(loss_at(perturbed), list(perturbed.values()))
+    expected = {n: w[n] - lr * g2[i] for i, n in enumerate(names)}
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    F.cross_entropy(model(x), y).backward()
+    statistics = {n: b.clone() for n, b in model.named_buffers()}  # after the first pass, as plain training
+    sam_gradient(model, lambda: F.cross_entropy(model(x), y).backward(), rho, adaptive)
+    for n, b in model.named_buffers():  # the second pass changed no BatchNorm statistics
+        assert torch.equal(b, statistics[n]), n
+    optimizer.step()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n], msg=n)
+
+
+def test_sam_with_rho_zero_is_the_plain_gradient() -> None:
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.tensor([0, 1] * 4)
+    plain, sam = tiny_net(), tiny_net()
+    F.cross_entropy(plain(x), y).backward()
+    F.cross_entropy(sam(x), y).backward()
+    sam_gradient(sam, lambda: F.cross_entropy(sam(x), y).backward(), 0.0)  # the second pass's alone, not added
+    for (n, p), q in zip(plain.named_parameters(), sam.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad) and torch.equal(p, q), n
+
+
+def test_sam_in_training_differs_from_plain_and_rho_zero_is_plain(tiny_csv: Path, tmp_path: Path) -> None:
+    plain = train(small_config(tiny_csv, tmp_path / "plain", epochs=1))
+    off = train(small_config(tiny_csv, tmp_path / "off", epochs=1, sam_rho=0.0, sam_adaptive=True))
+    sam = train(small_config(tiny_csv, tmp_path / "sam", epochs=1, sam_rho=0.05))
+    assert without_timing(off.history) == without_timing(plain.history)
+    assert sam.history[0]["train_loss"] != plain.history[0]["train_loss"]
+
+
+# ---- mixup / CutMix ---------------------------------------------------------------------------------------------
+
+
+def identity_batch(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images filled with their own row number, and one-hot targets over n classes (row i is class i): a mixed
+    batch shows which row each one was mixed with."""
+    return torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 12, 12).clone(), torch.eye(n)
+
+
+def test_cutmix_lambda_is_the_fraction_of_each_image_kept() -> None:
+    cfg = TrainConfig(cutmix_alpha=1.0)
+    gen = torch.Generator().manual_seed(0)
+    checked = 0
+    for _ in range(20):
+        x, eye = identity_batch()
+        mixed, targets, teacher, lam = mix_batch(x, eye, eye.clone(), cfg, gen)
+        torch.testing.assert_close(targets.sum(1), torch.ones(8))
+        assert torch.equal(targets, teacher)  # the same permutation and lam for both
+        perm = (targets - lam * eye).argmax(1)  # row i took its box from row perm[i]
+        for i in range(8):
+            if perm[i] != i:
+                assert float((mixed[i] == i).float().mean()) == pytest.approx(lam, abs=1e-6)
+                assert float((mixed[i] == perm[i]).float().mean()) == pytest.approx(1 - lam, abs=1e-6)
+                checked += 0 < lam < 1
+    assert checked > 20
+
+
+def test_mixup_blends_images_targets_and_teacher_alike() -> None:
+    cfg = TrainConfig(mixup_alpha=0.4)
+    x, onehot = identity_batch()
+    soft = torch.softmax(torch.randn(8, 5), 1)  # FER+ vote distributions
+    mixed, mixed_soft, mixed_onehot, lam = mix_batch(x, soft, onehot, cfg, torch.Generator().manual_seed(3))
+    assert 0 < lam < 1
+    perm = (mixed_onehot - lam * torch.eye(8)).argmax(1)  # row i was mixed with row perm[i]
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x[perm])
+    torch.testing.assert_close(mixed_soft, lam * soft + (1 - lam) * soft[perm])
+    torch.testing.assert_close(mixed_soft.sum(1), torch.ones(8))
+    # Same generator state, same mix (a resumed run mixes as the uninterrupted one); mix_prob 0 leaves it as is.
+    again = mix_batch(x, soft, onehot, cfg, torch.Generator().manual_seed(3))
+    assert torch.equal(again[0], mixed) and torch.equal(again[1], mixed_soft)
+    kept = mix_batch(x, soft, onehot, TrainConfig(mixup_alpha=0.4, mix_prob=0.0), torch.Generator())
+    assert kept[0] is x and kept[1] is soft and kept[2] is onehot and kept[3] == 1.0
+
+
+def test_hard_labels_become_one_hot_and_soft_ones_stay() -> None:
+    assert torch.equal(as_distribution(torch.tensor([2, 0]), 3), torch.tensor([[0.0, 0, 1], [1, 0, 0]]))
+    soft = torch.tensor([[0.2, 0.8]])
+    assert as_distribution(soft, 2) is soft
+
+
+def test_mixing_switched_off_is_bit_identical_to_no_mixing(tiny_csv: Path, tmp_path: Path) -> None:
+    plain = train(small_config(tiny_csv, tmp_path / "plain", epochs=2))
+    never = train(small_config(tiny_csv, tmp_path / "never", epochs=2, mixup_alpha=0.4, cutmix_alpha=1.0,
+                               mix_prob=0.0))
+    mixed = train(small_config(tiny_csv, tmp_path / "mixed", epochs=2, mixup_alpha=0.4))
+    assert without_timing(never.history) == without_timing(plain.history)
+    a, b = load_file(str(plain.run_dir / "last.safetensors")), load_file(str(never.run_dir / "last.safetensors"))
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    assert without_timing(mixed.history) != without_timing(plain.history)
+
+
+# ---- composition with the other options ----------------------------------------------------------------------
+
+
+def test_levers_compose_with_soft_labels_distillation_bf16_and_grad_clip(tmp_path: Path, cache_dir: Path) -> None:
+    from test_ferplus_cli import _ferplus_pair
+
+    from ferkit.models.weights import save_weights
+
+    csv_path, fp_path, _ = _ferplus_pair(tmp_path)
+    classes = ["neutral", "happy", "surprise", "sad", "angry", "disgust", "fear", "contempt"]
+    teacher = tmp_path / "teacher.safetensors"
+    torch.manual_seed(0)
+    save_weights(create_model("sixclass_cnn4", num_classes=8), teacher,
+                 {"model": "sixclass_cnn4", "num_classes": 8, "classes": classes, "label_set": "ferplus8",
+                  "input_size": 48, "normalize": "dataset", "model_kwargs": {}})
+    result = train(small_config(csv_path, tmp_path / "runs", epochs=2, labels=str(fp_path), label_mode="soft",
+                                label_set="ferplus8", teacher=str(teacher), precision="bf16", grad_clip=1.0,
+                                sam_rho=0.05, mixup_alpha=0.4, cutmix_alpha=1.0, average="ema", ema_decay=0.9))
+    assert all(math.isfinite(h["train_loss"]) for h in result.history)
+    assert val_weights(result.run_dir) == ["ema", "ema"]
+
+
+def test_levers_compose_with_class_weights_crops_and_swa(tiny_csv: Path, tmp_path: Path) -> None:
+    result = train(small_config(tiny_csv, tmp_path, model=BN_MODEL, epochs=2, class_weights="balanced",
+                                label_smoothing=0.1, train_view="crop", sam_rho=0.5, sam_adaptive=True,
+                                cutmix_alpha=1.0, mix_prob=0.5, average="swa", swa_start=0.0))
+    assert all(math.isfinite(h["train_loss"]) for h in result.history)
+    assert val_weights(result.run_dir) == ["swa", "swa"]
+
+
+def test_two_processes_train_the_one_process_run_with_the_levers(tmp_path: Path, cache_dir: Path) -> None:
+    # SAM's first pass averages its gradient over the processes (every process perturbs alike) and must not
+    # leak into the second; the mix is drawn for the whole batch before the shares are taken; each process
+    # updates its EMA alike. Without BatchNorm and dropout, the weights are one process's up to float rounding.
+    from test_distributed import SETTINGS, flags, torchrun
+
+    data = write_csv(tmp_path / "tiny.csv", synthetic_rows({"Training": 70, "PublicTest": 35, "PrivateTest": 35}))
+    levers = SETTINGS | {"epochs": 2, "sam_rho": 0.05, "mixup_alpha": 0.4, "cutmix_alpha": 1.0,
+                         "average": "ema", "ema_decay": 0.9}
+    two = torchrun(2, ["-m", "ferkit", "train", "--data", str(data), "--out", str(tmp_path / "two"), "--name", "r",
+                       "--no-progress", *flags(levers)], cwd=tmp_path)
+    assert two.returncode == 0, two.stdout[-4000:]
+    one = train(TrainConfig(data=str(data), out_dir=str(tmp_path / "one"), run_name="r", progress=False, **levers))
+    two_w = load_file(str(tmp_path / "two" / "r" / "last.safetensors"))
+    for k, v in load_file(str(one.run_dir / "last.safetensors")).items():
+        torch.testing.assert_close(two_w[k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
+# ---- settings ---------------------------------------------------------------------------------------------------
+
+
+BAD_SETTINGS = [
+    ("average", "sma", "average 'sma' not in"),
+    ("ema_decay", 1.0, "ema_decay must be in .0, 1."),
+    ("ema_decay", 0.0, "ema_decay must be in .0, 1."),
+    ("ema_decay", float("nan"), "ema_decay must be in .0, 1., e.g. 0.999, got nan"),
+    ("swa_start", 1.0, "swa_start must be a fraction of the epochs in .0, 1., got 1.0"),
+    ("swa_start", -0.1, "swa_start must be"),
+    ("sam_rho", -0.05, "sam_rho must be a finite number >= 0 .0 = off., e.g. 0.05, got -0.05"),
+    ("sam_rho", float("nan"), "sam_rho must be .*got nan"),
+    ("sam_rho", float("inf"), "sam_rho must be .*got inf"),
+    ("mixup_alpha", -1.0, "mixup_alpha must be .*got -1.0"),
+    ("mixup_alpha", float("nan"), "mixup_alpha must be .*got nan"),
+    ("cutmix_alpha", float("inf"), "cutmix_alpha must be .*got inf"),
+    ("mix_prob", 1.5, "mix_prob must be a probability in .0, 1., got 1.5"),
+    ("mix_prob", float("nan"), "mix_prob must be .*got nan"),
+]
+
+
+@pytest.mark.parametrize("key, value, message", BAD_SETTINGS)
+def test_bad_lever_settings_fail_before_any_run_directory(tiny_csv: Path, tmp_path: Path, key: str, value: object,
+                                                          message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{key: value}).validate()
+    with pytest.raises(ValueError, match=message):
+        train(small_config(tiny_csv, tmp_path / "runs", **{key: value}))
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sam_rho=nan"], "sam_rho=nan: expected a number"),
+    (["sam_rho=NaN"], "sam_rho must be a finite number >= 0"),
+    (["--sam-rho", "nan"], "sam_rho must be a finite number >= 0"),
+    (["--average", "sma"], "average 'sma' not in"),
+    (["ema_decay=1"], "ema_decay must be in (0, 1)"),
+    (["swa_start=1"], "swa_start must be"),
+    (["--mixup-alpha", "-0.2"], "mixup_alpha must be"),
+    (["cutmix_alpha=Infinity"], "cutmix_alpha must be"),
+    (["mix_prob=2"], "mix_prob must be a probability"),
+    (["sam_adaptive=1"], "sam_adaptive=1: expected true or false"),
+])
+def test_bad_lever_settings_on_the_command_line(tiny_csv: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    result = CliRunner().invoke(app, ["train", "--data", str(tiny_csv), "--out", str(tmp_path / "runs"), "--name",
+                                      "x", "--no-progress", *args])
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_lever_settings_on_the_command_line_and_in_sweeps(tiny_csv: Path, tmp_path: Path) -> None:
+    from ferkit.training.sweep import SweepError, parse_grid
+
+    args = ["train", "--data", str(tiny_csv), "--model", "sixclass_cnn4", "--epochs", "1", "--out", str(tmp_path),
+            "--name", "x", "--no-progress", "--precision", "fp32", "--average", "ema", "--sam-rho", "0.05",
+            "--mixup-alpha", "0.2", "--cutmix-alpha", "1", "ema_decay=0.99", "mix_prob=0.5", "sam_adaptive=true",
+            "swa_start=0.5"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "x" / "config.json").read_text())
+    assert {k: config[k] for k in ("average", "ema_decay", "swa_start", "sam_rho", "sam_adaptive", "mixup_alpha",
+                                   "cutmix_alpha", "mix_prob")} == {
+        "average": "ema", "ema_decay": 0.99, "swa_start": 0.5, "sam_rho": 0.05, "sam_adaptive": True,
+        "mixup_alpha": 0.2, "cutmix_alpha": 1.0, "mix_prob": 0.5}
+    grid = parse_grid(["average=none,ema,swa", "sam_rho=0,0.05", "sam_adaptive=false,true", "mixup_alpha=0,0.2"])
+    assert grid["average"] == ["none", "ema", "swa"]
+    with pytest.raises(SweepError, match="ema_decay=1: ema_decay must be in"):
+        parse_grid(["ema_decay=0.99,1"])
+    help_text = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "400"}).output
+    for name in ("--average", "--sam-rho", "--mixup-alpha", "--cutmix-alpha", "ema_decay", "swa_start",
+                 "sam_adaptive", "mix_prob"):
+        assert name in help_text, name
+
+
+def test_a_resumed_run_keeps_its_levers(tiny_csv: Path, tmp_path: Path) -> None:
+    run_dir = train(small_config(tiny_csv, tmp_path, epochs=2, average="ema"), stop_after_epochs=1).run_dir
+    for change in ("average=none", "sam_rho=0.05", "mixup_alpha=0.2", "ema_decay=0.9", "mix_prob=0.5"):
+        with pytest.raises(ValueError, match="a resumed run keeps its saved config"):
+            TrainConfig().resume_changes([change])
+        result = CliRunner().invoke(app, ["train", "--resume", str(run_dir), "--no-progress", change])
+        assert result.exit_code == 2 and "a resumed run keeps its saved config" in result.output, result.output
+    with pytest.raises(ValueError, match="cannot change sam_rho"):
+        train(resume=run_dir, changes={"sam_rho": 0.05})
+    # A checkpoint that lacks the average its config asks for is refused clearly.
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    del ckpt["average"]
+    torch.save(ckpt, run_dir / "checkpoint.pt")
+    with pytest.raises(TrainingError, match="does not fit its config.json"):
+        train(resume=run_dir)
+
+
+def test_metrics_written_before_the_val_weights_column_still_resume(tiny_csv: Path, tmp_path: Path) -> None:
+    full = train(small_config(tiny_csv, tmp_path / "full", epochs=2))
+    run_dir = train(small_config(tiny_csv, tmp_path / "old", epochs=2), stop_after_epochs=1).run_dir
+    lines = (run_dir / "metrics.csv").read_text().splitlines()
+    column = lines[0].split(",").index("val_weights")
+    (run_dir / "metrics.csv").write_text("".join(",".join(f for i, f in enumerate(line.split(",")) if i != column)
+                                                 + "\n" for line in lines))  # as an older ferkit wrote it
+    resumed = train(resume=run_dir)
+    assert without_timing(resumed.history) == without_timing(full.history)
+
+
+# ---- CUDA RNG state -----------------------------------------------------------------------------------------------
+
+
+def test_the_cuda_rng_state_is_saved_and_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = torch.device("cuda", 0)
+    gpu_state = torch.arange(16, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": gpu_state.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((state, device)))
+    state = trainer._rng_state(cuda, SINGLE)
+    assert torch.equal(state["cuda_rng"], gpu_state) and torch.equal(state["torch_rng"], torch.get_rng_state())
+    trainer._restore_rng_state(state, cuda, SINGLE)
+    assert len(restored) == 1 and torch.equal(restored[0][0], gpu_state) and restored[0][1] == cuda
+    # A CPU checkpoint (or one saved before CUDA states were kept) resumes on a GPU without one; a CPU run
+    # neither saves nor restores one.
+    restored.clear()
+    trainer._restore_rng_state({"torch_rng": torch.get_rng_state()}, cuda, SINGLE)
+    assert restored == [] and "cuda_rng" not in trainer._rng_state(torch.device("cpu"), SINGLE)
+    trainer._restore_rng_state(state, torch.device("cpu"), SINGLE)
+    assert restored == []
+
+
+def test_rng_states_round_trip_through_a_checkpoint(tmp_path: Path) -> None:
+    # The CPU state restored from a saved checkpoint gives the same random numbers as the state saved.
+    torch.manual_seed(5)
+    state = trainer._rng_state(torch.device("cpu"), SINGLE)
+    expected = torch.rand(3)
+    torch.save(state, tmp_path / "c.pt")
+    torch.manual_seed(6)
+    trainer._restore_rng_state(torch.load(tmp_path / "c.pt", weights_only=True), torch.device("cpu"), SINGLE)
+    assert torch.equal(torch.rand(3), expected)
