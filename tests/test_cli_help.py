@@ -59,3 +59,21 @@ def test_train_and_reproduce_default_to_the_same_data_file() -> None:
     reproduce = typer.main.get_command(app).commands["reproduce"]
     data = next(p for p in reproduce.params if p.name == "data")
     assert TrainConfig().data == data.default == "fer2013.csv.gz"
+
+
+@pytest.mark.parametrize("name", sorted(_command_texts()))
+def test_example_commands_continue_with_a_backslash(name: str) -> None:
+    """An example command broken over lines must show a backslash at each break, or a user who pastes it runs
+    the first line alone. In the source a single backslash at a line's end is Python's line continuation: the
+    lines are joined, and the help shows one line with a gap of spaces before the next option (train's
+    distillation example once did)."""
+    group = typer.main.get_command(app)
+    lines = (group.commands[name].epilog or "").splitlines()
+    for line, following in zip(lines, [*lines[1:], ""], strict=True):
+        if not re.match(r"\s*(ferkit|torchrun|python)\b", line):
+            continue
+        joined = re.search(r"\S {3,}(--|[\w.]+=)", line)  # an option after a gap: a swallowed line break
+        assert not joined, f"{name} --help: {line.strip()!r} lost its backslash (doubled in the source)"
+        continued = re.match(r"\s{4,}(--|[\w.]+=)", following)  # an indented option or key=value
+        assert not continued or line.rstrip().endswith("\\"), f"{name} --help: {line.strip()!r} continues " \
+            "without a backslash"

@@ -19,7 +19,7 @@ Examples:
 
   ferkit train --data fer2013.csv.gz --model bokanyi_deep augment.rotation=15 label_smoothing=0.1
 
-  ferkit train --data fer2013.csv.gz --model mini_xception teacher=runs/<big>/best.safetensors \
+  ferkit train --data fer2013.csv.gz --model mini_xception teacher=runs/<big>/best.safetensors \\
       distill_weight=0.7 distill_temperature=4       (knowledge distillation from a trained model)
 
   ferkit train --data fer2013.csv.gz --model ferkit_vgg_s --average ema --sam-rho 0.05 \\
