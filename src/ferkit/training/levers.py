@@ -51,7 +51,8 @@ def recompute_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], devic
 # ---- SAM / ASAM ---------------------------------------------------------------------------------------------
 
 
-def sam_gradient(model: nn.Module, recompute: Callable[[], None], rho: float, adaptive: bool = False) -> None:
+def sam_gradient(model: nn.Module, recompute: Callable[[], None], rho: float, adaptive: bool = False,
+                 loss_scale: float | None = None) -> None:
     """Replace the gradients of `model`'s parameters, those of the loss at the weights w (a backward pass ran), by
     SAM's: the gradient at w + e, e = rho * T(T g) / ||T g||, after which the base optimizer steps from w.
 
@@ -65,13 +66,23 @@ def sam_gradient(model: nn.Module, recompute: Callable[[], None], rho: float, ad
     first backward did, so every process perturbs and steps alike). Only parameters with a gradient move (frozen
     ones stay). The weights are then put back bit for bit, and so are the buffers (BatchNorm running statistics
     the second forward updated): the second pass measures a gradient and changes nothing else.
+
+    loss_scale: the factor fp16 loss scaling (torch's GradScaler) multiplied the gradients by; None: they are the
+    loss's own. e is computed from the true gradients g / loss_scale (the 1e-12 guard is meant for them, and they
+    are what rho is measured against); `recompute()` must scale its loss alike, so that GradScaler unscales the
+    gradients the step uses. When the true gradients hold inf or NaN (an fp16 overflow: the scale is too high)
+    there is no perturbation to compute: they are left as they are, without the second pass, for GradScaler to
+    find and skip the step. (This check waits for the device; GradScaler's step waits for it anyway.)
     """
     params = [p for p in model.parameters() if p.grad is not None]
     weights = [p.detach().clone() for p in params]
     buffers = [b.detach().clone() for b in model.buffers()]
     with torch.no_grad():
-        scaled = [p.grad * p.abs() if adaptive else p.grad for p in params]  # T g
+        grads = [p.grad if loss_scale is None else p.grad / loss_scale for p in params]
+        scaled = [g * p.abs() if adaptive else g for p, g in zip(params, grads, strict=True)]  # T g
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in scaled]))
+        if loss_scale is not None and not bool(torch.isfinite(norm)):
+            return
         scale = rho / (norm + 1e-12)
         for p, t in zip(params, scaled, strict=True):
             p.add_((t * p.abs() if adaptive else t) * scale)

@@ -14,6 +14,7 @@ import itertools
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,6 +45,10 @@ CHECKPOINT_KEYS = frozenset({"model", "optimizer", "scheduler", "torch_rng", "ge
                              "best_epoch", "stale", "elapsed"})
 # Steps between checks that the training loss is finite: each check waits for the device, so not every step.
 FINITE_CHECK_EVERY = 50
+# fp16 loss scaling: a scale below this means the gradients were inf or NaN at every scale tried, step after step
+# (each skipped step halves it): the run diverged, though its loss may still be finite. fairseq stops at the same
+# floor (its min_loss_scale, 1e-4). Healthy runs keep scales of thousands and more (2^15-2^18 in the tests' runs).
+MIN_LOSS_SCALE = 1e-4
 
 
 @dataclass
@@ -305,6 +310,11 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
     scheduler = _make_scheduler(cfg, optimizer, steps_per_epoch)
     averaged = levers.averaged_model(model, cfg)  # the EMA or SWA weights (average=none: None)
     mixing = levers.mixes(cfg)
+    # fp16 autocast needs dynamic loss scaling, or gradients below fp16's range (~6e-8) underflow to zero: the
+    # loss is scaled up for the backward pass and the gradients scaled back before the step, which is skipped
+    # (and the scale halved) when they overflowed. bf16 has fp32's range and fp32 needs none: for them the scaler
+    # is disabled, and each of its calls passes its argument through unchanged.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     # ---- resume ------------------------------------------------------------------------------
     start_epoch, step, best_acc, best_epoch, stale, elapsed = 0, 0, -1.0, 0, 0, 0.0
@@ -316,6 +326,8 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
                 scheduler.load_state_dict(state["scheduler"])
             if averaged is not None:
                 averaged.load_state_dict(state["average"])
+            if scaler.is_enabled() and "scaler" in state:  # a checkpoint from before loss scaling: the default scale
+                scaler.load_state_dict(state["scaler"])
             _restore_rng_state(state, device, d)
             gen.set_state(state["generator"])
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
@@ -353,7 +365,7 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
         return logits, _batch_loss(cfg, logits.float(), targets, class_weight, teacher, rows, d)
 
     def backward(x: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor | None, rows: slice) -> None:
-        forward_loss(x, targets, teacher, rows)[1].backward()
+        scaler.scale(forward_loss(x, targets, teacher, rows)[1]).backward()
 
     # ---- epochs ------------------------------------------------------------------------------
     epochs_this_call = 0
@@ -387,18 +399,16 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
             y = train_labels[idx[rows]]
             logits, loss = forward_loss(x, targets, teacher, rows)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if cfg.sam_rho:  # the gradient at the weights SAM perturbs replaces this one; the step starts from here
                 levers.sam_gradient(model, functools.partial(backward, x, targets, teacher, rows), cfg.sam_rho,
-                                    cfg.sam_adaptive)
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            if cfg.average == "ema":
+                                    cfg.sam_adaptive, loss_scale=_loss_scale(scaler))
+            stepped = _optimizer_step(cfg, model, optimizer, scaler)  # False: an fp16 overflow, skipped
+            if cfg.average == "ema" and stepped:  # the average of the weights stepped to, not of skipped steps
                 averaged.update_parameters(model)
             step += 1
             if scheduler is not None and cfg.schedule != "plateau":
-                scheduler.step()
+                _schedule_step(scheduler, stepped)
             # (Several processes: this share's part of the batch's loss sum; `seen` counts this share's faces.)
             loss_sum += loss.detach().double() * (len(idx) / d.world_size if d.active else len(y))
             correct += (logits.argmax(1) == y).sum()
@@ -407,7 +417,8 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
             snapshot = cfg.save_every and step % cfg.save_every == 0
             if snapshot or step % FINITE_CHECK_EVERY == 0:
-                checked = _require_finite(cfg, epoch, checked, step, d.sum(loss_sum), model if snapshot else None)
+                checked = _require_finite(cfg, epoch, checked, step, d.sum(loss_sum), model if snapshot else None,
+                                          _loss_scale(scaler))
             if snapshot:
                 d.from_rank0(functools.partial(_save_snapshot, run_dir, epoch, model, step, weights_meta))
         bar.close()
@@ -415,7 +426,7 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
             loss_sum, correct, seen = d.sum(loss_sum), d.sum(correct), len(train_set)
             d.sync_buffers(model)  # every process evaluates (and rank 0 saves) rank 0's BatchNorm statistics
         # Nothing non-finite may become best, last or the checkpoint: the loss and the weights both.
-        checked = _require_finite(cfg, epoch, checked, step, loss_sum, model)
+        checked = _require_finite(cfg, epoch, checked, step, loss_sum, model, _loss_scale(scaler))
         if levers.swa_averages(cfg, epoch + 1):
             averaged.update_parameters(model)
             with autocast(device, amp_dtype):
@@ -474,11 +485,12 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
                     _write_metrics(run_dir / "metrics.csv", history)
                     plot_curves(history, run_dir / "curves.png", title=f"{cfg.model} ({run_dir.name})")
                     _write_manifest(run_dir, cfg, data, commit, best_acc, best_epoch, epoch + 1, elapsed, device,
-                                    reason, start_weights, d.world_size)
+                                    reason, start_weights, d.world_size, _loss_scale(scaler))
                     _save_checkpoint(run_dir / "checkpoint.pt", {
                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict() if scheduler is not None else {},
                         **({"average": averaged.state_dict()} if averaged is not None else {}),
+                        **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
                         **rng_states, "generator": gen.get_state(), "epoch": epoch + 1,
                         "step": step, "best_acc": best_acc, "best_epoch": best_epoch, "stale": stale,
                         "elapsed": elapsed, "world_size": d.world_size})
@@ -513,6 +525,44 @@ def _check_shares(cfg: TrainConfig, n_train: int, n_val: int, device: torch.devi
     if cfg.sync_batchnorm and device.type != "cuda":
         raise ValueError("sync_batchnorm needs CUDA devices (torch's SyncBatchNorm does not run on CPU); on CPU "
                          "each process normalizes with the statistics of its own share of the batch")
+
+
+def _optimizer_step(cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler) -> bool:
+    """The optimizer step from the gradients the backward passes left, clipped to `cfg.grad_clip`; returns whether
+    the weights stepped.
+
+    A disabled `scaler` (bf16, fp32): a plain optimizer.step(). fp16: the gradients are scaled by the loss scale;
+    GradScaler unscales them and skips the step when any is inf or NaN (the scale was too high: it halves, and
+    training goes on; torch's AMP recipe), leaving the weights and the optimizer's state as they were. Such a
+    skip is no divergence: the loss checks (`_require_finite`) judge that, and a scale that keeps falling."""
+    if cfg.grad_clip:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones (a no-op when disabled)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if not scaler.is_enabled():
+        optimizer.step()
+        return True
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return scaler.get_scale() >= scale  # update() lowers the scale exactly when step() skipped
+
+
+def _loss_scale(scaler: torch.amp.GradScaler) -> float | None:
+    """The fp16 loss scale now (waits for the device), or None when the run does not scale its loss."""
+    return scaler.get_scale() if scaler.is_enabled() else None
+
+
+def _schedule_step(scheduler: torch.optim.lr_scheduler.LRScheduler, stepped: bool) -> None:
+    """Move the per-step schedule on one batch. It follows the batches, stepped or skipped by an fp16 overflow
+    (as in torch's AMP recipe: the schedule's length is the run's batches). A run whose first step was skipped
+    would get torch's warning that the calls are out of order; they are not, so it is left out."""
+    if stepped:
+        scheduler.step()
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+        scheduler.step()
 
 
 def _batch_loss(cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor, class_weight: torch.Tensor | None,
@@ -614,15 +664,20 @@ def _stop_reason(cfg: TrainConfig, stale: int, elapsed: float) -> str | None:
 
 
 def _require_finite(cfg: TrainConfig, epoch: int, checked: int, step: int, loss_sum: torch.Tensor,
-                    model: torch.nn.Module | None = None) -> int:
+                    model: torch.nn.Module | None = None, loss_scale: float | None = None) -> int:
     """Stop a diverged run (TrainingError) before anything non-finite is saved; returns `step`, now checked.
 
     `loss_sum` sums the epoch's losses, so it stays non-finite from the step that diverged on: one look (one wait
     for the device) covers every step since the last check. `model`: check its weights too (a last step can
-    blow them up before any loss shows it)."""
+    blow them up before any loss shows it). `loss_scale`: fp16's loss scale, which falls below MIN_LOSS_SCALE
+    only when step after step was skipped for non-finite gradients (the weights stay finite and stop learning)."""
     where = f"step {step}" if step == checked + 1 else f"steps {checked + 1}-{step}"
     if not bool(torch.isfinite(loss_sum)):
         raise _diverged(cfg, epoch, f"the training loss became NaN or infinite ({where})")
+    if loss_scale is not None and loss_scale < MIN_LOSS_SCALE:
+        raise _diverged(cfg, epoch, f"the fp16 gradients stayed NaN or infinite however far the loss scale fell "
+                                    f"(to {loss_scale:.3g}, below {MIN_LOSS_SCALE:g}; {where}): every such step "
+                                    f"was skipped")
     if model is not None and not bool(torch.stack([t.isfinite().all() for t in model.state_dict().values()
                                                    if t.is_floating_point()]).all()):
         raise _diverged(cfg, epoch, f"the weights became NaN or infinite ({where})")
@@ -776,9 +831,11 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 def _write_manifest(run_dir: Path, cfg: TrainConfig, data: FaceData, commit: str, best_acc: float, best_epoch: int,
                     epochs_done: int, elapsed: float, device: torch.device, stopped_by: str | None = None,
-                    start_weights: dict[str, dict[str, str]] | None = None, world_size: int = 1) -> None:
+                    start_weights: dict[str, dict[str, str]] | None = None, world_size: int = 1,
+                    loss_scale: float | None = None) -> None:
     """start_weights: the teacher and initial weights, as `_start_weights` gives them; world_size: the number
-    of processes that trained the run (torchrun)."""
+    of processes that trained the run (torchrun); loss_scale: fp16's loss scale at the end (None: not fp16),
+    a sign of how close the gradients came to fp16's limits."""
     manifest_path = run_dir / "manifest.json"
     previous = _read_json(manifest_path) if manifest_path.is_file() else {}
     commands = previous.get("commands", [])
@@ -795,6 +852,7 @@ def _write_manifest(run_dir: Path, cfg: TrainConfig, data: FaceData, commit: str
         "epochs_done": epochs_done, "best_epoch": best_epoch, "best_public_test_acc": best_acc,
         "train_seconds": round(elapsed, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **({"stopped_by": stopped_by} if stopped_by else {}), **(start_weights or {}),
+        **({"loss_scale": loss_scale} if loss_scale is not None else {}),
     })
 
 
