@@ -28,7 +28,7 @@ from ferkit.models.predict import predict_proba
 from ferkit.models.weights import load_model
 from ferkit.training import TrainConfig, TrainingError, train
 from ferkit.training.distributed import SINGLE
-from ferkit.training.levers import as_distribution, mix_batch, sam_gradient
+from ferkit.training.levers import as_distribution, averaged_model, mix_batch, sam_gradient
 
 BN_MODEL = "mini_xception"  # small, with BatchNorm (whose statistics EMA averages and SWA recomputes)
 STEPS_PER_EPOCH = 5  # tiny_csv: 70 Training faces in batches of 16
@@ -91,6 +91,31 @@ def test_ema_weights_are_the_moving_average_of_the_trajectory(tiny_csv: Path, tm
     val_loss = float(-np.log(probs[np.arange(len(probs)), public.labels].clip(1e-12)).mean())
     assert val_loss == pytest.approx(result.history[-1]["val_loss"], rel=1e-5)
     assert "average" in torch.load(result.run_dir / "checkpoint.pt", weights_only=True)
+
+
+def test_ema_keeps_integer_buffers_as_the_trained_model_has_them(tiny_csv: Path, tmp_path: Path) -> None:
+    # An average of integers truncated back to an integer drifts below it (49 * 0.96 + 49 * 0.04 is 48.99...,
+    # stored as 48): tan_pca's fitted PCA rank `pca_k` and BatchNorm's `num_batches_tracked` are copied instead.
+    result = train(small_config(tiny_csv, tmp_path, model="tan_pca", epochs=1, average="ema", ema_decay=0.96))
+    raw = torch.load(result.run_dir / "checkpoint.pt", weights_only=True)["model"]
+    integers = {k: v for k, v in raw.items() if not v.is_floating_point()}
+    assert "pca_k" in integers and int(integers["pca_k"]) > 1
+    assert int(integers["features.1.num_batches_tracked"]) == STEPS_PER_EPOCH
+    for name in ("last.safetensors", "best.safetensors"):
+        averaged = load_file(str(result.run_dir / name))
+        for k, v in integers.items():
+            assert torch.equal(averaged[k], v), (name, k, averaged[k], v)
+    # Any integer the model's buffers take, step after step.
+    model = tiny_net()
+    model.register_buffer("count", torch.tensor(49))
+    ema = averaged_model(model, TrainConfig(average="ema", ema_decay=0.96))
+    for count in (49, 49, 50, 1_000_003, 7):
+        model.count.fill_(count)
+        model(torch.randn(4, 3, dtype=torch.float64))  # num_batches_tracked + 1
+        ema.update_parameters(model)
+        for (k, b), a in zip(model.named_buffers(), ema.module.buffers(), strict=True):
+            if not b.is_floating_point():
+                assert torch.equal(a, b), (k, a, b)
 
 
 def test_swa_weights_are_the_mean_of_the_epochs_it_averaged(tiny_csv: Path, tmp_path: Path) -> None:

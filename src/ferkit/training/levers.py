@@ -24,14 +24,34 @@ def averaged_model(model: nn.Module, cfg: TrainConfig) -> AveragedModel | None:
     """The copy of `model` that `cfg.average` keeps (None for 'none'), using torch's own averaging.
 
     ema: W_ema <- decay * W_ema + (1 - decay) * W after every optimizer step (the first step copies W), with the
-    BatchNorm running statistics averaged alike (use_buffers). swa: the running mean of the weights it is given
+    BatchNorm running statistics averaged alike (use_buffers). Integer buffers (BatchNorm's num_batches_tracked,
+    tan_pca's fitted rank pca_k) are copied, not averaged: an average of integers stored back as an integer is
+    truncated (49 * 0.96 + 49 * 0.04 is 48.99..., stored as 48). swa: the running mean of the weights it is given
     (once per epoch: `swa_averages`; Izmailov et al. 2018, 'Averaging Weights Leads to Wider Optima and Better
-    Generalization'); its BatchNorm statistics are recomputed for the mean weights (`recompute_batchnorm`)."""
+    Generalization'); it averages the parameters alone (always floating point) and copies every buffer from the
+    model, and its BatchNorm statistics are then recomputed for the mean weights (`recompute_batchnorm`)."""
     if cfg.average == "ema":
-        return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        return AveragedModel(model, multi_avg_fn=_ema_floats_copy_integers(cfg.ema_decay), use_buffers=True)
     if cfg.average == "swa":
         return AveragedModel(model)
     return None
+
+
+def _ema_floats_copy_integers(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]:
+    """torch's EMA update for floating-point tensors; other tensors take the model's values. AveragedModel calls
+    it once per group of tensors of one device and dtype, so each call's tensors are all floating point or all
+    not."""
+    ema = get_ema_multi_avg_fn(decay)
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+        if averaged[0].is_floating_point() or averaged[0].is_complex():
+            ema(averaged, current, n_averaged)
+        else:
+            for a, c in zip(averaged, current, strict=True):
+                a.copy_(c)
+
+    return update
 
 
 def swa_averages(cfg: TrainConfig, epochs_done: int) -> bool:
