@@ -333,6 +333,67 @@ def test_two_processes_train_the_one_process_run_with_the_levers(tmp_path: Path,
         torch.testing.assert_close(two_w[k], v, rtol=1e-4, atol=1e-6, msg=k)
 
 
+SWA_BATCHNORM_WORKER = """
+# Each process records the batches of its SWA BatchNorm passes: their faces, and whether gradients were on.
+import json, os, sys
+import torch
+from ferkit.training import levers
+
+real, passes = levers.update_bn, []
+
+def recorded(batches, model, *args, **kwargs):
+    seen = []
+    passes.append(seen)
+
+    def counted():
+        for x in batches:
+            seen.append([len(x), torch.is_grad_enabled()])
+            yield x
+
+    real(counted(), model, *args, **kwargs)
+
+levers.update_bn = recorded
+from ferkit.cli import main
+sys.argv = ["ferkit", *sys.argv[1:]]
+try:
+    main()
+finally:
+    with open(f"passes{os.environ['RANK']}.json", "w") as f:
+        json.dump(passes, f)
+"""
+
+
+def test_two_processes_share_the_swa_batchnorm_pass(tmp_path: Path, cache_dir: Path) -> None:
+    # Each process runs every other batch of the pass (the whole global batch, without gradients), and the
+    # processes' statistics are combined: the pass costs each process its share, and its BatchNorm statistics are
+    # the one-process pass's over all the training faces, for the averaged weights (up to float rounding).
+    from test_distributed import SETTINGS, flags, torchrun
+
+    data = write_csv(tmp_path / "tiny.csv", synthetic_rows({"Training": 70, "PublicTest": 35, "PrivateTest": 35}))
+    worker = tmp_path / "swa_worker.py"
+    worker.write_text(SWA_BATCHNORM_WORKER)
+    settings = SETTINGS | {"model": BN_MODEL, "average": "swa", "swa_start": 0.5}
+    done = torchrun(2, [str(worker), "train", "--data", str(data), "--out", str(tmp_path / "runs"), "--name", "r",
+                        "--no-progress", *flags(settings)], cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-4000:]
+    rank0, rank1 = (json.loads((tmp_path / f"passes{r}.json").read_text()) for r in (0, 1))
+    assert len(rank0) == len(rank1) == 2  # epochs 2 and 3
+    for mine, theirs in zip(rank0, rank1, strict=True):
+        assert [n for n, _ in mine] == [16, 16, 6] and [n for n, _ in theirs] == [16, 16]  # batches 0, 2, 4 | 1, 3
+        assert not any(grad for _, grad in mine + theirs)
+    last = load_file(str(tmp_path / "runs" / "r" / "last.safetensors"))
+    assert val_weights(tmp_path / "runs" / "r") == ["raw", "swa", "swa"]
+    model = create_model(BN_MODEL, num_classes=7)
+    model.load_state_dict(last)
+    faces = torch.from_numpy(load_dataset(str(data)).split("Training").images)
+    torch.optim.swa_utils.update_bn([normalize(resize(to_float(faces[i:i + 16]), 48)) for i in range(0, 70, 16)],
+                                    model)
+    statistics = {k: v for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
+    assert statistics
+    for k, v in statistics.items():
+        torch.testing.assert_close(last[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
 # ---- settings ---------------------------------------------------------------------------------------------------
 
 

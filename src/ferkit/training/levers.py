@@ -7,15 +7,17 @@ sam_rho, sam_adaptive, mixup_alpha, cutmix_alpha, mix_prob); with their defaults
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
 from ferkit.training.config import TrainConfig
+from ferkit.training.distributed import SINGLE, Dist
 
 # ---- weight averaging ---------------------------------------------------------------------------------------
 
@@ -60,12 +62,57 @@ def swa_averages(cfg: TrainConfig, epochs_done: int) -> bool:
     return cfg.average == "swa" and epochs_done > cfg.swa_start * cfg.epochs
 
 
-def recompute_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device) -> None:
-    """Give `model`'s BatchNorm layers the running statistics of its own weights, from one pass over `batches` in
-    training mode (torch's update_bn): a mean of weights is not a mean of the activations' statistics. The global
-    RNG is forked, so dropout draws in this pass leave the training's random stream (and its resume) as it was."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        update_bn(batches, model)
+def recompute_batchnorm(model: nn.Module, batch: Callable[[slice], torch.Tensor], n: int, batch_size: int,
+                        device: torch.device, d: Dist = SINGLE) -> None:
+    """Give `model`'s BatchNorm layers the running statistics of its own weights, from one pass over n faces in
+    batches of `batch_size` (`batch(rows)`: the model's input for that slice of them) in training mode, without
+    gradients (torch's update_bn): a mean of weights is not a mean of the activations' statistics. The statistics
+    are the mean over the batches of each batch's mean and (unbiased) variance. The global RNG is forked, so
+    dropout draws in this pass leave the training's random stream (and its resume) as it was.
+
+    Several processes (`d`) share the pass, each doing its share of the work, and every process ends with the
+    one-process statistics (up to float rounding). Plain BatchNorm: each process runs whole batches, every
+    world_size-th one (rank r: batches r, r + world_size, ...), at the size one process uses, so that each
+    batch's statistics are the one-process pass's; the processes' means of them are then combined, each weighted
+    by its number of batches. (Splitting every batch instead would give each layer the statistics of smaller
+    batches, and a deeper layer's input depends on the batch its inputs were normalized with.) SyncBatchNorm
+    (sync_batchnorm), whose layers compute each batch's statistics over all the processes together: each process
+    runs its share of every batch, every process taking part in every batch."""
+    synced = d.active and any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    starts = range(0, n, batch_size)
+    if d.active and not synced:
+        starts = starts[d.rank::d.world_size]
+
+    def batches() -> Iterator[torch.Tensor]:
+        for start in starts:
+            rows = range(start, min(start + batch_size, n))
+            share = rows[d.shard(len(rows))] if synced else rows
+            yield batch(slice(share.start, share.stop))
+
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        update_bn(batches(), model)
+        if d.active and not synced:
+            _combine_batchnorm(model, d)
+
+
+def _combine_batchnorm(model: nn.Module, d: Dist) -> None:
+    """Every process's BatchNorm running statistics become the mean of all the processes' batches' statistics:
+    each process's means (over its num_batches_tracked batches) weighted by its number of batches, summed in
+    float64 (one collective for all the layers); num_batches_tracked becomes the total."""
+    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.running_mean is not None]
+    if not layers:
+        return
+    parts = []
+    for m in layers:
+        count = m.num_batches_tracked.to(torch.float64)
+        parts += [count.reshape(1), m.running_mean.double().flatten() * count, m.running_var.double().flatten() * count]
+    total, at = d.sum(torch.cat(parts)), 0
+    for m in layers:
+        count, size = total[at], m.running_mean.numel()
+        m.running_mean.copy_((total[at + 1:at + 1 + size] / count).view_as(m.running_mean))
+        m.running_var.copy_((total[at + 1 + size:at + 1 + 2 * size] / count).view_as(m.running_var))
+        m.num_batches_tracked.fill_(int(round(float(count))))
+        at += 1 + 2 * size
 
 
 # ---- SAM / ASAM ---------------------------------------------------------------------------------------------

@@ -429,10 +429,11 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
         checked = _require_finite(cfg, epoch, checked, step, loss_sum, model, _loss_scale(scaler))
         if levers.swa_averages(cfg, epoch + 1):
             averaged.update_parameters(model)
-            with autocast(device, amp_dtype):
-                levers.recompute_batchnorm(averaged.module, _plain_batches(train_images, face_size, crop, cfg,
-                                                                           memory_format), device)
-        if averaged is not None and d.active:  # each process averaged (or recomputed) its own BatchNorm statistics
+            with autocast(device, amp_dtype):  # each process its share of the pass (see recompute_batchnorm)
+                levers.recompute_batchnorm(averaged.module, functools.partial(_plain_batch, train_images, face_size,
+                                                                              crop, cfg, memory_format),
+                                           len(train_set), cfg.batch_size, device, d)
+        if averaged is not None and d.active:  # each process averaged (or combined) its own BatchNorm statistics
             d.sync_buffers(averaged)
         # The weights PublicTest evaluates and best/last keep: the average, once it holds any.
         evaluated = averaged.module if averaged is not None and averaged.n_averaged > 0 else model
@@ -580,13 +581,12 @@ def _batch_loss(cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor, c
     return loss
 
 
-def _plain_batches(images: torch.Tensor, face_size: int, crop: int, cfg: TrainConfig,
-                   memory_format: torch.memory_format) -> Iterator[torch.Tensor]:
-    """The training faces in order, un-augmented, in the view PublicTest selection sees (the centre crop when
+def _plain_batch(images: torch.Tensor, face_size: int, crop: int, cfg: TrainConfig,
+                 memory_format: torch.memory_format, rows: slice) -> torch.Tensor:
+    """The training faces `rows`, un-augmented, in the view PublicTest selection sees (the centre crop when
     training on crops), ready for the model: SWA's BatchNorm pass (`levers.recompute_batchnorm`)."""
-    for i in range(0, len(images), cfg.batch_size):
-        x = resize(to_float(images[i:i + cfg.batch_size]), face_size)
-        yield normalize(center_crop(x, crop) if crop else x, cfg.normalize).contiguous(memory_format=memory_format)
+    x = resize(to_float(images[rows]), face_size)
+    return normalize(center_crop(x, crop) if crop else x, cfg.normalize).contiguous(memory_format=memory_format)
 
 
 def _rng_state(device: torch.device, d: distributed.Dist) -> dict[str, Any]:
