@@ -27,8 +27,8 @@ from ferkit.models import create_model
 from ferkit.models.predict import predict_proba
 from ferkit.models.weights import load_model
 from ferkit.training import TrainConfig, TrainingError, train
-from ferkit.training.distributed import SINGLE
-from ferkit.training.levers import as_distribution, averaged_model, mix_batch, sam_gradient
+from ferkit.training.distributed import SINGLE, Dist
+from ferkit.training.levers import as_distribution, averaged_model, mix_batch, recompute_batchnorm, sam_gradient
 
 BN_MODEL = "mini_xception"  # small, with BatchNorm (whose statistics EMA averages and SWA recomputes)
 STEPS_PER_EPOCH = 5  # tiny_csv: 70 Training faces in batches of 16
@@ -392,6 +392,25 @@ def test_two_processes_share_the_swa_batchnorm_pass(tmp_path: Path, cache_dir: P
     assert statistics
     for k, v in statistics.items():
         torch.testing.assert_close(last[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_with_syncbatchnorm_each_process_runs_its_share_of_every_batch() -> None:
+    # SyncBatchNorm layers compute each batch's statistics over the processes together, so every process takes part
+    # in every batch with its share (here rank 1 of 2, without a process group: SyncBatchNorm then normalizes alone).
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(tiny_net())
+    faces = torch.randn(70, 3, dtype=torch.float64)
+    seen: list[tuple[int, int]] = []
+
+    def batch(rows: slice) -> torch.Tensor:
+        seen.append((rows.start, rows.stop))
+        return faces[rows]
+
+    recompute_batchnorm(model, batch, len(faces), 16, torch.device("cpu"), Dist(1, 2))
+    assert seen == [(8, 16), (24, 32), (40, 48), (56, 64), (67, 70)]
+    assert int(model[1].num_batches_tracked) == 5
+    plain = tiny_net()
+    recompute_batchnorm(plain, batch, len(faces), 16, torch.device("cpu"))  # one process: every batch, whole
+    assert seen[5:] == [(0, 16), (16, 32), (32, 48), (48, 64), (64, 70)]
 
 
 # ---- settings ---------------------------------------------------------------------------------------------------
