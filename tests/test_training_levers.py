@@ -285,6 +285,47 @@ def test_mixing_switched_off_is_bit_identical_to_no_mixing(tiny_csv: Path, tmp_p
     assert without_timing(mixed.history) != without_timing(plain.history)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1], ids=["plain", "smoothed"])
+def test_class_weights_mean_the_same_for_distributions_as_for_labels(smoothing: float) -> None:
+    # With class weights, the loss of a batch of labels is their weighted sum over the sum of the labels' weights
+    # (F.cross_entropy's mean). A batch whose targets are distributions (mixed batches, FER+ votes) is normalized
+    # alike, by the sum over its faces of sum_c w_c y_c: one-hot distributions give the labels' loss, so a mixup
+    # on/off ablation with class_weights=balanced compares like with like. Labels: [0, 0, 1], weights [1, 5]:
+    # (l0 + l1 + 5 l2) / 7, where the distributions' loss was divided by 3.
+    cfg = TrainConfig(label_smoothing=smoothing)
+    logits = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    labels, weight = torch.tensor([0, 0, 1]), torch.tensor([1.0, 5.0], dtype=torch.float64)
+
+    def loss(targets: torch.Tensor, logits: torch.Tensor = logits,
+             weight: torch.Tensor | None = weight) -> torch.Tensor:
+        return trainer._batch_loss(cfg, logits, targets, weight, None, slice(None), SINGLE)
+
+    hard = loss(labels)
+    assert torch.equal(hard, F.cross_entropy(logits, labels, weight=weight, label_smoothing=smoothing))  # as it was
+    if not smoothing:
+        nll = -F.log_softmax(logits, 1)[torch.arange(3), labels]
+        torch.testing.assert_close(hard, (nll[0] + nll[1] + 5 * nll[2]) / 7)
+    torch.testing.assert_close(loss(as_distribution(labels, 2).double()), hard, rtol=1e-12, atol=0)
+    # Any distributions: sum_i sum_c w_c y'_ic (-log p_ic) / sum_i sum_c w_c y_ic, y' the smoothed targets.
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(7, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.rand(5, dtype=torch.float64, generator=gen) + 0.5
+    soft = torch.softmax(torch.randn(7, 5, dtype=torch.float64, generator=gen), 1)
+    smoothed = soft * (1 - smoothing) + smoothing / 5
+    expected = -(smoothed * weight * F.log_softmax(logits, 1)).sum() / (soft * weight).sum()
+    torch.testing.assert_close(loss(soft, logits, weight), expected)
+    # Without class weights, the mean over the faces (unchanged).
+    assert torch.equal(loss(soft, logits, None), F.cross_entropy(logits, soft, label_smoothing=smoothing))
+    # Several processes: the normalizer is the whole batch's, so the shares' gradients average to the whole loss's.
+    (whole,) = torch.autograd.grad(loss(soft, logits, weight), logits)
+    averaged = torch.zeros_like(logits)
+    batch = torch.arange(7)
+    for rank, share in enumerate((batch[:3], batch[3:])):
+        part = trainer._share_loss(cfg, logits[share], soft, weight, None, batch, share, Dist(rank, 2))
+        averaged += torch.autograd.grad(part, logits)[0] / 2
+    torch.testing.assert_close(averaged, whole)
+
+
 # ---- composition with the other options ----------------------------------------------------------------------
 
 

@@ -574,7 +574,11 @@ def _batch_loss(cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor, c
     if d.active:
         pos = torch.arange(len(targets), device=targets.device)
         return _share_loss(cfg, logits, targets, class_weight, teacher, pos, pos[rows], d)
-    loss = F.cross_entropy(logits, targets, weight=class_weight, label_smoothing=cfg.label_smoothing)
+    if class_weight is not None and targets.dim() == 2:  # distributions: normalized as class targets (_ce_norm)
+        loss = F.cross_entropy(logits, targets, weight=class_weight, label_smoothing=cfg.label_smoothing,
+                               reduction="sum") / _ce_norm(targets, class_weight)
+    else:
+        loss = F.cross_entropy(logits, targets, weight=class_weight, label_smoothing=cfg.label_smoothing)
     if teacher is not None:
         loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * distillation_loss(
             logits, teacher, cfg.distill_temperature)
@@ -623,17 +627,29 @@ def _share_loss(cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor, c
     processes' gradients is the gradient of the one-process loss of the whole batch: the share's part of that
     loss (its per-face terms over the whole batch's normalizer), times the number of processes.
 
-    The normalizer is what F.cross_entropy's mean divides by: the batch size, or with class weights and class
-    targets the sum of the batch's targets' weights; distillation's batchmean divides by the batch size."""
+    The normalizer is the one-process loss's (`_ce_norm`), of the whole batch; distillation's batchmean divides
+    by the batch size."""
     per_face = F.cross_entropy(logits, targets[share], weight=class_weight, label_smoothing=cfg.label_smoothing,
                                reduction="none")
-    hard = targets.dim() == 1
-    norm = class_weight[targets[batch]].sum() if class_weight is not None and hard else len(batch)
-    loss = per_face.sum() / norm
+    loss = per_face.sum() / _ce_norm(targets[batch], class_weight)
     if teacher_probs is not None:
         kl = distillation_loss(logits, teacher_probs[share], cfg.distill_temperature) * (len(share) / len(batch))
         loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kl
     return loss * d.world_size
+
+
+def _ce_norm(targets: torch.Tensor, class_weight: torch.Tensor | None) -> torch.Tensor | int:
+    """What a batch's summed cross-entropy terms are divided by: the number of faces; with class weights, the sum
+    of the faces' weights, as F.cross_entropy's mean for class targets (each face its class's weight). For
+    distributions (FER+ votes, mixed batches) a face's weight is its targets' sum_c w_c y_c (before label
+    smoothing), so that one-hot distributions give exactly the loss of their labels: torch's own mean divides
+    them by the number of faces, which changed what class weights mean when mixing turned labels into
+    distributions (labels [0, 0, 1], weights [1, 5]: (l0 + l1 + 5 l2) / 7 as labels, / 3 as distributions)."""
+    if class_weight is None:
+        return len(targets)
+    if targets.dim() == 1:
+        return class_weight[targets].sum()
+    return (targets * class_weight).sum()
 
 
 def _save_snapshot(run_dir: Path, epoch: int, model: torch.nn.Module, step: int, weights_meta: dict) -> None:
