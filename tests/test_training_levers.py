@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,14 @@ from ferkit.models.predict import predict_proba
 from ferkit.models.weights import load_model
 from ferkit.training import TrainConfig, TrainingError, train
 from ferkit.training.distributed import SINGLE, Dist
-from ferkit.training.levers import as_distribution, averaged_model, mix_batch, recompute_batchnorm, sam_gradient
+from ferkit.training.levers import (
+    as_distribution,
+    averaged_model,
+    mix_batch,
+    recompute_batchnorm,
+    sam_gradient,
+    swa_averages,
+)
 
 BN_MODEL = "mini_xception"  # small, with BatchNorm (whose statistics EMA averages and SWA recomputes)
 STEPS_PER_EPOCH = 5  # tiny_csv: 70 Training faces in batches of 16
@@ -142,6 +150,15 @@ def test_swa_weights_are_the_mean_of_the_epochs_it_averaged(tiny_csv: Path, tmp_
     # The average is kept apart: the weights that train on are the raw ones.
     raw = torch.load(result.run_dir / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(raw[k], snapshots[1][k]) for k in params)
+
+
+@pytest.mark.parametrize("swa_start, epochs, first", [(0.29, 100, 30), (0.57, 100, 58), (0.75, 100, 76),
+                                                      (0.75, 10, 8), (0.0, 3, 1), (0.5, 4, 3), (0.3, 10, 4)])
+def test_swa_starts_after_the_swa_start_fraction_of_the_epochs(swa_start: float, epochs: int, first: int) -> None:
+    # 0.29 * 100 is 28.999999999999996 in floats: SWA must still leave out 29 epochs, not 28.
+    cfg = TrainConfig(average="swa", swa_start=swa_start, epochs=epochs)
+    assert [e for e in range(1, epochs + 1) if swa_averages(cfg, e)] == list(range(first, epochs + 1))
+    assert not any(swa_averages(replace(cfg, average="ema"), e) for e in range(1, epochs + 1))
 
 
 @pytest.mark.parametrize("levers", [

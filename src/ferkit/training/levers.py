@@ -58,8 +58,10 @@ def _ema_floats_copy_integers(decay: float) -> Callable[[list[torch.Tensor], lis
 
 def swa_averages(cfg: TrainConfig, epochs_done: int) -> bool:
     """Whether SWA adds the weights at the end of epoch `epochs_done` (1-based) to its mean: every epoch after the
-    first `swa_start` fraction of the run's epochs (swa_start 0.75 of 100 epochs: epochs 76-100)."""
-    return cfg.average == "swa" and epochs_done > cfg.swa_start * cfg.epochs
+    first `swa_start` fraction of the run's epochs (swa_start 0.75 of 100 epochs: epochs 76-100). The epochs left
+    out are the whole part of swa_start * epochs, taken with a margin for float rounding: 0.29 * 100 is
+    28.999999999999996, and leaves out 29 epochs (a product a hair below a whole number is that number)."""
+    return cfg.average == "swa" and epochs_done > math.floor(cfg.swa_start * cfg.epochs + 1e-9)
 
 
 def recompute_batchnorm(model: nn.Module, batch: Callable[[slice], torch.Tensor], n: int, batch_size: int,
