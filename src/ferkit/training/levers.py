@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
 from ferkit.training.config import TrainConfig
@@ -133,8 +133,10 @@ def sam_gradient(model: nn.Module, recompute: Callable[[], None], rho: float, ad
     `recompute()` runs the forward and backward pass again; its backward fills the gradients anew (they are
     cleared first, so the first pass's do not add to them; under DDP it averages them over the processes as the
     first backward did, so every process perturbs and steps alike). Only parameters with a gradient move (frozen
-    ones stay). The weights are then put back bit for bit, and so are the buffers (BatchNorm running statistics
-    the second forward updated): the second pass measures a gradient and changes nothing else.
+    ones stay). The weights are then put back bit for bit, and so are the running statistics of the normalization
+    layers (BatchNorm's, which the second forward updated): the second pass measures a gradient and changes
+    nothing else. Other buffers, which a forward pass does not change, are left alone (tan_pca's PCA components,
+    21 MB, are not copied twice a step).
 
     loss_scale: the factor fp16 loss scaling (torch's GradScaler) multiplied the gradients by; None: they are the
     loss's own. e is computed from the true gradients g / loss_scale (the 1e-12 guard is meant for them, and they
@@ -145,7 +147,8 @@ def sam_gradient(model: nn.Module, recompute: Callable[[], None], rho: float, ad
     """
     params = [p for p in model.parameters() if p.grad is not None]
     weights = [p.detach().clone() for p in params]
-    buffers = [b.detach().clone() for b in model.buffers()]
+    statistics = [b for m in model.modules() if isinstance(m, _NormBase) for b in m.buffers(recurse=False)]
+    saved = [b.detach().clone() for b in statistics]
     with torch.no_grad():
         grads = [p.grad if loss_scale is None else p.grad / loss_scale for p in params]
         scaled = [g * p.abs() if adaptive else g for p, g in zip(params, grads, strict=True)]  # T g
@@ -160,8 +163,8 @@ def sam_gradient(model: nn.Module, recompute: Callable[[], None], rho: float, ad
     with torch.no_grad():
         for p, w in zip(params, weights, strict=True):
             p.copy_(w)
-        for b, saved in zip(model.buffers(), buffers, strict=True):
-            b.copy_(saved)
+        for b, kept in zip(statistics, saved, strict=True):
+            b.copy_(kept)
 
 
 # ---- mixup / CutMix -----------------------------------------------------------------------------------------
