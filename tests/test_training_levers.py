@@ -569,6 +569,22 @@ def test_lever_settings_on_the_command_line_and_in_sweeps(tiny_csv: Path, tmp_pa
         assert name in help_text, name
 
 
+@pytest.mark.parametrize("settings, note", [
+    (dict(sam_adaptive=True), "sam_adaptive=true does nothing with sam_rho=0 (SAM is off)"),
+    (dict(ema_decay=0.99), "ema_decay=0.99 does nothing with average=none (it is average=ema's)"),
+    (dict(average="swa", ema_decay=0.99), "ema_decay=0.99 does nothing with average=swa (it is average=ema's)"),
+    (dict(swa_start=0.5, average="ema"), "swa_start=0.5 does nothing with average=ema (it is average=swa's)"),
+    (dict(mix_prob=0.5), "mix_prob=0.5 does nothing with mixup_alpha=0 and cutmix_alpha=0 (mixing is off)"),
+    (dict(sam_rho=0.05, sam_adaptive=True, average="ema", ema_decay=0.99, mixup_alpha=0.2, mix_prob=0.5), None),
+    (dict(average="swa", swa_start=0.5, cutmix_alpha=1.0, mix_prob=0.0), None),
+], ids=["sam_adaptive", "ema_decay", "ema_decay_swa", "swa_start", "mix_prob", "in_use", "in_use_swa"])
+def test_lever_settings_that_do_nothing_are_noted(tiny_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                  settings: dict, note: str | None) -> None:
+    train(small_config(tiny_csv, tmp_path, epochs=1, limit_train=16, **settings))
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert notes == ([f"note: {note}"] if note else [])
+
+
 def test_a_resumed_run_keeps_its_levers(tiny_csv: Path, tmp_path: Path) -> None:
     run_dir = train(small_config(tiny_csv, tmp_path, epochs=2, average="ema"), stop_after_epochs=1).run_dir
     for change in ("average=none", "sam_rho=0.05", "mixup_alpha=0.2", "ema_decay=0.9", "mix_prob=0.5"):

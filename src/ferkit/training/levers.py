@@ -19,6 +19,29 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 from ferkit.training.config import TrainConfig
 from ferkit.training.distributed import SINGLE, Dist
 
+# ---- settings that do nothing --------------------------------------------------------------------------------
+
+
+def ignored_settings(cfg: TrainConfig) -> list[str]:
+    """Notes on lever settings that `cfg` sets away from their defaults where they do nothing (the lever they
+    belong to is off), each naming the setting: a typo'd or forgotten lever would otherwise pass unseen, and a
+    sweep over such a setting would train the same run several times."""
+    default, notes = TrainConfig(), []
+
+    def setting(name: str) -> str:
+        value = getattr(cfg, name)
+        return f"{name}={'true' if value is True else value}"
+
+    if cfg.sam_adaptive and not cfg.sam_rho:
+        notes.append(f"{setting('sam_adaptive')} does nothing with sam_rho=0 (SAM is off)")
+    for name, average in (("ema_decay", "ema"), ("swa_start", "swa")):
+        if getattr(cfg, name) != getattr(default, name) and cfg.average != average:
+            notes.append(f"{setting(name)} does nothing with average={cfg.average} (it is average={average}'s)")
+    if cfg.mix_prob != default.mix_prob and cfg.mixup_alpha <= 0 and cfg.cutmix_alpha <= 0:
+        notes.append(f"{setting('mix_prob')} does nothing with mixup_alpha=0 and cutmix_alpha=0 (mixing is off)")
+    return notes
+
+
 # ---- weight averaging ---------------------------------------------------------------------------------------
 
 

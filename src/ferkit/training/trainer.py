@@ -356,6 +356,8 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
     if d.active:
         print(f"{d.world_size} processes: each takes {cfg.batch_size // d.world_size} faces of every batch of "
               f"{cfg.batch_size}{' (SyncBatchNorm)' if cfg.sync_batchnorm else ''}", flush=True)
+    for note in levers.ignored_settings(cfg):
+        print(f"note: {note}", flush=True)
 
     def forward_loss(x: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor | None,
                      rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
