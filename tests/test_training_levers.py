@@ -367,6 +367,57 @@ def test_class_weights_mean_the_same_for_distributions_as_for_labels(smoothing: 
     torch.testing.assert_close(averaged, whole)
 
 
+def test_distillation_with_mixing_mixes_the_tempered_teacher_distributions(tiny_csv: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # The distillation target at temperature T is the teacher's tempered distribution; a mixed batch's target is
+    # the mix of its faces' targets, as for labels: lam * p_i^(1/T)/Z_i + (1 - lam) * p_j^(1/T)/Z_j, not the
+    # mix tempered afterwards.
+    from ferkit.data import get_label_set
+    from ferkit.models.weights import save_weights
+    from ferkit.training import levers
+
+    teacher_path = tmp_path / "teacher.safetensors"
+    torch.manual_seed(0)
+    save_weights(create_model("sixclass_cnn4", num_classes=7), teacher_path,
+                 {"model": "sixclass_cnn4", "num_classes": 7, "classes": list(get_label_set("fer7").classes),
+                  "label_set": "fer7", "input_size": 48, "normalize": "dataset", "model_kwargs": {}})
+    probs: list[torch.Tensor] = []
+    mixes: list[tuple[torch.Tensor, torch.Tensor]] = []
+    losses: list[tuple[torch.Tensor, bool]] = []
+    real_probs, real_mix, real_loss = trainer._teacher_probabilities, levers.mix_batch, trainer.distillation_loss
+
+    def teacher_probabilities(*args):
+        probs.append(real_probs(*args))
+        return probs[-1]
+
+    def mix_batch(x, targets, teacher, cfg, gen):
+        out = real_mix(x, targets, teacher, cfg, gen)
+        mixes.append((teacher, out[2]))
+        return out
+
+    def distillation_loss(student, teacher, temperature, tempered=False):
+        losses.append((teacher, tempered))
+        return real_loss(student, teacher, temperature, **({"tempered": True} if tempered else {}))
+
+    monkeypatch.setattr(trainer, "_teacher_probabilities", teacher_probabilities)
+    monkeypatch.setattr(levers, "mix_batch", mix_batch)
+    monkeypatch.setattr(trainer, "distillation_loss", distillation_loss)
+    settings = dict(teacher=str(teacher_path), distill_temperature=4.0, mixup_alpha=0.4, epochs=2)
+    full = train(small_config(tiny_csv, tmp_path / "full", **settings))
+    tempered = F.softmax(probs[0].clamp_min(1e-8).log() / 4.0, 1)
+    assert len(mixes) == len(losses) == 2 * STEPS_PER_EPOCH
+    for (given, mixed), (target, flag) in zip(mixes, losses, strict=True):
+        nearest = (given[:, None] - tempered[None]).abs().amax(2).amin(1)
+        assert float(nearest.max()) < 1e-6  # each row a tempered distribution
+        assert flag and target is mixed  # taken as they are, not tempered again
+    # Tempering is applied once for all faces: tempered distributions give the plain loss, and a run resumes exactly.
+    student = torch.randn(5, 7)
+    torch.testing.assert_close(real_loss(student, tempered[:5], 4.0, tempered=True),
+                               real_loss(student, probs[0][:5], 4.0))
+    killed = train(small_config(tiny_csv, tmp_path / "resumed", **settings), stop_after_epochs=1)
+    assert without_timing(train(resume=killed.run_dir).history) == without_timing(full.history)
+
+
 # ---- composition with the other options ----------------------------------------------------------------------
 
 

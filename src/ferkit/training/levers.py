@@ -212,7 +212,8 @@ def mix_batch(x: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor | No
     images, x*lam + x[perm]*(1-lam), lam ~ Beta(mixup_alpha, mixup_alpha); CutMix pastes a box of the permuted
     images whose area is about 1 - lam, lam ~ Beta(cutmix_alpha, cutmix_alpha), and lam becomes the fraction of
     each image left (the box clipped at the border). Both on: one of the two per batch, 50/50. The targets and
-    the teacher's probabilities are mixed with the same permutation and lam.
+    the teacher's probabilities are mixed with the same permutation and lam (the trainer passes the teacher's
+    distributions tempered, the targets of its distillation term, so that their mix is a mix of targets).
 
     Every random number comes from `gen`, the run's generator (one draw per batch, mixed or not), so a seeded
     run and its resume mix alike, and processes drawing the same batch mix it alike. Returns the images, targets,

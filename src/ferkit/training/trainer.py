@@ -305,6 +305,10 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
         counts = np.bincount(train_set.labels, minlength=num_classes).clip(min=1)
         class_weight = torch.tensor(len(train_set) / (num_classes * counts), dtype=torch.float32, device=device)
     teacher_probs = _teacher_probabilities(cfg, train_set, device).to(device) if cfg.teacher else None
+    if teacher_probs is not None and levers.mixes(cfg):
+        # The distillation targets are tempered distributions, and a mixed batch mixes its faces' targets: tempered
+        # once here, before any mixing (distillation_loss then takes them as they are).
+        teacher_probs = temper(teacher_probs, cfg.distill_temperature)
     optimizer = _make_optimizer(cfg, model)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     scheduler = _make_scheduler(cfg, optimizer, steps_per_epoch)
@@ -583,7 +587,7 @@ def _batch_loss(cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor, c
         loss = F.cross_entropy(logits, targets, weight=class_weight, label_smoothing=cfg.label_smoothing)
     if teacher is not None:
         loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * distillation_loss(
-            logits, teacher, cfg.distill_temperature)
+            logits, teacher, cfg.distill_temperature, tempered=levers.mixes(cfg))
     return loss
 
 
@@ -635,7 +639,8 @@ def _share_loss(cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor, c
                                reduction="none")
     loss = per_face.sum() / _ce_norm(targets[batch], class_weight)
     if teacher_probs is not None:
-        kl = distillation_loss(logits, teacher_probs[share], cfg.distill_temperature) * (len(share) / len(batch))
+        kl = distillation_loss(logits, teacher_probs[share], cfg.distill_temperature,
+                               tempered=levers.mixes(cfg)) * (len(share) / len(batch))
         loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kl
     return loss * d.world_size
 
@@ -720,15 +725,22 @@ def _saving(run_dir: Path, epoch: int) -> Iterator[None]:
                          f"space and resume it (ferkit train --resume {run_dir})") from e
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float,
+                      tempered: bool = False) -> torch.Tensor:
     """T^2 * KL(teacher_T || student_T) (Hinton et al. 2015), from the teacher's probabilities.
 
     Tempering probabilities p -> p^(1/T) / sum equals softmax(teacher_logits / T), so saved probabilities
-    serve as well as logits. The T^2 factor keeps the gradient scale independent of T.
+    serve as well as logits (`temper`). The T^2 factor keeps the gradient scale independent of T.
+    tempered: `teacher_probs` are tempered already (mixed batches mix the tempered distributions, see _train).
     """
-    teacher_t = F.softmax(teacher_probs.clamp_min(1e-8).log() / temperature, dim=1)
+    teacher_t = teacher_probs if tempered else temper(teacher_probs, temperature)
     student_log_t = F.log_softmax(student_logits / temperature, dim=1)
     return F.kl_div(student_log_t, teacher_t, reduction="batchmean") * temperature ** 2
+
+
+def temper(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Probabilities (N, C) at temperature T: p^(1/T) / sum, i.e. softmax(log p / T) (zeros kept at 1e-8)."""
+    return F.softmax(probs.clamp_min(1e-8).log() / temperature, dim=1)
 
 
 def _start_weights(cfg: TrainConfig, resumed: Path | None = None) -> dict[str, dict[str, str]]:
