@@ -150,8 +150,13 @@ def sam_gradient(model: nn.Module, recompute: Callable[[], None], rho: float, ad
 
     T = 1: SAM (Foret, Kleiner, Mobahi & Neyshabur 2021, 'Sharpness-Aware Minimization for Efficiently Improving
     Generalization', ICLR). T = |w| element-wise: ASAM (Kwon, Kim, Park & Choi 2021, 'ASAM: Adaptive
-    Sharpness-Aware Minimization for Scale-Invariant Learning of Deep Neural Networks', ICML), here without its
-    small eta offset, as in the widely used davda54/sam implementation.
+    Sharpness-Aware Minimization for Scale-Invariant Learning of Deep Neural Networks', ICML) as the widely used
+    davda54/sam implements it: T = |w| for every parameter. The authors' code (SamsungLabs/ASAM) differs twice: T =
+    |w| + eta (eta = 0.01) for parameters named 'weight', and T = 1 (no scaling) for the others, the biases. Here a
+    parameter at exactly zero (a zero-initialised bias or BatchNorm shift, at the first step) is not perturbed
+    until it has moved, and a bias's perturbation scales with its size. (No sam_eta setting: matching the
+    authors' rule would also need the name-based bias rule; what matters for a comparison is that the variant is
+    stated.)
 
     `recompute()` runs the forward and backward pass again; its backward fills the gradients anew (they are
     cleared first, so the first pass's do not add to them; under DDP it averages them over the processes as the

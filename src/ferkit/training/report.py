@@ -71,8 +71,9 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def plot_curves(history: list[dict[str, float]], path: str | os.PathLike, title: str = "") -> None:
-    """Loss and accuracy per epoch, train vs PublicTest, as a two-panel PNG."""
+def plot_curves(history: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
+    """Loss and accuracy per epoch, train vs PublicTest, as a two-panel PNG (from metrics.csv's rows: numbers,
+    and val_weights's name)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -245,7 +245,7 @@ def _read_run(run_dir: Path, changes: dict[str, Any] | None) -> tuple[TrainConfi
     return cfg, state, history
 
 
-def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[dict[str, float]],
+def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[dict[str, Any]],
            data: FaceData | None, stop_after_epochs: int | None, d: distributed.Dist = distributed.SINGLE) -> RunResult:
     """The run in `run_dir` with config `cfg`, from `state` (its checkpoint; None: from the start), trained by
     the processes `d` (rank 0 alone writes files; see `ferkit.training.distributed` for what each one does)."""
@@ -886,7 +886,7 @@ def _write_manifest(run_dir: Path, cfg: TrainConfig, data: FaceData, commit: str
     })
 
 
-def _write_metrics(path: Path, history: list[dict[str, float]]) -> None:
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     write_rows(path, METRIC_FIELDS, history)
 
 
