@@ -207,6 +207,8 @@ def test_the_shares_losses_average_to_the_whole_batch_gradient(case: str) -> Non
     cfg = TrainConfig(label_smoothing=0.1 if case == "weighted_smoothed" else 0.0,
                       teacher="t" if teacher is not None else "", distill_weight=0.7, distill_temperature=4.0)
     whole = F.cross_entropy(logits, targets, weight=weight, label_smoothing=cfg.label_smoothing)
+    if case == "soft_weighted":  # distributions are divided by the sum of their weights, as labels are
+        whole = F.cross_entropy(logits, targets, weight=weight, reduction="sum") / (targets * weight).sum()
     if teacher is not None:
         whole = 0.3 * whole + 0.7 * distillation_loss(logits, teacher, 4.0)
     (expected,) = torch.autograd.grad(whole, logits)
