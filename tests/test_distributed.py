@@ -117,10 +117,23 @@ def test_two_processes_train_the_one_process_run(data: Path, two_process_run: Pa
             assert float(a[k]) == pytest.approx(b[k], rel=1e-5, abs=1e-9), k
 
 
-KILLED_WORKER = textwrap.dedent("""
+def cli_worker(patch: str, records: str | None = None) -> str:
+    """Source of a torchrun worker script: `patch` (Python source) wraps some ferkit function, then the worker runs
+    the ferkit CLI with the script's arguments. With `records`, the list of that name (filled by the patch) is
+    written to `<records><RANK>.json` in the working directory however the run ends."""
+    run = 'sys.argv = ["ferkit", *sys.argv[1:]]\n'
+    if records is None:
+        run += "main()\n"
+    else:
+        run += (f"try:\n    main()\nfinally:\n    with open(f\"{records}{{os.environ['RANK']}}.json\", \"w\") as f:\n"
+                f"        json.dump({records}, f)\n")
+    return "import json, os, sys\n" + textwrap.dedent(patch) + "\nfrom ferkit.cli import main\n" + run
+
+
+KILLED_WORKER = cli_worker("""
     # Rank 0 dies (SIGKILL) in epoch 2's save, after its weights and metrics and before its checkpoint: the worst
     # moment, as a kill or a power cut would choose it. torchrun then stops the other process.
-    import os, signal, sys
+    import signal
     import torch.distributed as dist
     from ferkit.training import trainer
 
@@ -133,9 +146,6 @@ KILLED_WORKER = textwrap.dedent("""
         save(path, state)
 
     trainer._save_checkpoint = dying_save
-    from ferkit.cli import main
-    sys.argv = ["ferkit", *sys.argv[1:]]
-    main()
 """)
 
 

@@ -296,9 +296,9 @@ def test_an_fp16_checkpoint_without_a_scaler_still_resumes(tiny_csv: Path, tmp_p
 
 # ---- torchrun ---------------------------------------------------------------------------------------------------
 
-SCALED_WORKER = """
+SCALED_WORKER_PATCH = """
 # Each process records, step by step, whether it stepped and its loss scale after the step.
-import functools, json, os, sys
+import functools
 import torch
 from ferkit.training import trainer
 
@@ -310,13 +310,6 @@ def recorded(cfg, model, optimizer, scaler):
     return steps[-1][0]
 
 trainer._optimizer_step = recorded
-from ferkit.cli import main
-sys.argv = ["ferkit", *sys.argv[1:]]
-try:
-    main()
-finally:
-    with open(f"steps{os.environ['RANK']}.json", "w") as f:
-        json.dump(steps, f)
 """
 
 
@@ -324,11 +317,11 @@ finally:
 def test_two_processes_skip_the_same_steps(tmp_path: Path, cache_dir: Path) -> None:
     # DDP averages the gradients before the scaler looks at them (and before SAM's check of the first pass), so
     # every process skips the same steps and keeps the same scale: their weights stay one model.
-    from test_distributed import torchrun, train_cli
+    from test_distributed import cli_worker, torchrun, train_cli
 
     data = write_csv(tmp_path / "tiny.csv", synthetic_rows({"Training": 70, "PublicTest": 35, "PrivateTest": 35}))
     worker = tmp_path / "scaled_worker.py"
-    worker.write_text(SCALED_WORKER)
+    worker.write_text(cli_worker(SCALED_WORKER_PATCH, records="steps"))
     args = [a for a in train_cli(data, tmp_path / "runs", "--name", "r") if a != "precision=fp32"][2:]
     done = torchrun(2, [str(worker), *args, "precision=fp16", "sam_rho=0.05", "grad_clip=1"], cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-4000:]

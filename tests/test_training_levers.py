@@ -466,9 +466,8 @@ def test_two_processes_train_the_one_process_run_with_the_levers(tmp_path: Path,
         torch.testing.assert_close(two_w[k], v, rtol=1e-4, atol=1e-6, msg=k)
 
 
-SWA_BATCHNORM_WORKER = """
+SWA_BATCHNORM_PATCH = """
 # Each process records the batches of its SWA BatchNorm passes: their faces, and whether gradients were on.
-import json, os, sys
 import torch
 from ferkit.training import levers
 
@@ -486,13 +485,6 @@ def recorded(batches, model, *args, **kwargs):
     real(counted(), model, *args, **kwargs)
 
 levers.update_bn = recorded
-from ferkit.cli import main
-sys.argv = ["ferkit", *sys.argv[1:]]
-try:
-    main()
-finally:
-    with open(f"passes{os.environ['RANK']}.json", "w") as f:
-        json.dump(passes, f)
 """
 
 
@@ -500,11 +492,11 @@ def test_two_processes_share_the_swa_batchnorm_pass(tmp_path: Path, cache_dir: P
     # Each process runs every other batch of the pass (the whole global batch, without gradients), and the
     # processes' statistics are combined: the pass costs each process its share, and its BatchNorm statistics are
     # the one-process pass's over all the training faces, for the averaged weights (up to float rounding).
-    from test_distributed import SETTINGS, flags, torchrun
+    from test_distributed import SETTINGS, cli_worker, flags, torchrun
 
     data = write_csv(tmp_path / "tiny.csv", synthetic_rows({"Training": 70, "PublicTest": 35, "PrivateTest": 35}))
     worker = tmp_path / "swa_worker.py"
-    worker.write_text(SWA_BATCHNORM_WORKER)
+    worker.write_text(cli_worker(SWA_BATCHNORM_PATCH, records="passes"))
     settings = SETTINGS | {"model": BN_MODEL, "average": "swa", "swa_start": 0.5}
     done = torchrun(2, [str(worker), "train", "--data", str(data), "--out", str(tmp_path / "runs"), "--name", "r",
                         "--no-progress", *flags(settings)], cwd=tmp_path)
