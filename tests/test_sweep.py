@@ -83,6 +83,10 @@ def test_sweep_runs_resumes_after_a_kill_and_draws_its_figure(tiny_csv: Path, tm
         rows = list(csv.DictReader(f))
     assert [r["optimizer"] for r in rows] == ["sgd", "sgd", "adam", "adam"] and all(r["epochs"] == "2" for r in rows)
     assert all(0 <= float(r["best_public_test"]) <= 1 for r in rows)
+    for r in rows:  # the last epoch's rate, from the trial's metrics (cosine: decayed from the trial's lr)
+        last = list(csv.DictReader((Path(r["run_dir"]) / "metrics.csv").read_text().splitlines()))[-1]
+        assert float(r["last_lr"]) == pytest.approx(float(last["lr"]), rel=1e-3)
+        assert float(r["last_lr"]) < float(r["lr"])
     markdown = (sweep_dir / "results.md").read_text()
     assert "| trial | optimizer | lr | status | best PublicTest |" in markdown and "`model=tan_mlp`" in markdown
     assert (sweep_dir / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -45,7 +45,7 @@ RESERVED_KEYS = ("out_dir", "run_name", "progress")
 FAILED_FILE = "failed.json"  # in a trial's directory: why it failed (then the sweep counts it as finished)
 # Settings naming a file or folder: made absolute when they exist (trials on Ray run in another directory).
 PATH_KEYS = ("data", "labels", "teacher", "init_weights")
-RESULT_FIELDS = ("trial", "status", "best_public_test", "best_epoch", "final_public_test", "epochs",
+RESULT_FIELDS = ("trial", "status", "best_public_test", "best_epoch", "final_public_test", "last_lr", "epochs",
                  "planned_epochs", "train_minutes", "run_dir", "error")
 
 
@@ -364,6 +364,8 @@ def collect(sweep_dir: Path, grid: dict[str, list[str]], trials: list[dict[str, 
                 else {}
             row.update(best_public_test=f"{best['val_acc']:.4f}", best_epoch=int(best["epoch"]),
                        final_public_test=f"{history[-1]['val_acc']:.4f}", epochs=len(history),
+                       # the rate the schedule had reached at the end: shows whether it decayed at all in the budget
+                       last_lr=f"{history[-1]['lr']:.3g}",
                        planned_epochs=manifest.get("config", {}).get("epochs", ""),
                        train_minutes=f"{sum(h['seconds'] for h in history) / 60:.1f}")
         rows.append(row)
@@ -382,7 +384,7 @@ def write_results(sweep_dir: Path, grid: dict[str, list[str]], trials: list[dict
 
 def render_markdown(grid: dict[str, list[str]], rows: list[dict[str, Any]]) -> str:
     fixed = {k: v[0] for k, v in grid.items() if len(v) == 1}
-    head = ["trial", *axes(grid), "status", "best PublicTest", "best epoch", "final PublicTest", "epochs",
+    head = ["trial", *axes(grid), "status", "best PublicTest", "best epoch", "final PublicTest", "last lr", "epochs",
             "train min"]
     lines = [f"Fixed: {' '.join(f'`{k}={v}`' for k, v in fixed.items()) or 'none'}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -397,7 +399,7 @@ def render_markdown(grid: dict[str, list[str]], rows: list[dict[str, Any]]) -> s
                 else f"{value:.2%}"  # the sweep's best in bold
         final = f"{float(r['final_public_test']):.2%}" if r.get("final_public_test") else ""
         cells = [r["trial"], *(f"`{r[k]}`" for k in axes(grid)), r["status"], best, str(r.get("best_epoch", "")),
-                 final, epochs, str(r.get("train_minutes", ""))]
+                 final, str(r.get("last_lr", "")), epochs, str(r.get("train_minutes", ""))]
         lines.append("| " + " | ".join(cells) + " |")
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
