@@ -237,7 +237,7 @@ def mix_batch(x: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor | No
         y0, y1 = max(cy - int(h * side) // 2, 0), min(cy + int(h * side) // 2, h)
         x0, x1 = max(cx - int(w * side) // 2, 0), min(cx + int(w * side) // 2, w)
         mixed = x.clone()
-        mixed[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+        mixed[..., y0:y1, x0:x1] = x[perm, ..., y0:y1, x0:x1]  # only the box of the permuted images
         lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
     else:
         mixed = x * lam + x[perm] * (1 - lam)
