@@ -194,6 +194,89 @@ def test_log_linear_fit_tempers_an_overconfident_member() -> None:
     assert twins.member_weights == pytest.approx([0.25, 0.25], abs=1e-5)
 
 
+def network_members(n: int = 400, seed: int = 0):
+    """Four members on 3 classes: `strong` (right on 70 % of faces), its TTA copy `strong_flip` (the same network
+    under flip: near-identical), `other` (right on a different 60 %, so it adds to `strong`), `noise` (uniform-ish
+    random guesses, adds nothing)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+
+    def member(p_right: float, jitter: float = 0.0) -> np.ndarray:
+        right = rng.random(n) < p_right
+        guess = np.where(right, y, (y + rng.integers(1, 3, n)) % 3)
+        p = np.full((n, 3), 0.15)
+        p[np.arange(n), guess] = 0.7
+        p = p + jitter * rng.random((n, 3))
+        return p / p.sum(1, keepdims=True)
+
+    strong = member(0.7)
+    flip = strong + 0.01 * rng.random((n, 3))
+    probs = np.stack([strong, flip / flip.sum(1, keepdims=True), member(0.6), member(1 / 3, jitter=0.5)])
+    return probs, y
+
+
+def test_log_linear_capped_to_networks_chooses_by_likelihood_and_groups_tta_copies() -> None:
+    from ferkit.ensembles.combine import log_linear_selection
+
+    probs, y = network_members()
+    groups = ["strong", "strong", "other", "noise"]
+    one = log_linear_selection(probs, y, 1, groups)
+    assert one.selected == (0, 1) and one.used_members() in ([0], [1], [0, 1])  # the strong network, both views
+    two = fit_ensemble("log_linear", probs, y, max_members=2, groups=groups)
+    assert two.selected == (0, 1, 2) and two.member_weights[3] == 0.0
+    # its weights are the plain log_linear fit restricted to the chosen members
+    alone = fit_ensemble("log_linear", probs[[0, 1, 2]], y)
+    assert two.member_weights[:3] == pytest.approx(alone.member_weights, abs=1e-4)
+    assert two.public_accuracy == pytest.approx(alone.public_accuracy)
+    # without groups each member is a network: one pick is one member
+    assert len(log_linear_selection(probs, y, 1).selected) == 1
+    # a cap at or above the number of networks is the plain fit (no selection recorded)
+    full = fit_ensemble("log_linear", probs, y, max_members=3, groups=groups)
+    plain = fit_ensemble("log_linear", probs, y)
+    assert full.selected == () and full.member_weights == pytest.approx(plain.member_weights)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_members": 0}, "max_members must be positive"),
+    ({"max_members": -2}, "max_members must be positive"),
+    ({"max_members": 1, "groups": ["a", "b"]}, "groups name 2"),
+])
+def test_log_linear_selection_bad_values(kwargs: dict, message: str) -> None:
+    from ferkit.ensembles.combine import log_linear_selection
+
+    probs, y = network_members(n=30)
+    with pytest.raises(ValueError, match=message):
+        log_linear_selection(probs, y, **kwargs)
+
+
+def test_member_networks_strip_only_the_members_own_tta_suffix() -> None:
+    members = random_members(m=4)
+    members.names = ["vgg_flip", "vgg", "net_flip", "x_shift"]
+    members.ttas = ["flip", "none", "none", "flip"]  # net_flip was not run under flip: its name is just a name
+    assert predictions_module.member_networks(members) == ["vgg", "vgg", "net_flip", "x_shift"]
+    members.ttas = []
+    assert predictions_module.member_networks(members) == members.names
+
+
+def test_cli_log_linear_max_members_counts_networks(tmp_path: Path) -> None:
+    probs, y = network_members()
+    files = []
+    for name, p in zip(("strong", "strong_flip", "other", "noise"), probs, strict=True):
+        path = write_predictions(tmp_path / f"{name}.npz", p, y, p, y, classes=("a", "b", "c"))
+        if name.endswith("_flip"):  # as `ferkit ensemble --tta flip --save-predictions` writes it, renamed
+            data = dict(np.load(path))
+            np.savez_compressed(path, **(data | {"tta": np.array("flip")}))
+        files.append(path)
+    result = runner.invoke(app, ["ensemble", "--from-predictions", *map(str, files), "--method", "log_linear",
+                                 "--max-members", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    ens = json.loads(result.stdout)["ensembles"][0]
+    assert ens["name"] == "log_linear(2 networks)"
+    assert ens["selected"] == ["strong", "strong_flip", "other"] and ens["member_weights"]["noise"] == 0.0
+    table = runner.invoke(app, ["ensemble", *map(str, files), "--method", "log_linear", "--max-members", "1"])
+    assert table.exit_code == 0 and "log_linear(1 network)" in table.output
+
+
 def test_method_names_and_weights_json_round_trip() -> None:
     assert canonical_method("majority_vote") == "vote" and canonical_method("Accuracy-Weighted") == "accuracy_weighted"
     with pytest.raises(ValueError, match="unknown ensemble method"):
@@ -486,6 +569,24 @@ def test_saved_ensemble_under_multi_view_tta_matches_the_fitted_one(two_members:
     ens, _ = load_ensemble(save_ensemble(tmp_path / "ens.safetensors", two_members, weights, tta=tta))
     got = predict_proba(ens, faces, input_size=48, tta=tta)
     assert got == pytest.approx(apply_ensemble(weights, member_probs), abs=1e-5)
+
+
+def test_cli_save_half_halves_the_file_and_keeps_the_predictions(two_members: list[Path], tiny_csv: Path,
+                                                                   tmp_path: Path) -> None:
+    paths = {}
+    for half in (False, True):
+        paths[half] = tmp_path / f"ens_{half}.safetensors"
+        args = ["ensemble", "--weights", *map(str, two_members), "--data", str(tiny_csv), "--method", "mean",
+                "--save", str(paths[half]), "--json"]
+        result = runner.invoke(app, args + (["--half"] if half else []))
+        assert result.exit_code == 0, result.output
+    assert paths[True].stat().st_size < 0.6 * paths[False].stat().st_size
+    faces = np.random.default_rng(2).integers(0, 256, size=(8, 48, 48), dtype=np.uint8)
+    full, halved = (predict_proba(load_model(paths[h])[0], faces, input_size=48) for h in (False, True))
+    assert halved.dtype == full.dtype and halved == pytest.approx(full, abs=2e-3)
+    # --half without --save has nothing to act on: refused, not ignored
+    bad = runner.invoke(app, ["ensemble", "--weights", *map(str, two_members), "--data", str(tiny_csv), "--half"])
+    assert bad.exit_code == 2 and "--half applies to --save" in bad.output
 
 
 def test_saved_ensemble_evaluates_like_a_model(two_members: list[Path], tiny_csv: Path, tmp_path: Path) -> None:

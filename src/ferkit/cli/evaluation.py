@@ -194,10 +194,15 @@ def ensemble(
         help="Keep only the members that predict this label set (fer7 | fer6) and say which were left out; "
              "lets one glob over results/predictions/ hold both.")] = None,
     max_members: Annotated[int | None, typer.Option(
-        help="greedy: selection steps, repeats included (default: the number of members).")] = None,
+        help="greedy: selection steps, repeats included (default: the number of members). log_linear: use at "
+             "most N networks, chosen one at a time by PublicTest likelihood (a member and its TTA copy "
+             "NAME_flip.npz count as one network).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print only a JSON object on stdout.")] = False,
     save: Annotated[Path | None, typer.Option(
         help="Write the fitted ensemble (members + weights) to this .safetensors file; needs one --method.")] = None,
+    half: Annotated[bool, typer.Option(
+        "--half", help="With --save: store the members' float tensors in fp16, half the size (computed in fp32 "
+                       "after loading, as the shipped weights are).")] = False,
     plot: Annotated[Path | None, typer.Option(help="Write a members-vs-ensembles bar chart (PNG).")] = None,
     save_predictions: Annotated[Path | None, typer.Option(
         help="With --weights / --snapshots: write each member's probabilities on both test splits to "
@@ -303,6 +308,8 @@ def ensemble(
     if len(paths) < 2 and not export_only:
         _fail(f"an ensemble needs at least two members, got {len(paths)} (one weights file with "
               "--save-predictions DIR only writes its predictions)")
+    if half and save is None:
+        _fail("--half applies to --save (the ensemble file it writes); give --save FILE")
     if save is not None and len(methods) != 1:
         _fail("--save needs a single --method (not all)")
 
@@ -366,7 +373,7 @@ def ensemble(
     try:
         if save is not None:
             row = report.ensembles[0]
-            save_ensemble(save, paths, report.weights[methods[0]], tta=tta,
+            save_ensemble(save, paths, report.weights[methods[0]], tta=tta, half=half,
                           extra={"fitted_on": "PublicTest", "public_accuracy": row["public_accuracy"],
                                  "private_accuracy": row["private_accuracy"], "data": str(data),
                                  "member_files": [str(p) for p in paths]})

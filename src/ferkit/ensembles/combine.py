@@ -50,9 +50,16 @@ log_linear  (log-linear pooling: a weighted geometric mean, i.e. stacking with o
     share one weight, a member no better than chance gets 0, and sum_m w_m acts as an inverse temperature
     (an over-confident member is tempered, w < 1). Probabilities are floored at LOG_FLOOR before the log so
     one member's exact 0 cannot veto a class.
+    With max_members = K below the number of networks (log_linear_selection): forward selection by likelihood.
+    Start empty; at each step add the network whose members, joined to those chosen, give the lowest PublicTest
+    negative log-likelihood of the refitted log_linear weights (ties to the lower index); stop after K networks.
+    A network is a group of members (by default each member alone; `groups` puts a model and its TTA copy, e.g.
+    `vgg_s_seed1` and `vgg_s_seed1_flip`, in one, since both cost one network's compute per face).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -79,7 +86,8 @@ from ferkit.models.ensemble_weights import (
 
 __all__ = ["ALIASES", "COMBINERS", "LOG_FLOOR", "METHODS", "VOTE_TIE_EPS", "EnsembleWeights", "accuracy",
            "accuracy_weighted", "accuracy_weights", "apply_ensemble", "canonical_method", "check_probs",
-           "check_weights", "class_weighted", "fit_ensemble", "greedy_selection", "log_linear", "log_linear_weights",
+           "check_weights", "class_weighted", "fit_ensemble", "greedy_selection", "log_linear", "log_linear_selection",
+           "log_linear_weights",
            "majority_vote", "mean", "member_accuracies", "member_log_probs", "per_class_precision", "vote_tie_eps",
            "weighted_mean"]
 
@@ -251,20 +259,69 @@ def greedy_selection(fit_probs: npt.ArrayLike, fit_labels: npt.ArrayLike, method
                            public_accuracy=best[0])
 
 
+def network_groups(groups: Sequence[str] | None, num_members: int) -> list[list[int]]:
+    """Member indices per network, in order of first appearance (None: every member is its own network)."""
+    if groups is None:
+        return [[i] for i in range(num_members)]
+    if len(groups) != num_members:
+        raise ValueError(f"groups name {len(groups)} networks' members for {num_members} members")
+    out: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        out.setdefault(str(g), []).append(i)
+    return list(out.values())
+
+
+def log_linear_selection(fit_probs: npt.ArrayLike, fit_labels: npt.ArrayLike, max_members: int,
+                         groups: Sequence[str] | None = None) -> EnsembleWeights:
+    """log_linear over at most `max_members` networks, chosen forward by PublicTest likelihood (see module doc).
+
+    groups: each member's network name (members sharing one are chosen together); default one network each.
+    The result's `selected` lists the chosen members, network by network in selection order.
+    """
+    p = check_probs(fit_probs, "fit_probs")
+    y = _check_labels(fit_labels, p)
+    if int(max_members) < 1:
+        raise ValueError(f"max_members must be positive, got {max_members}")
+    networks = network_groups(groups, p.shape[0])
+    chosen: list[int] = []
+    weights = np.zeros(p.shape[0])
+    for _ in range(min(int(max_members), len(networks))):
+        step_best: tuple[float, list[int], np.ndarray] | None = None
+        for net in networks:
+            if net[0] in chosen:
+                continue
+            trial = chosen + net
+            w = log_linear_weights(p[trial], y)
+            nll = _nll(log_linear(p[trial], w), y)
+            if step_best is None or nll < step_best[0]:
+                step_best = (nll, trial, w)
+        assert step_best is not None
+        chosen = step_best[1]
+        weights = np.zeros(p.shape[0])
+        weights[chosen] = step_best[2]
+    return EnsembleWeights("log_linear", "log_linear", weights, selected=tuple(chosen))
+
+
 def fit_ensemble(method: str, public_probs: npt.ArrayLike, public_labels: npt.ArrayLike, *,
                  max_members: int | None = None, combiner: str = "mean",
-                 replacement: bool = True) -> EnsembleWeights:
+                 replacement: bool = True, groups: Sequence[str] | None = None) -> EnsembleWeights:
     """Fit ensemble `method` on PublicTest ONLY: the members' (M, N, C) PublicTest probabilities and labels.
 
     This is the only function that sees labels; it takes a single split by design, so the evaluation split
     (PrivateTest) cannot leak into the weights. combiner, max_members, replacement: greedy's options.
+    log_linear with max_members below the number of networks (`groups`, default one per member) chooses that
+    many networks forward by likelihood (log_linear_selection); other methods ignore groups.
     """
     method = canonical_method(method)
     p = check_probs(public_probs, "public_probs")
     y = _check_labels(public_labels, p)
     if method == "greedy":
         return greedy_selection(p, y, combiner, max_members=max_members, replacement=replacement)
-    fitted = (EnsembleWeights(method, method, log_linear_weights(p, y)) if method == "log_linear"
-              else _fit_combiner(method, p, y, np.ones(p.shape[0])))
+    if method == "log_linear" and max_members is not None and max_members < len(network_groups(groups, p.shape[0])):
+        fitted = log_linear_selection(p, y, max_members, groups)
+    elif method == "log_linear":
+        fitted = EnsembleWeights(method, method, log_linear_weights(p, y))
+    else:
+        fitted = _fit_combiner(method, p, y, np.ones(p.shape[0]))
     fitted.public_accuracy = accuracy(apply_ensemble(fitted, p), y)
     return fitted

@@ -207,12 +207,21 @@ class EnsembleReport:
                 "best_member": self.best_member, "ensembles": self.ensembles}
 
 
+def member_networks(members: MemberSet) -> list[str]:
+    """The network behind each member: its name less a `_<tta>` suffix naming its TTA (`vgg_s_seed1_flip` with
+    tta flip -> `vgg_s_seed1`), so a model and its TTA copy count as one network's compute."""
+    ttas = members.ttas or [""] * len(members)
+    return [name[:-len(tta) - 1] if tta not in ("", "none") and name.endswith(f"_{tta}") else name
+            for name, tta in zip(members.names, ttas, strict=True)]
+
+
 def evaluate_methods(members: MemberSet, methods: Sequence[str] = METHODS, *, max_members: int | None = None,
                      combiner: str = "mean", replacement: bool = True) -> EnsembleReport:
     """Fit each method on PublicTest and score it on PublicTest and PrivateTest.
 
     Only `members.public` reaches `fit_ensemble`; PrivateTest is used only through `apply_ensemble`.
-    max_members, combiner, replacement: greedy selection's options (see ferkit.ensembles.combine).
+    max_members, combiner, replacement: greedy selection's options (see ferkit.ensembles.combine); max_members
+    also caps log_linear's networks (a member and its TTA copy are one, see member_networks).
     """
     pub, priv = members.public, members.private
     member_rows = []
@@ -224,13 +233,18 @@ def evaluate_methods(members: MemberSet, methods: Sequence[str] = METHODS, *, ma
                             "private_accuracy": accuracy(priv.probs[i], priv.labels)})
     best = max(member_rows, key=lambda r: r["public_accuracy"])
     rows, fitted = [], {}
+    networks = member_networks(members)
     for method in dict.fromkeys(canonical_method(m) for m in methods):
         weights = fit_ensemble(method, pub.probs, pub.labels, max_members=max_members, combiner=combiner,
-                               replacement=replacement)
+                               replacement=replacement, groups=networks)
         fitted[method] = weights
         private_acc = accuracy(apply_ensemble(weights, priv.probs), priv.labels)
+        name = f"greedy({weights.combiner})" if method == "greedy" else method
+        if method == "log_linear" and weights.selected:
+            chosen = len({networks[i] for i in weights.selected})
+            name = f"log_linear({chosen} network{'s' if chosen > 1 else ''})"
         row: dict[str, Any] = {
-            "name": method if method != "greedy" else f"greedy({weights.combiner})",
+            "name": name,
             "method": method, "combiner": weights.combiner,
             "public_accuracy": accuracy(apply_ensemble(weights, pub.probs), pub.labels),
             "private_accuracy": private_acc,
@@ -240,7 +254,7 @@ def evaluate_methods(members: MemberSet, methods: Sequence[str] = METHODS, *, ma
         if weights.class_weights is not None:
             row["class_weights"] = {n: [float(x) for x in cw]
                                     for n, cw in zip(members.names, weights.class_weights, strict=True)}
-        if method == "greedy":
+        if weights.selected:  # greedy's picks, or the networks log_linear was capped to
             row["selected"] = [members.names[i] for i in weights.selected]
         rows.append(row)
     return EnsembleReport(classes=list(members.classes), members=member_rows, ensembles=rows, weights=fitted,
