@@ -645,15 +645,42 @@ def test_a_resumed_run_keeps_its_levers(tiny_csv: Path, tmp_path: Path) -> None:
         train(resume=run_dir)
 
 
-def test_metrics_written_before_the_val_weights_column_still_resume(tiny_csv: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("dropped", [("val_weights", "raw_val_acc"), ("raw_val_acc",)])
+def test_metrics_written_before_the_newer_columns_still_resume(tiny_csv: Path, tmp_path: Path,
+                                                                dropped: tuple[str, ...]) -> None:
     full = train(small_config(tiny_csv, tmp_path / "full", epochs=2))
     run_dir = train(small_config(tiny_csv, tmp_path / "old", epochs=2), stop_after_epochs=1).run_dir
     lines = (run_dir / "metrics.csv").read_text().splitlines()
-    column = lines[0].split(",").index("val_weights")
-    (run_dir / "metrics.csv").write_text("".join(",".join(f for i, f in enumerate(line.split(",")) if i != column)
+    columns = {lines[0].split(",").index(name) for name in dropped}
+    (run_dir / "metrics.csv").write_text("".join(",".join(f for i, f in enumerate(line.split(",")) if i not in columns)
                                                  + "\n" for line in lines))  # as an older ferkit wrote it
     resumed = train(resume=run_dir)
     assert without_timing(resumed.history) == without_timing(full.history)
+
+
+def test_an_averaging_run_records_its_raw_weights_accuracy(tiny_csv: Path, tmp_path: Path) -> None:
+    # The control of a weight-averaging ablation, in the same run: the trained (raw) weights' PublicTest accuracy.
+    result = train(small_config(tiny_csv, tmp_path / "swa", model=BN_MODEL, epochs=4, lr=0.05, average="swa",
+                                swa_start=0.5))
+    rows = trainer._read_metrics(result.run_dir / "metrics.csv")
+    assert [r["val_weights"] for r in rows] == ["raw", "raw", "swa", "swa"]
+    assert rows[0]["raw_val_acc"] == rows[0]["val_acc"]  # before SWA averages anything, the raw weights are scored
+    model, meta = load_model(result.run_dir / "last.safetensors")
+    model.load_state_dict(torch.load(result.run_dir / "checkpoint.pt", weights_only=True)["model"])
+    public = load_dataset(str(tiny_csv)).split("PublicTest")
+    probs = predict_proba(model, public.images, input_size=meta["input_size"])
+    assert rows[-1]["raw_val_acc"] == float((probs.argmax(1) == public.labels).mean())
+    assert result.history[-1]["raw_val_acc"] == rows[-1]["raw_val_acc"]
+    plain = train(small_config(tiny_csv, tmp_path / "plain", epochs=2))
+    assert all(r["raw_val_acc"] == r["val_acc"] for r in plain.history)
+    # Rows written before the column existed: known where the raw weights were the evaluated ones, else NaN.
+    metrics = result.run_dir / "metrics.csv"
+    lines = metrics.read_text().splitlines()
+    column = lines[0].split(",").index("raw_val_acc")
+    metrics.write_text("".join(",".join(f for i, f in enumerate(line.split(",")) if i != column) + "\n"
+                               for line in lines))
+    old = trainer._read_metrics(metrics)
+    assert all(r["raw_val_acc"] == r["val_acc"] for r in old[:2]) and all(np.isnan(r["raw_val_acc"]) for r in old[2:])
 
 
 # ---- CUDA RNG state -----------------------------------------------------------------------------------------------

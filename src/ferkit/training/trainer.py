@@ -40,7 +40,10 @@ from ferkit.training.report import command_line, git_commit, hardware, library_v
 
 # val_weights: the weights PublicTest evaluated (and best/last saved): 'raw' (the trained weights), or the average
 # that `average` keeps ('ema', 'swa'; SWA's first epochs, before it averages anything, are 'raw').
-METRIC_FIELDS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_weights", "seconds")
+# raw_val_acc: the trained weights' own PublicTest accuracy (= val_acc when those were evaluated), so a run with
+# weight averaging carries its own control: what the average added over the weights it averages, epoch by epoch.
+METRIC_FIELDS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_weights",
+                 "raw_val_acc", "seconds")
 CHECKPOINT_KEYS = frozenset({"model", "optimizer", "scheduler", "torch_rng", "generator", "epoch", "step", "best_acc",
                              "best_epoch", "stale", "elapsed"})
 # Steps between checks that the training loss is finite: each check waits for the device, so not every step.
@@ -445,26 +448,18 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
         evaluated = averaged.module if averaged is not None and averaged.n_averaged > 0 else model
         val_weights = cfg.average if evaluated is not model else "raw"
 
-        # Validation on PublicTest (model selection only). Finite weights can still be too large to compute with.
-        # Several processes: each predicts its share of the faces, and every process gets all the predictions.
-        nonfinite = False
-        try:
-            probs = predict_proba(evaluated, val_set.images[d.shard(len(val_set))] if d.active else val_set.images,
-                                  input_size=input_size, norm=cfg.normalize, tta=val_tta, dtype=amp_dtype)
-        except NonFiniteOutputError:
-            nonfinite = True
-        if d.any(nonfinite):
-            raise _diverged(cfg, epoch, "its PublicTest predictions became NaN or infinite")
-        probs = d.rows(probs, len(val_set), device)
-        val_acc = float((probs.argmax(1) == val_set.labels).mean())
-        val_loss = float(-np.log(probs[np.arange(len(probs)), val_set.labels].clip(1e-12)).mean())
+        # Validation on PublicTest (model selection only); with an average, the trained weights too (its control).
+        val_acc, val_loss = _public_test(evaluated, val_set, input_size, cfg, val_tta, amp_dtype, d, device, epoch)
+        raw_val_acc = val_acc if evaluated is model else _public_test(model, val_set, input_size, cfg, val_tta,
+                                                                      amp_dtype, d, device, epoch)[0]
         if cfg.schedule == "plateau":
             scheduler.step(val_acc)
         seconds = d.broadcast(time.perf_counter() - t0)  # rank 0's clock: every process stops at the same epoch
         elapsed += seconds
         row = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
-               "val_loss": val_loss, "val_acc": val_acc, "val_weights": val_weights, "seconds": seconds}
+               "val_loss": val_loss, "val_acc": val_acc, "val_weights": val_weights, "raw_val_acc": raw_val_acc,
+               "seconds": seconds}
         history.append(row)
         improved = val_acc > best_acc
         if improved:
@@ -473,7 +468,8 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
             stale += 1
         print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}  "
               f"PublicTest acc{'' if val_weights == 'raw' else f' ({val_weights})'} {val_acc:.4f}"
-              f"{' *' if improved else ''}  lr {row['lr']:.2e}  {seconds:.0f}s", flush=True)
+              f"{' *' if improved else ''}{'' if val_weights == 'raw' else f' (raw {raw_val_acc:.4f})'}"
+              f"  lr {row['lr']:.2e}  {seconds:.0f}s", flush=True)
 
         reason = _stop_reason(cfg, stale, elapsed) if epoch + 1 < cfg.epochs else None
 
@@ -892,12 +888,35 @@ def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
     """metrics.csv rows as numbers (epoch and step stay integers, so a resumed run rewrites them unchanged), and
-    val_weights's name ('raw' in the rows of a run written before that column existed)."""
+    val_weights's name. Rows of runs written before a column existed: val_weights 'raw', and raw_val_acc val_acc
+    where the raw weights were evaluated (NaN, unknown, where an average was)."""
     def value(key: str, text: str) -> int | float | str:
         return int(float(text)) if key in ("epoch", "step") else text if key == "val_weights" else float(text)
 
+    def with_defaults(row: dict[str, Any]) -> dict[str, Any]:
+        row = {"val_weights": "raw"} | row
+        return {"raw_val_acc": row["val_acc"] if row["val_weights"] == "raw" else math.nan} | row
+
     with open(path, newline="") as f:
-        return [{"val_weights": "raw"} | {k: value(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [with_defaults({k: value(k, v) for k, v in row.items()}) for row in csv.DictReader(f)]
+
+
+def _public_test(net: torch.nn.Module, val_set: FaceData, input_size: int, cfg: TrainConfig, tta: str,
+                 dtype: torch.dtype | None, d: distributed.Dist, device: torch.device,
+                 epoch: int) -> tuple[float, float]:
+    """`net`'s PublicTest accuracy and mean cross-entropy. Finite weights can still be too large to compute with.
+    Several processes: each predicts its share of the faces, and every process gets all the predictions."""
+    nonfinite = False
+    try:
+        probs = predict_proba(net, val_set.images[d.shard(len(val_set))] if d.active else val_set.images,
+                              input_size=input_size, norm=cfg.normalize, tta=tta, dtype=dtype)
+    except NonFiniteOutputError:
+        nonfinite = True
+    if d.any(nonfinite):
+        raise _diverged(cfg, epoch, "its PublicTest predictions became NaN or infinite")
+    probs = d.rows(probs, len(val_set), device)
+    acc = float((probs.argmax(1) == val_set.labels).mean())
+    return acc, float(-np.log(probs[np.arange(len(probs)), val_set.labels].clip(1e-12)).mean())
 
 
 def _read_json(path: Path) -> dict:
