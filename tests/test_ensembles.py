@@ -29,6 +29,7 @@ from ferkit.ensembles import (
     load_ensemble,
     load_prediction_files,
     log_linear,
+    log_linear_selection,
     majority_vote,
     mean,
     member_accuracies,
@@ -194,7 +195,7 @@ def test_log_linear_fit_tempers_an_overconfident_member() -> None:
     assert twins.member_weights == pytest.approx([0.25, 0.25], abs=1e-5)
 
 
-def network_members(n: int = 400, seed: int = 0):
+def network_members(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Four members on 3 classes: `strong` (right on 70 % of faces), its TTA copy `strong_flip` (the same network
     under flip: near-identical), `other` (right on a different 60 %, so it adds to `strong`), `noise` (uniform-ish
     random guesses, adds nothing)."""
@@ -216,8 +217,6 @@ def network_members(n: int = 400, seed: int = 0):
 
 
 def test_log_linear_capped_to_networks_chooses_by_likelihood_and_groups_tta_copies() -> None:
-    from ferkit.ensembles.combine import log_linear_selection
-
     probs, y = network_members()
     groups = ["strong", "strong", "other", "noise"]
     one = log_linear_selection(probs, y, 1, groups)
@@ -242,8 +241,6 @@ def test_log_linear_capped_to_networks_chooses_by_likelihood_and_groups_tta_copi
     ({"max_members": 1, "groups": ["a", "b"]}, "groups name 2"),
 ])
 def test_log_linear_selection_bad_values(kwargs: dict, message: str) -> None:
-    from ferkit.ensembles.combine import log_linear_selection
-
     probs, y = network_members(n=30)
     with pytest.raises(ValueError, match=message):
         log_linear_selection(probs, y, **kwargs)
@@ -272,9 +269,37 @@ def test_cli_log_linear_max_members_counts_networks(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     ens = json.loads(result.stdout)["ensembles"][0]
     assert ens["name"] == "log_linear(2 networks)"
-    assert ens["selected"] == ["strong", "strong_flip", "other"] and ens["member_weights"]["noise"] == 0.0
+    # the members it uses: `other` and the strong network's (one or both of its views: near-twins share weight)
+    assert ens["selected"][-1] == "other" and set(ens["selected"][:-1]) <= {"strong", "strong_flip"}
+    assert ens["selected"][:-1] and ens["member_weights"]["noise"] == 0.0
     table = runner.invoke(app, ["ensemble", *map(str, files), "--method", "log_linear", "--max-members", "1"])
     assert table.exit_code == 0 and "log_linear(1 network)" in table.output
+
+
+def test_capped_log_linear_records_and_counts_only_the_members_it_uses(monkeypatch: pytest.MonkeyPatch,
+                                                                      tmp_path: Path) -> None:
+    # A chosen network whose member the refit sets to 0 is neither counted in the name nor recorded as a member.
+    from ferkit.ensembles.records import report_rows
+
+    members = random_members(m=3)
+    members.names, members.ttas = ["a", "a_flip", "b"], ["none", "flip", "none"]
+    fitted = EnsembleWeights("log_linear", "log_linear", np.array([0.0, 0.8, 0.0]), selected=(0, 1, 2))
+    monkeypatch.setattr(predictions_module, "fit_ensemble", lambda *a, **k: fitted)
+    report = evaluate_methods(members, ["log_linear"], max_members=2)
+    row = report.ensembles[0]
+    assert row["name"] == "log_linear(1 network)" and row["selected"] == ["a_flip"]
+    assert report_rows(report, "capped", "cmd")[0]["members"] == "a_flip"
+
+
+def test_capped_log_linear_never_sees_privatetest() -> None:
+    members = random_members(seed=4, m=5)
+    members.names = ["a", "a_flip", "b", "c", "d"]
+    members.ttas = ["none", "flip", "none", "none", "none"]
+    clean = evaluate_methods(members, ["log_linear"], max_members=2).weights["log_linear"]
+    members.private.labels = (members.private.labels + 1) % 3
+    members.private.probs = members.private.probs[:, :, ::-1].copy()
+    corrupted = evaluate_methods(members, ["log_linear"], max_members=2).weights["log_linear"]
+    assert clean.selected and corrupted.to_json() == clean.to_json()
 
 
 def test_method_names_and_weights_json_round_trip() -> None:

@@ -195,8 +195,8 @@ def ensemble(
              "lets one glob over results/predictions/ hold both.")] = None,
     max_members: Annotated[int | None, typer.Option(
         help="greedy: selection steps, repeats included (default: the number of members). log_linear: use at "
-             "most N networks, chosen one at a time by PublicTest likelihood (a member and its TTA copy "
-             "NAME_flip.npz count as one network).")] = None,
+             "most N networks, chosen one at a time by PublicTest likelihood (with --from-predictions, a file "
+             "NAME_<tta>.npz that records that TTA counts with NAME.npz as one network).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print only a JSON object on stdout.")] = False,
     save: Annotated[Path | None, typer.Option(
         help="Write the fitted ensemble (members + weights) to this .safetensors file; needs one --method.")] = None,

@@ -24,6 +24,7 @@ from ferkit.ensembles.combine import (
     fit_ensemble,
     greedy_selection,
     log_linear,
+    log_linear_selection,
     majority_vote,
     mean,
     member_accuracies,
@@ -37,6 +38,7 @@ from ferkit.ensembles.predictions import (
     evaluate_methods,
     format_table,
     load_prediction_files,
+    member_networks,
     save_member_predictions,
     save_prediction_file,
 )
@@ -44,6 +46,7 @@ from ferkit.ensembles.predictions import (
 __all__ = ["EnsembleModel", "EnsembleReport", "EnsembleWeights", "METHODS", "MemberSet", "accuracy_weighted",
            "apply_ensemble", "canonical_method", "class_weighted", "evaluate_methods", "fit_ensemble",
            "format_table", "greedy_selection", "is_ensemble_file", "load_ensemble", "load_prediction_files",
-           "log_linear", "majority_vote", "mean", "member_accuracies", "member_classes", "per_class_precision",
+           "log_linear", "log_linear_selection", "majority_vote", "mean", "member_accuracies", "member_classes",
+           "member_networks", "per_class_precision",
            "plot_members_vs_ensemble", "predict_members", "save_ensemble", "save_member_predictions",
            "save_prediction_file", "snapshot_members"]

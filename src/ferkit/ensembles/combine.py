@@ -88,7 +88,8 @@ __all__ = ["ALIASES", "COMBINERS", "LOG_FLOOR", "METHODS", "VOTE_TIE_EPS", "Ense
            "accuracy_weighted", "accuracy_weights", "apply_ensemble", "canonical_method", "check_probs",
            "check_weights", "class_weighted", "fit_ensemble", "greedy_selection", "log_linear", "log_linear_selection",
            "log_linear_weights",
-           "majority_vote", "mean", "member_accuracies", "member_log_probs", "per_class_precision", "vote_tie_eps",
+           "majority_vote", "mean", "member_accuracies", "member_log_probs", "network_groups", "per_class_precision",
+           "vote_tie_eps",
            "weighted_mean"]
 
 COMBINERS: tuple[str, ...] = ("mean", "accuracy_weighted", "class_weighted", "vote")  # what greedy can select with

@@ -240,8 +240,8 @@ def evaluate_methods(members: MemberSet, methods: Sequence[str] = METHODS, *, ma
         fitted[method] = weights
         private_acc = accuracy(apply_ensemble(weights, priv.probs), priv.labels)
         name = f"greedy({weights.combiner})" if method == "greedy" else method
-        if method == "log_linear" and weights.selected:
-            chosen = len({networks[i] for i in weights.selected})
+        if method == "log_linear" and weights.selected:  # capped: name the networks it uses (non-zero weights)
+            chosen = len({networks[i] for i in weights.used_members()})
             name = f"log_linear({chosen} network{'s' if chosen > 1 else ''})"
         row: dict[str, Any] = {
             "name": name,
@@ -254,8 +254,8 @@ def evaluate_methods(members: MemberSet, methods: Sequence[str] = METHODS, *, ma
         if weights.class_weights is not None:
             row["class_weights"] = {n: [float(x) for x in cw]
                                     for n, cw in zip(members.names, weights.class_weights, strict=True)}
-        if weights.selected:  # greedy's picks, or the networks log_linear was capped to
-            row["selected"] = [members.names[i] for i in weights.selected]
+        if weights.selected:  # greedy's picks in order (repeats too), or the members a capped log_linear uses
+            row["selected"] = [members.names[i] for i in weights.selected if weights.member_weights[i] > 0]
         rows.append(row)
     return EnsembleReport(classes=list(members.classes), members=member_rows, ensembles=rows, weights=fitted,
                           num_public=int(len(pub.labels)), num_private=int(len(priv.labels)))

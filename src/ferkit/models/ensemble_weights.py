@@ -151,7 +151,8 @@ class EnsembleWeights:
         exponents w_m, not normalized: their sum is an inverse temperature). A member with weight 0 does not
         influence the output.
     class_weights: (M, C) per-member per-class weights for the class_weighted combiner, else None.
-    selected: greedy only: the chosen member indices in selection order (a repeat = chosen again).
+    selected: greedy: the chosen member indices in selection order (a repeat = chosen again); log_linear capped
+        to K networks: the members of the chosen networks, network by network (some may end with weight 0).
     public_accuracy: the combined PublicTest accuracy at fit time (what greedy maximized).
     """
 

@@ -89,7 +89,7 @@ def plot_curves(history: list[dict[str, Any]], path: str | os.PathLike, title: s
     ax_acc.plot(epochs, [h["val_acc"] for h in history], label="PublicTest")
     averaged = [h for h in history if h.get("val_weights", "raw") != "raw"]
     if averaged:  # a run with weight averaging: its trained weights' own accuracy, the average's control
-        ax_acc.plot([h["epoch"] for h in averaged], [h.get("raw_val_acc", math.nan) for h in averaged], "--",
+        ax_acc.plot(epochs, [h.get("raw_val_acc", math.nan) for h in history], "--", marker=".",
                     label=f"PublicTest, raw weights (not the {averaged[0]['val_weights']} average)")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     for ax in (ax_loss, ax_acc):
