@@ -87,10 +87,8 @@ from ferkit.models.ensemble_weights import (
 __all__ = ["ALIASES", "COMBINERS", "LOG_FLOOR", "METHODS", "VOTE_TIE_EPS", "EnsembleWeights", "accuracy",
            "accuracy_weighted", "accuracy_weights", "apply_ensemble", "canonical_method", "check_probs",
            "check_weights", "class_weighted", "fit_ensemble", "greedy_selection", "log_linear", "log_linear_selection",
-           "log_linear_weights",
-           "majority_vote", "mean", "member_accuracies", "member_log_probs", "network_groups", "per_class_precision",
-           "vote_tie_eps",
-           "weighted_mean"]
+           "log_linear_weights", "majority_vote", "mean", "member_accuracies", "member_log_probs", "network_groups",
+           "per_class_precision", "vote_tie_eps", "weighted_mean"]
 
 COMBINERS: tuple[str, ...] = ("mean", "accuracy_weighted", "class_weighted", "vote")  # what greedy can select with
 
@@ -285,7 +283,7 @@ def log_linear_selection(fit_probs: npt.ArrayLike, fit_labels: npt.ArrayLike, ma
         raise ValueError(f"max_members must be positive, got {max_members}")
     networks = network_groups(groups, p.shape[0])
     chosen: list[int] = []
-    weights = np.zeros(p.shape[0])
+    chosen_w = np.zeros(0)
     for _ in range(min(int(max_members), len(networks))):
         step_best: tuple[float, list[int], np.ndarray] | None = None
         for net in networks:
@@ -297,9 +295,9 @@ def log_linear_selection(fit_probs: npt.ArrayLike, fit_labels: npt.ArrayLike, ma
             if step_best is None or nll < step_best[0]:
                 step_best = (nll, trial, w)
         assert step_best is not None
-        chosen = step_best[1]
-        weights = np.zeros(p.shape[0])
-        weights[chosen] = step_best[2]
+        _, chosen, chosen_w = step_best
+    weights = np.zeros(p.shape[0])
+    weights[chosen] = chosen_w
     return EnsembleWeights("log_linear", "log_linear", weights, selected=tuple(chosen))
 
 
