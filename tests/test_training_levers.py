@@ -342,7 +342,8 @@ def test_class_weights_mean_the_same_for_distributions_as_for_labels(smoothing: 
         return trainer._batch_loss(cfg, logits, targets, weight, None, slice(None), SINGLE)
 
     hard = loss(labels)
-    assert torch.equal(hard, F.cross_entropy(logits, labels, weight=weight, label_smoothing=smoothing))  # as it was
+    torch.testing.assert_close(hard, F.cross_entropy(logits, labels, weight=weight, label_smoothing=smoothing),
+                               rtol=1e-12, atol=0)  # F.cross_entropy's weighted mean, as it was
     if not smoothing:
         nll = -F.log_softmax(logits, 1)[torch.arange(3), labels]
         torch.testing.assert_close(hard, (nll[0] + nll[1] + 5 * nll[2]) / 7)
@@ -356,7 +357,8 @@ def test_class_weights_mean_the_same_for_distributions_as_for_labels(smoothing: 
     expected = -(smoothed * weight * F.log_softmax(logits, 1)).sum() / (soft * weight).sum()
     torch.testing.assert_close(loss(soft, logits, weight), expected)
     # Without class weights, the mean over the faces (unchanged).
-    assert torch.equal(loss(soft, logits, None), F.cross_entropy(logits, soft, label_smoothing=smoothing))
+    torch.testing.assert_close(loss(soft, logits, None), F.cross_entropy(logits, soft, label_smoothing=smoothing),
+                               rtol=1e-12, atol=0)
     # Several processes: the normalizer is the whole batch's, so the shares' gradients average to the whole loss's.
     (whole,) = torch.autograd.grad(loss(soft, logits, weight), logits)
     averaged = torch.zeros_like(logits)
@@ -409,7 +411,7 @@ def test_distillation_with_mixing_mixes_the_tempered_teacher_distributions(tiny_
     for (given, mixed), (target, flag) in zip(mixes, losses, strict=True):
         nearest = (given[:, None] - tempered[None]).abs().amax(2).amin(1)
         assert float(nearest.max()) < 1e-6  # each row a tempered distribution
-        assert flag and target is mixed  # taken as they are, not tempered again
+        assert flag and torch.equal(target, mixed)  # taken as they are, not tempered again
     # Tempering is applied once for all faces: tempered distributions give the plain loss, and a run resumes exactly.
     student = torch.randn(5, 7)
     torch.testing.assert_close(real_loss(student, tempered[:5], 4.0, tempered=True),

@@ -577,19 +577,10 @@ def _batch_loss(cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor, c
                 teacher: torch.Tensor | None, rows: slice, d: distributed.Dist) -> torch.Tensor:
     """The training loss of this process's `rows` of a batch (its `logits`), whose targets (class indices, or
     distributions: FER+ votes, mixed batches) and teacher probabilities (distillation; None: off) are `targets`
-    and `teacher`: (1 - w) * CE(targets) + w * distillation_loss, or with several processes `_share_loss`."""
-    if d.active:
-        pos = torch.arange(len(targets), device=targets.device)
-        return _share_loss(cfg, logits, targets, class_weight, teacher, pos, pos[rows], d)
-    if class_weight is not None and targets.dim() == 2:  # distributions: normalized as class targets (_ce_norm)
-        loss = F.cross_entropy(logits, targets, weight=class_weight, label_smoothing=cfg.label_smoothing,
-                               reduction="sum") / _ce_norm(targets, class_weight)
-    else:
-        loss = F.cross_entropy(logits, targets, weight=class_weight, label_smoothing=cfg.label_smoothing)
-    if teacher is not None:
-        loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * distillation_loss(
-            logits, teacher, cfg.distill_temperature, tempered=levers.mixes(cfg))
-    return loss
+    and `teacher`: (1 - w) * CE(targets) + w * distillation_loss. One process is the case of `_share_loss` whose
+    share is the whole batch, so both follow one formula."""
+    pos = torch.arange(len(targets), device=targets.device)
+    return _share_loss(cfg, logits, targets, class_weight, teacher, pos, pos[rows], d)
 
 
 def _plain_batch(images: torch.Tensor, face_size: int, crop: int, cfg: TrainConfig,
