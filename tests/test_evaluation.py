@@ -22,6 +22,7 @@ from ferkit.evaluation import (
     plot_confusion_matrix,
     plot_error_gallery,
     save_probs,
+    select_tta,
     write_artifacts,
 )
 from ferkit.models import create_model
@@ -238,6 +239,56 @@ def test_write_artifacts(tiny_csv: Path, loaded: tuple, tmp_path: Path) -> None:
     assert metrics["accuracy"] == pytest.approx(result.accuracy) and metrics["num_samples"] == 35
 
 
+def test_select_tta_chooses_on_public_test_and_breaks_ties_by_fewer_views(
+        tiny_csv: Path, loaded: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from ferkit.models.predict import TTA_MODES, TTA_VIEW_COUNTS, tta_views
+
+    ev = importlib.import_module("ferkit.evaluation.evaluate")  # the module: the package's `evaluate` is the function
+    model, meta = loaded
+    data = load_dataset(str(tiny_csv), "fer7")
+    # The view counts the tie-break uses are tta_views' own.
+    assert {m: tta_views(torch.zeros(2, 1, 48, 48), m, 40 if m in ("tencrop", "center") else None).shape[0]
+            for m in TTA_MODES} == TTA_VIEW_COUNTS
+    # Real evaluations: every mode scored on PublicTest, the chosen one the most accurate, each as evaluate gives.
+    selection = select_tta(model, meta, data, precision="fp32", device="cpu")
+    assert list(selection.results) == list(TTA_MODES)
+    assert all(r.split == "PublicTest" and r.tta == m for m, r in selection.results.items())
+    assert selection.accuracies[selection.chosen] == max(selection.accuracies.values())
+    alone = evaluate(model, meta, data, "PublicTest", tta="shift", precision="fp32", device="cpu")
+    assert selection.accuracies["shift"] == alone.accuracy
+    js = selection.to_json()
+    json.dumps(js)
+    assert js["selected_on"] == "PublicTest" and js["chosen"] == selection.chosen and js["views"]["tencrop"] == 10
+    # The rule, with scores set by hand: the best PublicTest accuracy; a tie goes to fewer views, then to order.
+    scores = {"none": 0.5, "flip": 0.7, "tencrop": 0.7, "center": 0.6, "shift": 0.7}
+    asked: list[tuple[str, str]] = []
+
+    def fake_evaluate(model, meta, data, split, tta, **kwargs):
+        asked.append((split, tta))
+        return ev.EvaluationResult(scores[tta], {}, np.zeros((7, 7)), np.zeros((0, 7)), np.zeros(0), np.zeros(0),
+                                   split, tta, list(FER2013_NAMES))
+
+    monkeypatch.setattr(ev, "evaluate", fake_evaluate)
+    assert ev.select_tta(model, meta, data).chosen == "flip"  # 0.7 with 2 views, not shift's 5 or tencrop's 10
+    assert {split for split, _ in asked} == {"PublicTest"}  # never the reported split
+    scores.update(none=0.6)
+    assert ev.select_tta(model, meta, data, modes=("center", "none")).chosen == "center"  # equal views: order
+    assert ev.select_tta(model, meta, data, modes=("none", "none")).results.keys() == {"none"}  # asked once
+
+
+def test_select_tta_refuses_bad_modes_and_data_without_public_test(tiny_csv: Path, loaded: tuple) -> None:
+    model, meta = loaded
+    data = load_dataset(str(tiny_csv), "fer7")
+    for modes in ((), ("flip", "mirror"), ("auto",)):
+        with pytest.raises(ValueError, match="TTA modes"):
+            select_tta(model, meta, data, modes=modes)
+    test_only = data.subset(np.flatnonzero(data.usage == "PrivateTest"))
+    with pytest.raises(ValueError, match="no PublicTest rows"):
+        select_tta(model, meta, test_only)
+
+
 # ---- CLI ---------------------------------------------------------------------------------------
 
 runner = CliRunner()
@@ -271,6 +322,33 @@ def test_cli_text_report_with_flip(tiny_csv: Path, weights_file: Path) -> None:
     assert res.exit_code == 0, res.output
     assert "PublicTest" in res.stdout and "tta=flip" in res.stdout
     assert "weighted avg" in res.stdout and "surprise" in res.stdout
+
+
+def test_cli_tta_select_reports_the_mode_chosen_on_public_test(tiny_csv: Path, weights_file: Path,
+                                                               tmp_path: Path) -> None:
+    res = cli("--weights", str(weights_file), "--data", str(tiny_csv), "--tta", "select", "--json",
+              "--precision", "fp32")
+    assert res.exit_code == 0, res.output
+    js = json.loads(res.stdout)
+    chosen = js["tta_selection"]["chosen"]
+    assert js["split"] == "PrivateTest" and js["tta"] == chosen
+    assert js["tta_selection"]["selected_on"] == "PublicTest" and len(js["tta_selection"]["accuracy"]) == 5
+    plain = json.loads(cli("--weights", str(weights_file), "--data", str(tiny_csv), "--tta", chosen, "--json",
+                           "--precision", "fp32").stdout)
+    assert js["accuracy"] == plain["accuracy"]  # the reported split scored under the chosen mode
+    # Reporting PublicTest itself: the selection's own evaluation, the same number.
+    val = json.loads(cli("--weights", str(weights_file), "--data", str(tiny_csv), "--tta", "select", "--split",
+                         "val", "--json", "--precision", "fp32").stdout)
+    assert val["accuracy"] == val["tta_selection"]["accuracy"][val["tta"]] == max(
+        val["tta_selection"]["accuracy"].values())
+    text = cli("--weights", str(weights_file), "--data", str(tiny_csv), "--tta", "select", "--precision", "fp32")
+    assert text.exit_code == 0 and f"tta chosen {chosen} on PublicTest" in text.stdout
+    # A data file without PublicTest rows: a clear error naming the split, no traceback.
+    test_only = tmp_path / "test_only.csv"
+    lines = tiny_csv.read_text().splitlines()
+    test_only.write_text("\n".join([lines[0], *(ln for ln in lines[1:] if ln.endswith("PrivateTest"))]) + "\n")
+    res = cli("--weights", str(weights_file), "--data", str(test_only), "--tta", "select")
+    assert res.exit_code == 2 and "PublicTest" in res.stderr and "Traceback" not in res.output
 
 
 def test_cli_missing_data_file(weights_file: Path, tmp_path: Path) -> None:

@@ -20,6 +20,8 @@ from ferkit.cli._app import (
     check_labels_options,
 )
 
+TTA_SELECT = "select"  # evaluate's extra --tta: choose the mode on PublicTest (evaluation.select_tta)
+
 EVALUATE_EPILOG = """
 Examples:
 
@@ -33,6 +35,9 @@ Examples:
 
   ferkit evaluate --weights best.safetensors --data fer2013.csv.gz \\
       --save-probs test_probs.npz
+
+  ferkit evaluate --weights best.safetensors --data fer2013.csv.gz \\
+      --tta select          (TTA chosen on PublicTest, reported on PrivateTest)
 
 The data is loaded with the label set stored in the weights (fer7 or fer6).
 --json prints only one JSON object on stdout (accuracy, per_class,
@@ -50,7 +55,9 @@ def evaluate(
         help=WEIGHTS_HELP)] = None,
     split: Annotated[str, typer.Option(
         help="Training | PublicTest | PrivateTest (or train / val / test).")] = "PrivateTest",
-    tta: Annotated[str, typer.Option(help=TTA_HELP)] = "auto",
+    tta: Annotated[str, typer.Option(help=TTA_HELP + " | select: evaluate every mode on PublicTest and score "
+                                     "--split with the most accurate (ties: fewer views), the protocol's way to "
+                                     "report a model with its best TTA.")] = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print only a JSON object on stdout.")] = False,
     save_probs: Annotated[Path | None, typer.Option(
         help="Write class probabilities, labels and row indices to this .npz file.")] = None,
@@ -74,13 +81,13 @@ def evaluate(
     from ferkit.data import DataError, canonical_split, load_dataset
     from ferkit.device import set_threads
     from ferkit.evaluation import evaluate as run_evaluation
-    from ferkit.evaluation import format_confusion, format_report, format_summary, write_artifacts
+    from ferkit.evaluation import format_confusion, format_report, format_summary, select_tta, write_artifacts
     from ferkit.evaluation import save_probs as write_probs
     from ferkit.models.predict import TTA_CHOICES
     from ferkit.models.weights import load_model
 
-    if tta not in TTA_CHOICES:
-        _fail(f"unknown --tta {tta!r}; choose one of {', '.join(TTA_CHOICES)}")
+    if tta not in (*TTA_CHOICES, TTA_SELECT):
+        _fail(f"unknown --tta {tta!r}; choose one of {', '.join((*TTA_CHOICES, TTA_SELECT))}")
     if batch_size < 1:
         _fail(f"--batch-size must be positive, got {batch_size}")
     try:
@@ -103,8 +110,16 @@ def evaluate(
     try:
         dataset = load_dataset(data, meta.get("label_set") or "fer7", skip_bad_rows=skip_bad_rows,
                                labels=str(labels) if labels else None, label_mode=label_mode)
-        result = run_evaluation(model, meta, dataset, split, tta=tta, batch_size=batch_size, device=device,
-                                precision=precision, weights_path=weights_path, prior=prior)
+        settings = dict(batch_size=batch_size, device=device, precision=precision, weights_path=weights_path,
+                        prior=prior)
+        selection = select_tta(model, meta, dataset, **settings) if tta == TTA_SELECT else None
+        if selection is not None and split == selection.results[selection.chosen].split:
+            result = selection.results[selection.chosen]  # already scored while choosing
+        else:
+            result = run_evaluation(model, meta, dataset, split, tta=selection.chosen if selection else tta,
+                                    **settings)
+        if selection is not None:
+            result.extra["tta_selection"] = selection.to_json()
         result.extra["weights"] = str(weights_path)
         artifacts = {}
         if save_probs is not None:

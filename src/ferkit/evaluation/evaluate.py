@@ -24,7 +24,7 @@ from ferkit.data.labels import LabelSet
 from ferkit.device import resolve_device, resolve_precision
 from ferkit.evaluation.metrics import confusion_matrix, format_report, report_from_confusion
 from ferkit.evaluation.plots import plot_confusion_matrix, plot_error_gallery
-from ferkit.models.predict import model_tta, predict_proba
+from ferkit.models.predict import TTA_MODES, TTA_VIEW_COUNTS, model_tta, predict_proba
 from ferkit.models.prior import adjust_prior, check_prior
 from ferkit.shared_files import replacing, write_text
 
@@ -163,6 +163,44 @@ def evaluate(model: nn.Module, meta: dict[str, Any], data: FaceData, split: str 
     )
 
 
+SELECTION_SPLIT = "PublicTest"  # the protocol's validation split: what every choice is made on
+
+
+@dataclass
+class TTASelection:
+    """The TTA mode chosen on PublicTest (`chosen`) and every candidate's PublicTest evaluation (`results`)."""
+
+    chosen: str
+    results: dict[str, EvaluationResult]
+
+    @property
+    def accuracies(self) -> dict[str, float]:
+        return {mode: r.accuracy for mode, r in self.results.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"selected_on": SELECTION_SPLIT, "chosen": self.chosen, "accuracy": self.accuracies,
+                "views": {mode: TTA_VIEW_COUNTS[mode] for mode in self.results}}
+
+
+def select_tta(model: nn.Module, meta: dict[str, Any], data: FaceData, modes: tuple[str, ...] = TTA_MODES,
+               **evaluate_kwargs: Any) -> TTASelection:
+    """Evaluate `model` on PublicTest under each TTA mode of `modes` and choose the most accurate; a tie goes to
+    the mode with fewer views (less compute), then to the earlier in `modes`. The protocol's way to report a
+    model "with its best TTA": the choice is made on PublicTest, never on the split reported.
+    evaluate_kwargs: evaluate's batch_size, device, precision, weights_path and prior."""
+    unknown = [m for m in modes if m not in TTA_MODES]
+    if unknown or not modes:
+        raise ValueError(f"TTA modes to select among must be some of {', '.join(TTA_MODES)}; got {list(modes)}")
+    if len(data.split(SELECTION_SPLIT)) == 0:
+        raise ValueError(f"{data.source or 'data'}: the TTA is selected on {SELECTION_SPLIT}, and the data has no "
+                         f"{SELECTION_SPLIT} rows ({data.summary()})")
+    results = {mode: evaluate(model, meta, data, SELECTION_SPLIT, tta=mode, **evaluate_kwargs)
+               for mode in dict.fromkeys(modes)}
+    order = list(results)
+    chosen = max(order, key=lambda m: (results[m].accuracy, -TTA_VIEW_COUNTS[m], -order.index(m)))
+    return TTASelection(chosen, results)
+
+
 def save_probs(result: EvaluationResult, path: str | os.PathLike) -> Path:
     """Write probs (N, C) float32, labels, rows (source row indices), classes, split and tta to an .npz.
 
@@ -199,10 +237,16 @@ def format_summary(result: EvaluationResult) -> str:
         f"data       {result.data_source or '?'} — split {result.split}, {result.num_samples} faces",
         f"inference  tta={result.tta}, prior={result.prior}, {result.device} {result.precision}, "
         f"{result.seconds:.1f}s{speed}",
+        *([_format_selection(result.extra["tta_selection"])] if "tta_selection" in result.extra else []),
         f"accuracy   {result.accuracy:.4f}   balanced accuracy {result.report['macro_avg']['recall']:.4f}   "
         f"macro F1 {result.report['macro_avg']['f1']:.4f}   weighted F1 {result.report['weighted_avg']['f1']:.4f}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _format_selection(selection: dict[str, Any]) -> str:
+    scores = ", ".join(f"{mode} {acc:.4f}" for mode, acc in selection["accuracy"].items())
+    return f"tta chosen {selection['chosen']} on {selection['selected_on']} ({scores})"
 
 
 def format_confusion(result: EvaluationResult) -> str:

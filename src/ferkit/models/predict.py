@@ -19,6 +19,9 @@ from ferkit.device import autocast
 # shift: the whole face and four copies moved by ~4 % of its side (2 pixels at 48) up, down, left and right, edge
 # pixels repeated: the small translations training augmentation shows the model.
 TTA_MODES = ("none", "flip", "tencrop", "center", "shift")
+# How many forward passes each mode costs per face (tta_views' first dimension): what a selection among modes
+# breaks ties with, and what the lever tables call "Nx compute".
+TTA_VIEW_COUNTS = {"none": 1, "center": 1, "flip": 2, "shift": 5, "tencrop": 10}
 CROP_MODES = ("tencrop", "center")
 # What callers holding a model's metadata accept: "auto" is the view its weights were selected on (model_tta).
 TTA_CHOICES = ("auto", *TTA_MODES)
