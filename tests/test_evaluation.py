@@ -276,6 +276,8 @@ def test_select_tta_chooses_on_public_test_and_breaks_ties_by_fewer_views(
     scores.update(none=0.6)
     assert ev.select_tta(model, meta, data, modes=("center", "none")).chosen == "center"  # equal views: order
     assert ev.select_tta(model, meta, data, modes=("none", "none")).results.keys() == {"none"}  # asked once
+    assert ev.select_tta(model, meta, data, modes=("tencrop", "shift")).chosen == "shift"  # fewer views, not order
+    assert ev.select_tta(model, meta, data, modes=("shift", "flip")).chosen == "flip"
 
 
 def test_select_tta_refuses_bad_modes_and_data_without_public_test(tiny_csv: Path, loaded: tuple) -> None:
@@ -285,7 +287,7 @@ def test_select_tta_refuses_bad_modes_and_data_without_public_test(tiny_csv: Pat
         with pytest.raises(ValueError, match="TTA modes"):
             select_tta(model, meta, data, modes=modes)
     test_only = data.subset(np.flatnonzero(data.usage == "PrivateTest"))
-    with pytest.raises(ValueError, match="no PublicTest rows"):
+    with pytest.raises(ValueError, match="TTA is selected on PublicTest.*no PublicTest rows"):
         select_tta(model, meta, test_only)
 
 
@@ -348,7 +350,32 @@ def test_cli_tta_select_reports_the_mode_chosen_on_public_test(tiny_csv: Path, w
     lines = tiny_csv.read_text().splitlines()
     test_only.write_text("\n".join([lines[0], *(ln for ln in lines[1:] if ln.endswith("PrivateTest"))]) + "\n")
     res = cli("--weights", str(weights_file), "--data", str(test_only), "--tta", "select")
-    assert res.exit_code == 2 and "PublicTest" in res.stderr and "Traceback" not in res.output
+    assert res.exit_code == 2 and "TTA is selected on PublicTest" in res.stderr and "Traceback" not in res.output
+
+
+def test_cli_tta_select_scores_public_test_once_per_mode(tiny_csv: Path, weights_file: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Reporting PublicTest reuses the chosen mode's evaluation (5 passes, one per mode); another split is one more.
+    import importlib
+
+    import ferkit.evaluation as package
+
+    module = importlib.import_module("ferkit.evaluation.evaluate")
+    real, calls = module.evaluate, []
+
+    def counting(model, meta, data, split, *args, **kwargs):
+        calls.append((split, kwargs.get("tta")))
+        return real(model, meta, data, split, *args, **kwargs)
+
+    monkeypatch.setattr(module, "evaluate", counting)  # what select_tta calls
+    monkeypatch.setattr(package, "evaluate", counting)  # what the CLI calls
+    for split, passes in (("val", 5), ("test", 6)):
+        calls.clear()
+        res = cli("--weights", str(weights_file), "--data", str(tiny_csv), "--tta", "select", "--split", split,
+                  "--json", "--precision", "fp32")
+        assert res.exit_code == 0, res.output
+        assert len(calls) == passes and calls[:5] == [("PublicTest", m) for m in
+                                                      ("none", "flip", "tencrop", "center", "shift")]
 
 
 def test_cli_missing_data_file(weights_file: Path, tmp_path: Path) -> None:

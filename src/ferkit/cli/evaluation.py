@@ -55,9 +55,11 @@ def evaluate(
         help=WEIGHTS_HELP)] = None,
     split: Annotated[str, typer.Option(
         help="Training | PublicTest | PrivateTest (or train / val / test).")] = "PrivateTest",
-    tta: Annotated[str, typer.Option(help=TTA_HELP + " | select: evaluate every mode on PublicTest and score "
-                                     "--split with the most accurate (ties: fewer views), the protocol's way to "
-                                     "report a model with its best TTA.")] = "auto",
+    tta: Annotated[str, typer.Option(help=TTA_HELP.removesuffix(".") + " | select: evaluate every mode on "
+                                     "PublicTest and score --split with the most accurate (ties: fewer views), the "
+                                     "protocol's way to report a model with its best TTA (a saved ensemble was "
+                                     "fitted on PublicTest under its own mode, which select then favours).")
+                 ] = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print only a JSON object on stdout.")] = False,
     save_probs: Annotated[Path | None, typer.Option(
         help="Write class probabilities, labels and row indices to this .npz file.")] = None,

@@ -193,7 +193,8 @@ def select_tta(model: nn.Module, meta: dict[str, Any], data: FaceData, modes: tu
         raise ValueError(f"TTA modes to select among must be some of {', '.join(TTA_MODES)}; got {list(modes)}")
     if len(data.split(SELECTION_SPLIT)) == 0:
         raise ValueError(f"{data.source or 'data'}: the TTA is selected on {SELECTION_SPLIT}, and the data has no "
-                         f"{SELECTION_SPLIT} rows ({data.summary()})")
+                         f"{SELECTION_SPLIT} rows ({data.summary()}); an image folder needs a val/ (PublicTest) "
+                         "folder beside train/ and test/")
     results = {mode: evaluate(model, meta, data, SELECTION_SPLIT, tta=mode, **evaluate_kwargs)
                for mode in dict.fromkeys(modes)}
     order = list(results)
