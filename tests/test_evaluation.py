@@ -343,6 +343,7 @@ def test_cli_tta_select_reports_the_mode_chosen_on_public_test(tiny_csv: Path, w
                          "val", "--json", "--precision", "fp32").stdout)
     assert val["accuracy"] == val["tta_selection"]["accuracy"][val["tta"]] == max(
         val["tta_selection"]["accuracy"].values())
+    assert val["weights_sha256"] == js["weights_sha256"] == plain["weights_sha256"] and len(js["weights_sha256"]) == 64
     text = cli("--weights", str(weights_file), "--data", str(tiny_csv), "--tta", "select", "--precision", "fp32")
     assert text.exit_code == 0 and f"tta chosen {chosen} on PublicTest" in text.stdout
     # A data file without PublicTest rows: a clear error naming the split, no traceback.

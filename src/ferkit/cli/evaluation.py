@@ -82,14 +82,21 @@ def evaluate(
     from ferkit.cli.inference import check_threads_option, weights_file
     from ferkit.data import DataError, canonical_split, load_dataset
     from ferkit.device import set_threads
+    from ferkit.evaluation import (
+        SELECTION_SPLIT,
+        format_confusion,
+        format_report,
+        format_summary,
+        select_tta,
+        write_artifacts,
+    )
     from ferkit.evaluation import evaluate as run_evaluation
-    from ferkit.evaluation import format_confusion, format_report, format_summary, select_tta, write_artifacts
     from ferkit.evaluation import save_probs as write_probs
     from ferkit.models.predict import TTA_CHOICES
     from ferkit.models.weights import load_model
 
-    if tta not in (*TTA_CHOICES, TTA_SELECT):
-        _fail(f"unknown --tta {tta!r}; choose one of {', '.join((*TTA_CHOICES, TTA_SELECT))}")
+    if tta not in (choices := (*TTA_CHOICES, TTA_SELECT)):
+        _fail(f"unknown --tta {tta!r}; choose one of {', '.join(choices)}")
     if batch_size < 1:
         _fail(f"--batch-size must be positive, got {batch_size}")
     try:
@@ -115,7 +122,7 @@ def evaluate(
         settings = dict(batch_size=batch_size, device=device, precision=precision, weights_path=weights_path,
                         prior=prior)
         selection = select_tta(model, meta, dataset, **settings) if tta == TTA_SELECT else None
-        if selection is not None and split == selection.results[selection.chosen].split:
+        if selection is not None and split == SELECTION_SPLIT:
             result = selection.results[selection.chosen]  # already scored while choosing
         else:
             result = run_evaluation(model, meta, dataset, split, tta=selection.chosen if selection else tta,

@@ -195,8 +195,13 @@ def select_tta(model: nn.Module, meta: dict[str, Any], data: FaceData, modes: tu
         raise ValueError(f"{data.source or 'data'}: the TTA is selected on {SELECTION_SPLIT}, and the data has no "
                          f"{SELECTION_SPLIT} rows ({data.summary()}); an image folder needs a val/ (PublicTest) "
                          "folder beside train/ and test/")
+    weights_path = evaluate_kwargs.pop("weights_path", None)  # hashed once below, not once per mode
     results = {mode: evaluate(model, meta, data, SELECTION_SPLIT, tta=mode, **evaluate_kwargs)
                for mode in dict.fromkeys(modes)}
+    if weights_path:
+        sha256 = file_sha256(weights_path)
+        for r in results.values():
+            r.weights_sha256 = sha256
     order = list(results)
     chosen = max(order, key=lambda m: (results[m].accuracy, -TTA_VIEW_COUNTS[m], -order.index(m)))
     return TTASelection(chosen, results)
