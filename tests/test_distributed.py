@@ -94,7 +94,7 @@ def two_process_run(data: Path) -> Path:
     assert done.returncode == 0, done.stdout[-4000:]
     runs = list(out.iterdir())
     assert len(runs) == 1, f"one run directory for the two processes, got {runs}"  # rank 0 alone makes it
-    assert done.stdout.count("ferkit train:") == 1  # rank 0 alone speaks
+    assert done.stdout.count("ferkit train:") == 1, done.stdout[-4000:]  # rank 0 alone speaks
     return runs[0]
 
 
