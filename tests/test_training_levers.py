@@ -420,6 +420,75 @@ def test_distillation_with_mixing_mixes_the_tempered_teacher_distributions(tiny_
     assert without_timing(train(resume=killed.run_dir).history) == without_timing(full.history)
 
 
+def save_teacher(path: Path, **meta: object) -> torch.nn.Module:
+    """A random-init 7-class sixclass_cnn4 saved as a teacher (its probabilities are all a test needs)."""
+    from ferkit.data import get_label_set
+    from ferkit.models.weights import save_weights
+
+    torch.manual_seed(0)
+    model = create_model("sixclass_cnn4", num_classes=7).eval()
+    save_weights(model, path, {"model": "sixclass_cnn4", "num_classes": 7, "label_set": "fer7", "input_size": 48,
+                               "classes": list(get_label_set("fer7").classes), "normalize": "dataset",
+                               "model_kwargs": {}, **meta})
+    return model
+
+
+def test_online_distillation_targets_are_the_teacher_on_each_mixed_batch(tiny_csv: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # distill_view=online: no offline pass; every step's target is the teacher's probabilities on the very faces
+    # the student gets (augmented, then mixed), untempered (distillation_loss tempers them), and the run resumes
+    # exactly (the teacher draws no random numbers).
+    from ferkit.models.predict import predict_batch
+    from ferkit.training import levers
+
+    teacher_path = tmp_path / "teacher.safetensors"
+    teacher = save_teacher(teacher_path)
+    seen: list[torch.Tensor] = []
+    losses: list[tuple[torch.Tensor, bool]] = []
+    real_mix, real_loss = levers.mix_batch, trainer.distillation_loss
+
+    def mix_batch(x, targets, given, cfg, gen):
+        assert given is None  # online: nothing precomputed to mix
+        out = real_mix(x, targets, given, cfg, gen)
+        seen.append(out[0])
+        return out
+
+    def distillation_loss(student, targets, temperature, tempered=False):
+        losses.append((targets, tempered))
+        return real_loss(student, targets, temperature, tempered=tempered)
+
+    def no_offline_pass(*args):
+        raise AssertionError("online distillation computed offline targets")
+
+    monkeypatch.setattr(levers, "mix_batch", mix_batch)
+    monkeypatch.setattr(trainer, "distillation_loss", distillation_loss)
+    monkeypatch.setattr(trainer, "_teacher_probabilities", no_offline_pass)
+    settings = dict(teacher=str(teacher_path), distill_view="online", mixup_alpha=0.4, epochs=2)
+    full = train(small_config(tiny_csv, tmp_path / "full", **settings))
+    assert len(seen) == len(losses) == 2 * STEPS_PER_EPOCH
+    for x, (targets, tempered) in zip(seen, losses, strict=True):
+        assert not tempered
+        expected = predict_batch(teacher, normalize(x), "none", 48)
+        torch.testing.assert_close(targets, expected, rtol=1e-5, atol=1e-6)
+    killed = train(small_config(tiny_csv, tmp_path / "resumed", **settings), stop_after_epochs=1)
+    assert without_timing(train(resume=killed.run_dir).history) == without_timing(full.history)
+    assert json.loads((full.run_dir / "config.json").read_text())["distill_view"] == "online"
+
+
+def test_online_distillation_refuses_what_it_cannot_do(tiny_csv: Path, tmp_path: Path) -> None:
+    crop_teacher = tmp_path / "crop.safetensors"
+    save_teacher(crop_teacher, train_view="crop")
+    with pytest.raises(ValueError, match=r"sees faces as crops \(center view\).*distill_view=offline"):
+        train(small_config(tiny_csv, tmp_path / "runs", teacher=str(crop_teacher), distill_view="online"))
+    assert not (tmp_path / "runs").exists()  # refused before any run directory
+    for bad in ("onlin", "", 1, None):
+        with pytest.raises(ValueError, match="distill_view"):
+            TrainConfig(distill_view=bad).validate()  # type: ignore[arg-type]
+    result = CliRunner().invoke(app, ["train", "--data", str(tiny_csv), "--out", str(tmp_path), "--no-progress",
+                                      "distill_view=sideways"])
+    assert result.exit_code == 2 and "distill_view" in result.output, result.output
+
+
 # ---- composition with the other options ----------------------------------------------------------------------
 
 
@@ -620,9 +689,11 @@ def test_lever_settings_on_the_command_line_and_in_sweeps(tiny_csv: Path, tmp_pa
     (dict(average="swa", ema_decay=0.99), "ema_decay=0.99 does nothing with average=swa (it is average=ema's)"),
     (dict(swa_start=0.5, average="ema"), "swa_start=0.5 does nothing with average=ema (it is average=swa's)"),
     (dict(mix_prob=0.5), "mix_prob=0.5 does nothing with mixup_alpha=0 and cutmix_alpha=0 (mixing is off)"),
+    (dict(distill_view="online"), "distill_view=online does nothing without a teacher (distillation is off)"),
     (dict(sam_rho=0.05, sam_adaptive=True, average="ema", ema_decay=0.99, mixup_alpha=0.2, mix_prob=0.5), None),
     (dict(average="swa", swa_start=0.5, cutmix_alpha=1.0, mix_prob=0.0), None),
-], ids=["sam_adaptive", "ema_decay", "ema_decay_swa", "swa_start", "mix_prob", "in_use", "in_use_swa"])
+], ids=["sam_adaptive", "ema_decay", "ema_decay_swa", "swa_start", "mix_prob", "distill_view", "in_use",
+        "in_use_swa"])
 def test_lever_settings_that_do_nothing_are_noted(tiny_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                                   settings: dict, note: str | None) -> None:
     train(small_config(tiny_csv, tmp_path, epochs=1, limit_train=16, **settings))

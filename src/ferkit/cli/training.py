@@ -20,7 +20,8 @@ Examples:
   ferkit train --data fer2013.csv.gz --model bokanyi_deep augment.rotation=15 label_smoothing=0.1
 
   ferkit train --data fer2013.csv.gz --model mini_xception teacher=runs/<big>/best.safetensors \\
-      distill_weight=0.7 distill_temperature=4       (knowledge distillation from a trained model)
+      distill_weight=0.7 distill_temperature=4       (knowledge distillation from a trained model;
+      distill_view=online runs the teacher on every augmented batch instead of once on the plain faces)
 
   ferkit train --data fer2013.csv.gz --model ferkit_vgg_s --average ema --sam-rho 0.05 \\
       --mixup-alpha 0.2 --cutmix-alpha 1.0 mix_prob=0.5   (weight averaging, SAM, mixup/CutMix; README)

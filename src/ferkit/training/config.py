@@ -15,6 +15,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 TRAIN_VIEWS = ("resize", "crop")
 SCHEDULES = ("none", "step", "plateau", "cosine", "onecycle")
 AVERAGES = ("none", "ema", "swa")
+DISTILL_VIEWS = ("offline", "online")
 # Settings that say how a run trains on this machine and for how long, not what it learns: a resumed run may
 # change them (more threads on a freer machine, a longer time limit to finish a run that used up its own, more
 # early-stopping patience to continue a run that stopped on a noisy plateau: the epochs it goes on with are
@@ -63,6 +64,10 @@ class TrainConfig:
     teacher: str = ""
     distill_weight: float = 0.7  # loss = (1 - w) * CE(labels) + w * T^2 * KL(teacher_T || student_T)
     distill_temperature: float = 4.0
+    # offline: the teacher's probabilities on the un-augmented faces, once (above). online: the teacher run on
+    # every training batch as the student sees it (augmented, mixed), a teacher forward pass per step: targets
+    # on views the teacher never fitted, where offline targets on its own training faces are near its labels.
+    distill_view: str = "offline"
     # Start from a trained model's weights (same model, model_kwargs and classes) instead of a random init:
     # fine-tuning, or continuing a model's training with a new teacher or schedule. Or from a user's timm or
     # torchvision state dict (.safetensors, or .pth read with weights_only=True): RGB stem kernels summed to
@@ -177,6 +182,8 @@ class TrainConfig:
             raise ValueError(f"class_weights {self.class_weights!r} must be 'none' or 'balanced'")
         if self.teacher and not (0.0 <= self.distill_weight <= 1.0 and self.distill_temperature > 0):
             raise ValueError("distill_weight must be in [0, 1] and distill_temperature > 0")
+        if self.distill_view not in DISTILL_VIEWS:
+            raise ValueError(f"distill_view {self.distill_view!r} not in {DISTILL_VIEWS}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be at least 1")
         if not (math.isfinite(self.backbone_lr_scale) and self.backbone_lr_scale >= 0):

@@ -15,7 +15,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,14 @@ from ferkit.data.augment import augment, center_crop, normalize, resize, to_floa
 from ferkit.device import autocast, resolve_device, resolve_precision
 from ferkit.models import count_parameters, create_model
 from ferkit.models.finetune import parameter_groups
-from ferkit.models.predict import NonFiniteOutputError, model_tta, predict_proba, tencrop_source_size
+from ferkit.models.predict import (
+    CROP_MODES,
+    NonFiniteOutputError,
+    model_tta,
+    predict_batch,
+    predict_proba,
+    tencrop_source_size,
+)
 from ferkit.models.pretrained import check_pretrained, is_ferkit_weights, load_pretrained
 from ferkit.models.weights import SHIPPED_MODELS, load_model, read_metadata, resolve_weights, save_weights
 from ferkit.shared_files import claimed, replacing, write_rows
@@ -307,7 +314,10 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
     if cfg.class_weights == "balanced":
         counts = np.bincount(train_set.labels, minlength=num_classes).clip(min=1)
         class_weight = torch.tensor(len(train_set) / (num_classes * counts), dtype=torch.float32, device=device)
-    teacher_probs = _teacher_probabilities(cfg, train_set, device).to(device) if cfg.teacher else None
+    online = bool(cfg.teacher) and cfg.distill_view == "online"
+    teacher_probs = (_teacher_probabilities(cfg, train_set, device).to(device)
+                     if cfg.teacher and not online else None)
+    online_teacher = _online_teacher(cfg, device, amp_dtype) if online else None
     if teacher_probs is not None and levers.mixes(cfg):
         # The distillation targets are tempered distributions, and a mixed batch mixes its faces' targets: tempered
         # once here, before any mixing (distillation_loss then takes them as they are).
@@ -404,6 +414,9 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
                                                           cfg, gen)
             # Several processes: every process drew, augmented and mixed the whole batch alike; each keeps its share.
             rows = d.shard(len(idx)) if d.active else slice(None)
+            if online_teacher is not None:  # the teacher sees this share's faces as the student will (rows of a
+                teacher = x.new_zeros(len(idx), num_classes)  # batch-sized tensor, as offline targets are)
+                teacher[rows] = online_teacher(x[rows])
             x = normalize(x[rows], cfg.normalize).contiguous(memory_format=memory_format)
             y = train_labels[idx[rows]]
             logits, loss = forward_loss(x, targets, teacher, rows)
@@ -631,8 +644,10 @@ def _share_loss(cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor, c
                                reduction="none")
     loss = per_face.sum() / _ce_norm(targets[batch], class_weight)
     if teacher_probs is not None:
+        # Offline targets of mixed batches were tempered before they were mixed (see _train); online ones are the
+        # teacher's probabilities on the mixed faces themselves.
         kl = distillation_loss(logits, teacher_probs[share], cfg.distill_temperature,
-                               tempered=levers.mixes(cfg)) * (len(share) / len(batch))
+                               tempered=levers.mixes(cfg) and cfg.distill_view == "offline") * (len(share) / len(batch))
         loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kl
     return loss * d.world_size
 
@@ -771,6 +786,9 @@ def _start_weights(cfg: TrainConfig, resumed: Path | None = None) -> dict[str, d
             raise ValueError(f"{key} {spec}: not a ferkit weights file ({e})") from e
         if key == "teacher" and list(meta.get("classes", [])) != classes:
             raise ValueError(f"teacher {spec} predicts {meta.get('classes')}, but this run trains {classes}")
+        if key == "teacher" and cfg.distill_view == "online" and model_tta("auto", meta) in CROP_MODES:
+            raise ValueError(f"teacher {spec} sees faces as crops ({model_tta('auto', meta)} view); "
+                             "distill_view=online feeds it the whole training faces: use distill_view=offline")
         if key == "init_weights":
             held = (meta.get("model"), meta.get("model_kwargs", {}), list(meta.get("classes", [])))
             wanted = (cfg.model, cfg.model_kwargs, classes)
@@ -798,6 +816,25 @@ def _teacher_probabilities(cfg: TrainConfig, train_set: FaceData, device: torch.
     acc = float((probs.argmax(1) == train_set.labels).mean())
     print(f"teacher accuracy on the training faces: {acc:.4f}", flush=True)
     return torch.from_numpy(probs)
+
+
+def _online_teacher(cfg: TrainConfig, device: torch.device,
+                    amp_dtype: torch.dtype | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """distill_view=online: a function from a batch of training faces as the student gets them (augmented,
+    mixed; float (B, 1, S, S) in [0, 1], not normalized) to the teacher's probabilities on them, (B, C), under
+    the teacher's own view (a saved ensemble's fitted mode; whole faces: `_start_weights` refuses crop views),
+    in the run's precision. The teacher is in eval mode and draws no random numbers: a resumed run gets the
+    same targets."""
+    teacher, meta = load_model(cfg.teacher, device)
+    teacher.eval()
+    size, norm, view = meta["input_size"], meta.get("normalize", "dataset"), model_tta("auto", meta)
+    print(f"distilling from {cfg.teacher} ({meta['model']}) online: the teacher runs on every training batch "
+          f"({view} view)", flush=True)
+
+    def probabilities(x: torch.Tensor) -> torch.Tensor:
+        return predict_batch(teacher, normalize(resize(x, size), norm), view, size, amp_dtype).float()
+
+    return probabilities
 
 
 def _load_initial_weights(model: torch.nn.Module, cfg: TrainConfig) -> None:
