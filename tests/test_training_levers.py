@@ -433,16 +433,18 @@ def save_teacher(path: Path, **meta: object) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.parametrize("teacher_norm", ["dataset", "per_image"])
 def test_online_distillation_targets_are_the_teacher_on_each_mixed_batch(tiny_csv: Path, tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        teacher_norm: str) -> None:
     # distill_view=online: no offline pass; every step's target is the teacher's probabilities on the very faces
-    # the student gets (augmented, then mixed), untempered (distillation_loss tempers them), and the run resumes
-    # exactly (the teacher draws no random numbers).
+    # the student gets (augmented, then mixed), normalized as the teacher was trained (per_image: not as the
+    # student is), untempered (distillation_loss tempers them), and the run resumes exactly.
     from ferkit.models.predict import predict_batch
     from ferkit.training import levers
 
     teacher_path = tmp_path / "teacher.safetensors"
-    teacher = save_teacher(teacher_path)
+    teacher = save_teacher(teacher_path, normalize=teacher_norm)
     seen: list[torch.Tensor] = []
     losses: list[tuple[torch.Tensor, bool]] = []
     real_mix, real_loss = levers.mix_batch, trainer.distillation_loss
@@ -468,19 +470,53 @@ def test_online_distillation_targets_are_the_teacher_on_each_mixed_batch(tiny_cs
     assert len(seen) == len(losses) == 2 * STEPS_PER_EPOCH
     for x, (targets, tempered) in zip(seen, losses, strict=True):
         assert not tempered
-        expected = predict_batch(teacher, normalize(x), "none", 48)
+        expected = predict_batch(teacher, normalize(x, teacher_norm), "none", 48)
         torch.testing.assert_close(targets, expected, rtol=1e-5, atol=1e-6)
     killed = train(small_config(tiny_csv, tmp_path / "resumed", **settings), stop_after_epochs=1)
     assert without_timing(train(resume=killed.run_dir).history) == without_timing(full.history)
     assert json.loads((full.run_dir / "config.json").read_text())["distill_view"] == "online"
 
 
-def test_online_distillation_refuses_what_it_cannot_do(tiny_csv: Path, tmp_path: Path) -> None:
-    crop_teacher = tmp_path / "crop.safetensors"
-    save_teacher(crop_teacher, train_view="crop")
-    with pytest.raises(ValueError, match=r"sees faces as crops \(center view\).*distill_view=offline"):
-        train(small_config(tiny_csv, tmp_path / "runs", teacher=str(crop_teacher), distill_view="online"))
-    assert not (tmp_path / "runs").exists()  # refused before any run directory
+def test_online_distillation_teacher_and_student_see_faces_alike(tiny_csv: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # Online, the teacher gets the student's faces: a crop-trained teacher with a whole-face student (or the other
+    # way round) is refused before any run directory; a crop teacher with a crop student gets the crops as they are.
+    from ferkit.models.predict import predict_batch
+
+    crop_teacher, whole_teacher = tmp_path / "crop.safetensors", tmp_path / "whole.safetensors"
+    teacher = save_teacher(crop_teacher, train_view="crop")
+    save_teacher(whole_teacher)
+    for path, view, message in ((crop_teacher, "resize", r"sees crops \(center view\), but this run trains on "
+                                 r"whole faces \(train_view=resize\)"),
+                                (whole_teacher, "crop", r"sees whole faces \(none view\), but this run trains on "
+                                 r"crops \(train_view=crop\)")):
+        with pytest.raises(ValueError, match=message + ".*distill_view=offline"):
+            train(small_config(tiny_csv, tmp_path / "runs", teacher=str(path), distill_view="online",
+                               train_view=view))
+        assert not (tmp_path / "runs").exists()
+    crops: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    real_augment, real_loss = trainer.augment, trainer.distillation_loss
+
+    def augment(*args, **kwargs):  # the student's training faces: 48-pixel crops of 58-pixel faces
+        crops.append(real_augment(*args, **kwargs))
+        return crops[-1]
+
+    def distillation_loss(student, given, temperature, tempered=False):
+        targets.append(given)
+        return real_loss(student, given, temperature, tempered=tempered)
+
+    monkeypatch.setattr(trainer, "augment", augment)
+    monkeypatch.setattr(trainer, "distillation_loss", distillation_loss)
+    train(small_config(tiny_csv, tmp_path / "crop", teacher=str(crop_teacher), distill_view="online",
+                       train_view="crop", epochs=1))
+    assert len(crops) == len(targets) == STEPS_PER_EPOCH
+    for x, given in zip(crops, targets, strict=True):
+        assert x.shape[-1] == 48
+        torch.testing.assert_close(given, predict_batch(teacher, normalize(x), "none", 48), rtol=1e-5, atol=1e-6)
+
+
+def test_online_distillation_refuses_bad_settings(tiny_csv: Path, tmp_path: Path) -> None:
     for bad in ("onlin", "", 1, None):
         with pytest.raises(ValueError, match="distill_view"):
             TrainConfig(distill_view=bad).validate()  # type: ignore[arg-type]

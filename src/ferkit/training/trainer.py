@@ -786,9 +786,8 @@ def _start_weights(cfg: TrainConfig, resumed: Path | None = None) -> dict[str, d
             raise ValueError(f"{key} {spec}: not a ferkit weights file ({e})") from e
         if key == "teacher" and list(meta.get("classes", [])) != classes:
             raise ValueError(f"teacher {spec} predicts {meta.get('classes')}, but this run trains {classes}")
-        if key == "teacher" and cfg.distill_view == "online" and model_tta("auto", meta) in CROP_MODES:
-            raise ValueError(f"teacher {spec} sees faces as crops ({model_tta('auto', meta)} view); "
-                             "distill_view=online feeds it the whole training faces: use distill_view=offline")
+        if key == "teacher" and cfg.distill_view == "online":
+            _check_online_teacher(cfg, spec, model_tta("auto", meta))
         if key == "init_weights":
             held = (meta.get("model"), meta.get("model_kwargs", {}), list(meta.get("classes", [])))
             wanted = (cfg.model, cfg.model_kwargs, classes)
@@ -818,21 +817,36 @@ def _teacher_probabilities(cfg: TrainConfig, train_set: FaceData, device: torch.
     return torch.from_numpy(probs)
 
 
+def _check_online_teacher(cfg: TrainConfig, spec: str, view: str) -> None:
+    """distill_view=online feeds the teacher the student's own training faces, so both must see faces alike: whole
+    faces (train_view=resize) for a teacher whose view is the whole face, input-size crops (train_view=crop) for
+    one whose view is a crop (crop-trained weights, an ensemble fitted under center or tencrop)."""
+    teacher_crops, student_crops = view in CROP_MODES, cfg.train_view == "crop"
+    if teacher_crops != student_crops:
+        seen = {True: "crops", False: "whole faces"}
+        raise ValueError(f"teacher {spec} sees {seen[teacher_crops]} ({view} view), but this run trains on "
+                         f"{seen[student_crops]} (train_view={cfg.train_view}): distill_view=online feeds the teacher "
+                         "the student's faces; use distill_view=offline, or a teacher trained as this run trains")
+
+
 def _online_teacher(cfg: TrainConfig, device: torch.device,
                     amp_dtype: torch.dtype | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """distill_view=online: a function from a batch of training faces as the student gets them (augmented,
     mixed; float (B, 1, S, S) in [0, 1], not normalized) to the teacher's probabilities on them, (B, C), under
-    the teacher's own view (a saved ensemble's fitted mode; whole faces: `_start_weights` refuses crop views),
-    in the run's precision. The teacher is in eval mode and draws no random numbers: a resumed run gets the
-    same targets."""
+    the teacher's own view: a saved ensemble's fitted mode, or none (no flip averaging: the batches are flipped at
+    random already); a crop teacher's crops are the student's crops (`_check_online_teacher`), fed as they are.
+    In bf16 when the run trains in it, else fp32 (fp16 logits can overflow, and a NaN target would read as
+    divergence). The teacher is in eval mode and draws no random numbers: a resumed run gets the same targets."""
     teacher, meta = load_model(cfg.teacher, device)
     teacher.eval()
     size, norm, view = meta["input_size"], meta.get("normalize", "dataset"), model_tta("auto", meta)
+    view = "none" if view in CROP_MODES else view
+    dtype = amp_dtype if amp_dtype == torch.bfloat16 else None
     print(f"distilling from {cfg.teacher} ({meta['model']}) online: the teacher runs on every training batch "
           f"({view} view)", flush=True)
 
     def probabilities(x: torch.Tensor) -> torch.Tensor:
-        return predict_batch(teacher, normalize(resize(x, size), norm), view, size, amp_dtype).float()
+        return predict_batch(teacher, normalize(resize(x, size), norm), view, size, dtype).float()
 
     return probabilities
 
