@@ -369,20 +369,28 @@ def test_class_weights_mean_the_same_for_distributions_as_for_labels(smoothing: 
     torch.testing.assert_close(averaged, whole)
 
 
+def save_teacher(path: Path, **meta: object) -> torch.nn.Module:
+    """A random-init 7-class sixclass_cnn4 saved as a teacher (its probabilities are all a test needs)."""
+    from ferkit.data import get_label_set
+    from ferkit.models.weights import save_weights
+
+    torch.manual_seed(0)
+    model = create_model("sixclass_cnn4", num_classes=7).eval()
+    save_weights(model, path, {"model": "sixclass_cnn4", "num_classes": 7, "label_set": "fer7", "input_size": 48,
+                               "classes": list(get_label_set("fer7").classes), "normalize": "dataset",
+                               "model_kwargs": {}, **meta})
+    return model
+
+
 def test_distillation_with_mixing_mixes_the_tempered_teacher_distributions(tiny_csv: Path, tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # The distillation target at temperature T is the teacher's tempered distribution; a mixed batch's target is
     # the mix of its faces' targets, as for labels: lam * p_i^(1/T)/Z_i + (1 - lam) * p_j^(1/T)/Z_j, not the
     # mix tempered afterwards.
-    from ferkit.data import get_label_set
-    from ferkit.models.weights import save_weights
     from ferkit.training import levers
 
     teacher_path = tmp_path / "teacher.safetensors"
-    torch.manual_seed(0)
-    save_weights(create_model("sixclass_cnn4", num_classes=7), teacher_path,
-                 {"model": "sixclass_cnn4", "num_classes": 7, "classes": list(get_label_set("fer7").classes),
-                  "label_set": "fer7", "input_size": 48, "normalize": "dataset", "model_kwargs": {}})
+    save_teacher(teacher_path)
     probs: list[torch.Tensor] = []
     mixes: list[tuple[torch.Tensor, torch.Tensor]] = []
     losses: list[tuple[torch.Tensor, bool]] = []
@@ -418,19 +426,6 @@ def test_distillation_with_mixing_mixes_the_tempered_teacher_distributions(tiny_
                                real_loss(student, probs[0][:5], 4.0))
     killed = train(small_config(tiny_csv, tmp_path / "resumed", **settings), stop_after_epochs=1)
     assert without_timing(train(resume=killed.run_dir).history) == without_timing(full.history)
-
-
-def save_teacher(path: Path, **meta: object) -> torch.nn.Module:
-    """A random-init 7-class sixclass_cnn4 saved as a teacher (its probabilities are all a test needs)."""
-    from ferkit.data import get_label_set
-    from ferkit.models.weights import save_weights
-
-    torch.manual_seed(0)
-    model = create_model("sixclass_cnn4", num_classes=7).eval()
-    save_weights(model, path, {"model": "sixclass_cnn4", "num_classes": 7, "label_set": "fer7", "input_size": 48,
-                               "classes": list(get_label_set("fer7").classes), "normalize": "dataset",
-                               "model_kwargs": {}, **meta})
-    return model
 
 
 @pytest.mark.parametrize("teacher_norm", ["dataset", "per_image"])

@@ -65,8 +65,8 @@ class TrainConfig:
     distill_weight: float = 0.7  # loss = (1 - w) * CE(labels) + w * T^2 * KL(teacher_T || student_T)
     distill_temperature: float = 4.0
     # offline: the teacher's probabilities on the un-augmented faces, once (above). online: the teacher run on
-    # every training batch as the student sees it (augmented, mixed), a teacher forward pass per step: targets
-    # on views the teacher never fitted, where offline targets on its own training faces are near its labels.
+    # every training batch as the student sees it (augmented, mixed), a teacher forward pass per step: its answers
+    # on fresh augmentations and mixed faces, where offline targets on its own training faces are near its labels.
     distill_view: str = "offline"
     # Start from a trained model's weights (same model, model_kwargs and classes) instead of a random init:
     # fine-tuning, or continuing a model's training with a new teacher or schedule. Or from a user's timm or
