@@ -85,6 +85,31 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_csv: Path, tmp_path: P
     assert metrics_without_timing(resumed.run_dir) == metrics_without_timing(full.run_dir)
 
 
+def test_each_stretch_of_a_resumed_run_is_in_its_manifest(tiny_csv: Path, tmp_path: Path) -> None:
+    killed = train(small_config(tiny_csv, tmp_path, epochs=5), stop_after_epochs=1)
+    manifest_path = killed.run_dir / "manifest.json"
+    [first] = json.loads(manifest_path.read_text())["stretches"]
+    assert (first["first_epoch"], first["last_epoch"], first["precision"], first["world_size"]) == (1, 1, "fp32", 1)
+    assert first["commit"] and first["hardware"]["cpu_count"] and first["device"] == "cpu" and first["seconds"] >= 0
+    train(resume=killed.run_dir, stop_after_epochs=2, changes={"threads": 1})
+    manifest = json.loads(manifest_path.read_text())
+    assert [(s["first_epoch"], s["last_epoch"]) for s in manifest["stretches"]] == [(1, 1), (2, 3)]
+    assert manifest["stretches"][0] == first and manifest["stretches"][1]["started"] > first["started"]
+    assert sum(s["seconds"] for s in manifest["stretches"]) == pytest.approx(manifest["train_seconds"], abs=0.2)
+    # A manifest whose lists were mangled (by hand, or written before they existed) does not stop the run: what is
+    # intact is kept, and this call's stretch follows.
+    manifest |= {"stretches": [{"junk": 1}, "text", 7], "commands": "not a list", "git_commits": None}
+    manifest_path.write_text(json.dumps(manifest))
+    train(resume=killed.run_dir, stop_after_epochs=1)
+    manifest = json.loads(manifest_path.read_text())
+    assert [s.get("first_epoch") for s in manifest["stretches"]] == [None, 4]
+    assert manifest["epochs_done"] == 4 and len(manifest["commands"]) == 1 and len(manifest["git_commits"]) == 1
+    manifest_path.write_text('{"stretches": [')  # not JSON: the record starts again from this call
+    train(resume=killed.run_dir)
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["epochs_done"] == 5 and [s["first_epoch"] for s in manifest["stretches"]] == [5]
+
+
 def metrics_without_timing(run_dir: Path) -> list[str]:
     return [line.rsplit(",", 1)[0] for line in (run_dir / "metrics.csv").read_text().splitlines()]
 

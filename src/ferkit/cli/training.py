@@ -21,7 +21,8 @@ Examples:
 
   ferkit train --data fer2013.csv.gz --model mini_xception teacher=runs/<big>/best.safetensors \\
       distill_weight=0.7 distill_temperature=4       (knowledge distillation from a trained model;
-      distill_view=online runs the teacher on every augmented batch instead of once on the plain faces)
+      distill_view=online runs the teacher on every augmented batch instead of once on the plain faces;
+      teacher=T.npz distils from cross-fitted targets: see `ferkit crossfit --help`)
 
   ferkit train --data fer2013.csv.gz --model ferkit_vgg_s --average ema --sam-rho 0.05 \\
       --mixup-alpha 0.2 --cutmix-alpha 1.0 mix_prob=0.5   (weight averaging, SAM, mixup/CutMix; README)
@@ -279,6 +280,47 @@ def sweep(
         _fail(f"{len(result.failed)} of {len(result.rows)} trials failed: {named}; the reasons are in "
               f"{sweep_dir / 'results.md'}; run them again with `ferkit sweep --resume {sweep_dir} --retry-failed`",
               code=1)
+
+
+CROSSFIT_EPILOG = """
+Examples:
+
+  ferkit sweep --data fer2013.csv.gz --name cf5 holdout=1/5,2/5,3/5,4/5,5/5 model=ferkit_vgg_s epochs=60 \\
+      lr=0.03 weight_decay=5e-4 label_smoothing=0.1 average=ema    (5 runs, each without one fifth of Training)
+
+  ferkit crossfit runs/cf5/trial-* --out cf5.npz      (each fold scored by the run that never saw it)
+
+  ferkit train --data fer2013.csv.gz --model ferkit_vgg_s teacher=cf5.npz    (distil from the held-out scores)
+
+Runs trained with holdout=K/N leave fold K of N out of Training (stratified by class, the same folds for every
+run of the same data, label set and limit_train). Each run scores the faces it left out, under flip TTA (or its own
+view: a saved ensemble's, the centre crop for crop-trained weights); runs leaving out the same fold are averaged.
+The file holds one probability row per Training face, joined to a student's faces by their row in the CSV.
+"""
+
+
+@app.command(epilog=CROSSFIT_EPILOG)
+def crossfit(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories trained with holdout=K/N, every K of one N.")],
+    out: Annotated[Path, typer.Option(help="The targets file to write (.npz), for teacher=FILE.")],
+    data: Annotated[str | None, typer.Option(
+        help="The data file the runs trained on (default: the one in their config.json).")] = None,
+    weights: Annotated[str, typer.Option(help="Which weights of each run score its fold.")] = "best.safetensors",
+) -> None:
+    """Cross-fitted distillation targets: every Training face scored by the run that held it out."""
+    from ferkit.data import DataError
+    from ferkit.training.crossfit import crossfit_targets
+
+    if out.suffix != ".npz":
+        _fail(f"--out {out}: the targets file must end in .npz (teacher=FILE tells targets from weights by it)")
+    try:
+        targets = crossfit_targets(runs, data, weights)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    targets.save(out)
+    typer.echo(f"wrote {out}: {len(targets.rows)} training faces, {targets.folds} folds, held-out accuracy "
+               f"{targets.accuracy():.4f}")
 
 
 REPRODUCE_EPILOG = """

@@ -70,6 +70,21 @@ class FaceData:
         return replace(self, images=self.images[index], labels=self.labels[index], usage=self.usage[index],
                        rows=self.rows[index], soft_labels=soft)
 
+    def folds(self, n: int, seed: int = 0) -> np.ndarray:
+        """(N,) fold index in 0..n-1 of each row, stratified: the rows of each class in a seeded random order,
+        class after class, dealt out to the folds in turn, so every fold holds 1/n of each class (give or take
+        one face) and the folds' sizes differ by one at most. A function of the labels and `seed` alone: the same
+        rows and labels give the same folds on any machine (cross-fitting trains on some folds and scores the
+        rest, in separate runs)."""
+        if not (isinstance(n, int) and 2 <= n <= len(self)):
+            raise ValueError(f"folds: need 2 <= n <= {len(self)} (the number of faces), got {n!r}")
+        rng = np.random.default_rng(seed)
+        order = np.concatenate([rng.permutation(np.flatnonzero(self.labels == c))
+                                for c in np.unique(self.labels)])
+        fold = np.empty(len(self), dtype=np.int64)
+        fold[order] = np.arange(len(order)) % n
+        return fold
+
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels, minlength=self.label_set.num_classes)
 

@@ -16,6 +16,7 @@ TRAIN_VIEWS = ("resize", "crop")
 SCHEDULES = ("none", "step", "plateau", "cosine", "onecycle")
 AVERAGES = ("none", "ema", "swa")
 DISTILL_VIEWS = ("offline", "online")
+MAX_FOLDS = 100  # holdout=K/N: more folds than this leave each run all but a sliver of the faces
 # Settings that say how a run trains on this machine and for how long, not what it learns: a resumed run may
 # change them (more threads on a freer machine, a longer time limit to finish a run that used up its own, more
 # early-stopping patience to continue a run that stopped on a noisy plateau: the epochs it goes on with are
@@ -60,7 +61,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     # Knowledge distillation from a trained teacher (a .safetensors model or saved ensemble): its probabilities
     # on the un-augmented training faces (flip TTA, or the teacher's own view: trainer._teacher_probabilities)
-    # are computed once and used as soft targets.
+    # are computed once and used as soft targets. Or from cross-fitted targets (.npz, `ferkit crossfit`).
     teacher: str = ""
     distill_weight: float = 0.7  # loss = (1 - w) * CE(labels) + w * T^2 * KL(teacher_T || student_T)
     distill_temperature: float = 4.0
@@ -115,6 +116,10 @@ class TrainConfig:
     threads: int = 0  # CPU threads; 0 = torch default
     seed: int = 0
     limit_train: int = 0  # use only the first N training faces (quick experiments, tests); 0 = all
+    # Cross-fitting: "K/N" trains on the Training faces outside fold K of N (`FaceData.folds`: stratified, seeded,
+    # after limit_train); N runs holding out 1/N..N/N, scored each on its own fold by `ferkit crossfit`, give
+    # every training face a prediction from networks that never saw it (a distillation teacher). "" = all faces.
+    holdout: str = ""
     save_every: int = 0  # also keep a weights snapshot every N optimizer steps (snapshot ensembles); 0 = off
     progress: bool = True
 
@@ -189,6 +194,7 @@ class TrainConfig:
         if not (math.isfinite(self.backbone_lr_scale) and self.backbone_lr_scale >= 0):
             raise ValueError(f"backbone_lr_scale must be >= 0 (1 = lr for all, 0 = backbone frozen), "
                              f"got {self.backbone_lr_scale}")
+        parse_holdout(self.holdout)
         if self.time_limit < 0:
             raise ValueError(f"time_limit must be minutes >= 0 (0 = off), got {self.time_limit}")
         self._validate_levers()
@@ -209,6 +215,19 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
                 raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def parse_holdout(holdout: str) -> tuple[int, int] | None:
+    """The setting holdout="K/N" as (K, N), 1 <= K <= N, 2 <= N <= MAX_FOLDS; "" -> None; ValueError otherwise."""
+    if holdout == "":
+        return None
+    k_text, _, n_text = str(holdout).partition("/")
+    if not (k_text.isdecimal() and n_text.isdecimal()):
+        raise ValueError(f"holdout must be 'K/N' (train without fold K of N, e.g. 1/5), got {holdout!r}")
+    k, n = int(k_text), int(n_text)
+    if not (2 <= n <= MAX_FOLDS and 1 <= k <= n):
+        raise ValueError(f"holdout {holdout!r}: need 2 <= N <= {MAX_FOLDS} folds and 1 <= K <= N")
+    return k, n
 
 
 def _as_type_of(current: Any, value: Any, raw: str, key: str) -> Any:

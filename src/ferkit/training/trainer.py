@@ -17,6 +17,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from ferkit.models.weights import SHIPPED_MODELS, load_model, read_metadata, res
 from ferkit.shared_files import claimed, replacing, write_rows
 from ferkit.training import distributed, levers
 from ferkit.training.config import RESUME_SETTINGS, TrainConfig
+from ferkit.training.crossfit import CrossfitTargets, offline_view, training_faces
 from ferkit.training.report import command_line, git_commit, hardware, library_versions, plot_curves, write_json
 
 # val_weights: the weights PublicTest evaluated (and best/last saved): 'raw' (the trained weights), or the average
@@ -277,9 +279,7 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
     # ---- data --------------------------------------------------------------------------------
     data = data if data is not None else load_dataset(cfg.data, cfg.label_set, skip_bad_rows=cfg.skip_bad_rows,
                                                       labels=cfg.labels or None, label_mode=cfg.label_mode)
-    train_set, val_set = data.split("Training"), data.split("PublicTest")
-    if cfg.limit_train:
-        train_set = train_set.subset(np.arange(min(cfg.limit_train, len(train_set))))
+    train_set, val_set = training_faces(data, cfg), data.split("PublicTest")
     if len(train_set) == 0 or len(val_set) == 0:
         raise ValueError(f"{cfg.data}: need Training and PublicTest rows, got {len(train_set)} and {len(val_set)}")
     # The training faces live on the training device (~66 MB of uint8 for FER2013): batches are cut, converted
@@ -352,6 +352,13 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
         start_epoch, step = int(state["epoch"]), int(state["step"])
         best_acc, best_epoch, stale = float(state["best_acc"]), int(state["best_epoch"]), int(state["stale"])
         elapsed = float(state["elapsed"])
+    # This call's stretch of training, as the manifest records it beside the others (a run resumed on another
+    # machine, with other code or for a longer time limit keeps what each part of it ran on).
+    stretch = {"started": datetime.now(UTC).isoformat(timespec="milliseconds"), "command": command_line(),
+               "commit": commit, "hardware": hardware(), "device": str(device), "world_size": d.world_size,
+               "precision": "fp32" if amp_dtype is None else str(amp_dtype).removeprefix("torch."),
+               "first_epoch": start_epoch + 1}
+    elapsed_before = elapsed
     net = model  # what the training steps call: the model, or (several processes) its DDP wrapper
     if d.active:
         # Each process draws its own dropout masks from the global torch RNG (a resumed one: its own saved state,
@@ -506,7 +513,8 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
                     _write_metrics(run_dir / "metrics.csv", history)
                     plot_curves(history, run_dir / "curves.png", title=f"{cfg.model} ({run_dir.name})")
                     _write_manifest(run_dir, cfg, data, commit, best_acc, best_epoch, epoch + 1, elapsed, device,
-                                    reason, start_weights, d.world_size, _loss_scale(scaler))
+                                    reason, start_weights, d.world_size, _loss_scale(scaler),
+                                    stretch | {"last_epoch": epoch + 1, "seconds": round(elapsed - elapsed_before, 1)})
                     _save_checkpoint(run_dir / "checkpoint.pt", {
                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict() if scheduler is not None else {},
@@ -775,6 +783,14 @@ def _start_weights(cfg: TrainConfig, resumed: Path | None = None) -> dict[str, d
         if not path.is_file():
             raise FileNotFoundError(f"{key} {spec}: no such weights file (nor a shipped model: "
                                     f"{', '.join(SHIPPED_MODELS)})")
+        if key == "teacher" and path.suffix == ".npz":  # cross-fitted targets (ferkit crossfit), not a network
+            if cfg.distill_view == "online":
+                raise ValueError(f"teacher {spec} holds predictions on the plain training faces, not a network to "
+                                 "run on each batch: use distill_view=offline with it")
+            if (held := CrossfitTargets.load(path).classes) != classes:
+                raise ValueError(f"teacher {spec} predicts {held}, but this run trains {classes}")
+            found[key] = {"path": spec, "sha256": file_sha256(path)}
+            continue
         if key == "init_weights" and not is_ferkit_weights(path):  # a user's timm/torchvision state dict
             report = check_pretrained(lambda: create_model(cfg.model, num_classes=len(classes), **cfg.model_kwargs),
                                       path)
@@ -801,17 +817,22 @@ def _start_weights(cfg: TrainConfig, resumed: Path | None = None) -> dict[str, d
 def _teacher_probabilities(cfg: TrainConfig, train_set: FaceData, device: torch.device) -> torch.Tensor:
     """The teacher's probabilities on the un-augmented training faces, (N, C), computed once, under its own
     view (`--tta auto`: a saved ensemble's fitted mode, the centre crop for crop-trained weights), or with
-    flip TTA where that view is the plain whole face.
+    flip TTA where that view is the plain whole face; or, for a cross-fitted targets file (.npz, `ferkit
+    crossfit`), its rows for these faces.
 
     Offline targets cost one teacher pass instead of one per epoch; under the mild augmentations used here
     (flips, small crops and shifts) a face's emotion distribution does not change, so the targets still fit.
     """
+    if resolve_weights(cfg.teacher).suffix == ".npz":
+        probs = CrossfitTargets.load(resolve_weights(cfg.teacher)).for_faces(train_set, cfg.data)
+        print(f"distilling from the cross-fitted targets {cfg.teacher}: held-out accuracy on this run's "
+              f"{len(train_set)} training faces {float((probs.argmax(1) == train_set.labels).mean()):.4f}", flush=True)
+        return torch.from_numpy(probs)
     teacher, meta = load_model(cfg.teacher, device)
     print(f"distilling from {cfg.teacher} ({meta['model']}): computing its probabilities on {len(train_set)} "
           "training faces", flush=True)
-    view = model_tta("auto", meta)
     probs = predict_proba(teacher, train_set.images, input_size=meta["input_size"],
-                          norm=meta.get("normalize", "dataset"), tta="flip" if view == "none" else view)
+                          norm=meta.get("normalize", "dataset"), tta=offline_view(meta))
     acc = float((probs.argmax(1) == train_set.labels).mean())
     print(f"teacher accuracy on the training faces: {acc:.4f}", flush=True)
     return torch.from_numpy(probs)
@@ -905,14 +926,25 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 def _write_manifest(run_dir: Path, cfg: TrainConfig, data: FaceData, commit: str, best_acc: float, best_epoch: int,
                     epochs_done: int, elapsed: float, device: torch.device, stopped_by: str | None = None,
                     start_weights: dict[str, dict[str, str]] | None = None, world_size: int = 1,
-                    loss_scale: float | None = None) -> None:
+                    loss_scale: float | None = None, stretch: dict[str, Any] | None = None) -> None:
     """start_weights: the teacher and initial weights, as `_start_weights` gives them; world_size: the number
     of processes that trained the run (torchrun); loss_scale: fp16's loss scale at the end (None: not fp16),
-    a sign of how close the gradients came to fp16's limits."""
+    a sign of how close the gradients came to fp16's limits; stretch: this call's part of the training (when it
+    started, its command, commit, hardware, device, precision, first and last epoch, seconds), kept in the list
+    `stretches` after those of earlier calls (a manifest written before the list existed starts it here)."""
     manifest_path = run_dir / "manifest.json"
-    previous = _read_json(manifest_path) if manifest_path.is_file() else {}
-    commands = previous.get("commands", [])
-    commits = previous.get("git_commits", [])
+    # What earlier calls recorded, as far as it is intact: a manifest edited by hand (even into something that is
+    # not JSON) must not stop a run that resumes; it is rewritten whole here.
+    try:
+        previous = _read_json(manifest_path) if manifest_path.is_file() else {}
+    except (OSError, ValueError):
+        previous = {}
+    previous = previous if isinstance(previous, dict) else {}
+    commands, commits, stretches = (_entries(previous, key, kind) for key, kind in
+                                    (("commands", str), ("git_commits", str), ("stretches", dict)))
+    if stretch is not None:
+        same_call = bool(stretches) and stretches[-1].get("started") == stretch["started"]
+        stretches = [*(stretches[:-1] if same_call else stretches), stretch]
     if command_line() not in commands:
         commands.append(command_line())  # a resumed run lists the original and the resume command
     if commit not in commits:
@@ -926,7 +958,14 @@ def _write_manifest(run_dir: Path, cfg: TrainConfig, data: FaceData, commit: str
         "train_seconds": round(elapsed, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **({"stopped_by": stopped_by} if stopped_by else {}), **(start_weights or {}),
         **({"loss_scale": loss_scale} if loss_scale is not None else {}),
+        **({"stretches": stretches} if stretches else {}),
     })
+
+
+def _entries(record: dict[str, Any], key: str, kind: type) -> list[Any]:
+    """record[key]'s entries of type `kind`, or [] when it is missing or not a list."""
+    entries = record.get(key)
+    return [e for e in entries if isinstance(e, kind)] if isinstance(entries, list) else []
 
 
 def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
