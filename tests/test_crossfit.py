@@ -46,6 +46,22 @@ def test_folds_are_stratified_disjoint_and_reproducible(tiny_csv: Path) -> None:
     assert sorted(np.bincount(uneven)) == [23, 23, 24]
 
 
+def test_folds_are_a_fixed_function_of_rows_and_labels() -> None:
+    # No random generator: these folds are what any machine and NumPy build computes (pinned here), and they
+    # follow the faces (their source rows), not their position in the array.
+    from ferkit.data import FaceData, get_label_set
+
+    rows = np.arange(100, 114)
+    faces = FaceData(images=np.zeros((14, 48, 48), np.uint8), labels=np.repeat([0, 3], 7),
+                     usage=np.full(14, "Training"), rows=rows, label_set=get_label_set("fer7"))
+    assert faces.folds(3).tolist() == PINNED_FOLDS
+    shuffled = faces.subset(np.arange(14)[::-1])
+    assert shuffled.folds(3).tolist() == PINNED_FOLDS[::-1]
+
+
+PINNED_FOLDS = [0, 0, 0, 1, 1, 2, 2, 1, 0, 2, 0, 1, 2, 1]
+
+
 @pytest.mark.parametrize("n", [0, 1, 71, 2.0, "2"])
 def test_folds_refuse_impossible_counts(tiny_csv: Path, n: object) -> None:
     faces = load_dataset(str(tiny_csv)).split("Training")
@@ -54,7 +70,7 @@ def test_folds_refuse_impossible_counts(tiny_csv: Path, n: object) -> None:
 
 
 @pytest.mark.parametrize("value", ["0/5", "6/5", "1/1", "1/101", "a/b", "1/5/2", "-1/5", "1.5/5", "1/", "/5", " 1/5",
-                                   "3", "1/5 "])
+                                   "3", "1/5 ", "\u0661/\u0665"])
 def test_holdout_setting_is_checked(value: str) -> None:
     with pytest.raises(ValueError, match="holdout"):
         TrainConfig(holdout=value).validate()
@@ -124,7 +140,9 @@ def test_a_student_distils_from_the_targets_of_its_own_faces(tiny_csv: Path, tmp
 
 
 @pytest.mark.parametrize("case", ["plain run", "missing fold", "two fold counts", "not a run", "no weights",
-                                  "other limit_train", "other data"])
+                                  "other limit_train", "other data", "config not JSON", "config a list",
+                                  "config with an unknown key", "manifest a list", "manifest data a string",
+                                  "manifest not JSON", "no manifest"])
 def test_crossfit_refuses_runs_that_do_not_make_one_crossfit(tiny_csv: Path, tmp_path: Path, case: str) -> None:
     runs = crossfit_runs(tiny_csv, tmp_path)
     data = None
@@ -145,9 +163,22 @@ def test_crossfit_refuses_runs_that_do_not_make_one_crossfit(tiny_csv: Path, tmp
         runs[1] = train(small_config(tiny_csv, tmp_path, run_name="short", epochs=1, holdout="2/2",
                                      limit_train=40)).run_dir
         match = "differ in limit_train"
-    else:
+    elif case == "other data":
         data = write_csv(tmp_path / "other.csv", synthetic_rows({"Training": 70, "PublicTest": 35}, seed=5))
-        match = "score a run on the file it was trained on"
+        match = "score a run on the data it was trained on"
+    elif case.startswith("config"):
+        config = runs[1] / "config.json"
+        text = {"config not JSON": '{"holdout": "2/', "config a list": "[1]",
+                "config with an unknown key": json.dumps(json.loads(config.read_text()) | {"colour": 1})}[case]
+        config.write_text(text)
+        match = f"{config}: not a training config"
+    else:
+        manifest = runs[1] / "manifest.json"
+        text = {"manifest a list": "[]", "manifest data a string": '{"data": "abc"}', "manifest not JSON": "{",
+                "no manifest": None}[case]
+        manifest.unlink() if text is None else manifest.write_text(text)
+        match = ("trained on data None" if case == "manifest data a string"
+                 else f"{manifest}: cannot tell what the run trained on")
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         crossfit_targets(runs, data)
 
@@ -162,6 +193,24 @@ def test_the_folds_of_a_sweep_make_one_crossfit(tiny_csv: Path, tmp_path: Path) 
     result = runner.invoke(app, ["crossfit", *map(str, trials), "--out", str(tmp_path / "cf.npz")])
     assert result.exit_code == 0, result.output
     assert len(CrossfitTargets.load(tmp_path / "cf.npz").rows) == 70
+
+
+def test_crossfit_on_an_image_folder(tmp_path: Path, cache_dir: Path) -> None:
+    from PIL import Image
+
+    from ferkit.data import get_label_set
+
+    classes = get_label_set("fer7").classes
+    for split, n in (("train", 28), ("val", 14)):
+        for i, (label, pixels, _) in enumerate(synthetic_rows({split: n})):
+            path = tmp_path / "faces" / split / classes[label] / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.array(pixels.split(), np.uint8).reshape(48, 48)).save(path)
+    runs = crossfit_runs(tmp_path / "faces", tmp_path)
+    targets = crossfit_targets(runs)  # the folder named in the runs' config.json
+    assert len(targets.rows) == 28 and targets.runs[0]["faces"] == 14
+    folder = load_dataset(str(tmp_path / "faces")).split("Training")
+    assert targets.for_faces(folder).shape == (28, 7)
 
 
 def test_crossfit_command_names_bad_arguments(tiny_csv: Path, tmp_path: Path) -> None:
@@ -195,9 +244,10 @@ def rewrite(path: Path, **changes: object) -> None:
         np.savez(f, **arrays)
 
 
-@pytest.mark.parametrize("case", ["empty", "truncated", "not npz", "pickled", "no meta", "wrong format",
+@pytest.mark.parametrize("case", ["empty", "truncated", "not npz", "npy", "pickled", "no meta", "wrong format",
                                   "nan", "negative", "not summing to 1", "repeated face", "rows of another length",
-                                  "integer probabilities", "classes of another length"])
+                                  "integer probabilities", "classes of another length", "label out of range",
+                                  "runs not a list", "one fold"])
 def test_a_bad_targets_file_is_refused_before_training(tiny_csv: Path, tmp_path: Path, targets_file: Path,
                                                        case: str) -> None:
     probs = np.load(targets_file)["probabilities"]
@@ -208,6 +258,15 @@ def test_a_bad_targets_file_is_refused_before_training(tiny_csv: Path, tmp_path:
         targets_file.write_bytes(targets_file.read_bytes()[:200])
     elif case == "not npz":
         targets_file.write_text("probabilities\n0.5,0.5\n")
+    elif case == "npy":
+        with open(targets_file, "wb") as f:
+            np.save(f, probs)
+    elif case == "label out of range":
+        rewrite(targets_file, labels=np.full(len(probs), 7))
+    elif case in ("runs not a list", "one fold"):
+        meta = json.loads(str(np.load(targets_file)["meta"]))
+        rewrite(targets_file, meta=np.array(json.dumps(meta | ({"runs": 5} if case == "runs not a list" else
+                                                                {"folds": 1}))))
     elif case == "pickled":
         rewrite(targets_file, meta=np.array([{"format": "x"}], dtype=object))
     elif case == "no meta":
@@ -231,7 +290,7 @@ def test_a_bad_targets_file_is_refused_before_training(tiny_csv: Path, tmp_path:
         rewrite(targets_file, probabilities=np.eye(7, dtype=np.int64)[np.arange(len(probs)) % 7])
     else:
         rewrite(targets_file, classes=np.array(["a", "b"]))
-    assert zipfile.is_zipfile(targets_file) or case in ("empty", "truncated", "not npz")
+    assert zipfile.is_zipfile(targets_file) or case in ("empty", "truncated", "not npz", "npy")
     with pytest.raises(TargetsError, match=f"teacher targets {targets_file}"):
         CrossfitTargets.load(targets_file)
     with pytest.raises(ValueError, match="teacher targets"):
@@ -246,7 +305,7 @@ def test_targets_that_do_not_fit_the_run_are_refused(tiny_csv: Path, tmp_path: P
     targets = CrossfitTargets.load(targets_file)
     if case == "other data":
         other = write_csv(tmp_path / "other.csv", synthetic_rows({"Training": 70, "PublicTest": 35}, seed=5))
-        cfg, match = replace(cfg, data=str(other)), "computed on another data file"
+        cfg, match = replace(cfg, data=str(other)), "computed on other data than this run.s"
     elif case == "other labels":
         replace(targets, labels=(targets.labels + 1) % 7).save(targets_file)
         match = "70 of 70 faces carry another label"

@@ -292,10 +292,11 @@ Examples:
 
   ferkit train --data fer2013.csv.gz --model ferkit_vgg_s teacher=cf5.npz    (distil from the held-out scores)
 
-Runs trained with holdout=K/N leave fold K of N out of Training (stratified by class, the same folds for every
-run of the same data, label set and limit_train). Each run scores the faces it left out, under flip TTA (or its own
-view: a saved ensemble's, the centre crop for crop-trained weights); runs leaving out the same fold are averaged.
-The file holds one probability row per Training face, joined to a student's faces by their row in the CSV.
+Runs trained with holdout=K/N leave fold K of N out of Training (stratified by class; the same folds for every
+run of the same data, labels and label settings, and limit_train). Each run scores the faces it left out, under
+flip TTA (or its own view: a saved ensemble's, the centre crop for crop-trained weights); runs leaving out the
+same fold are averaged. The file holds one probability row per Training face, joined to a student's faces by
+their row in the CSV.
 """
 
 

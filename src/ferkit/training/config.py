@@ -222,7 +222,7 @@ def parse_holdout(holdout: str) -> tuple[int, int] | None:
     if holdout == "":
         return None
     k_text, _, n_text = str(holdout).partition("/")
-    if not (k_text.isdecimal() and n_text.isdecimal()):
+    if not all(text.isascii() and text.isdigit() for text in (k_text, n_text)):
         raise ValueError(f"holdout must be 'K/N' (train without fold K of N, e.g. 1/5), got {holdout!r}")
     k, n = int(k_text), int(n_text)
     if not (2 <= n <= MAX_FOLDS and 1 <= k <= n):

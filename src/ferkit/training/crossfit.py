@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.lib.npyio import NpzFile
 
 from ferkit.data import FaceData, file_sha256, load_dataset
 from ferkit.models.predict import model_tta, predict_proba
@@ -32,8 +33,9 @@ from ferkit.training.config import TrainConfig, parse_holdout
 
 FORMAT = "ferkit-crossfit-targets/1"
 # The settings that decide which faces a run's Training split holds, and with which labels: every run of one
-# cross-fit must share them, or the folds of one run are not the folds of another.
-SHARED_SETTINGS = ("label_set", "labels", "label_mode", "skip_bad_rows", "limit_train")
+# cross-fit must share them, or the folds of one run are not the folds of another. (The data and FER+ label files
+# are compared by content: each run's manifest records their digest.)
+SHARED_SETTINGS = ("label_set", "label_mode", "skip_bad_rows", "limit_train")
 SUM_TOLERANCE = 1e-3  # float32 probabilities of one face sum to 1 within rounding
 
 
@@ -89,10 +91,13 @@ class CrossfitTargets:
             return TargetsError(f"teacher targets {path}: {why} (write them with `ferkit crossfit`)")
 
         try:
-            with np.load(path, allow_pickle=False) as f:
+            loaded = np.load(path, allow_pickle=False)
+            if not isinstance(loaded, NpzFile):  # a .npy array saved under this name
+                raise bad("a single array (.npy), not an .npz file of named arrays")
+            with loaded as f:
                 arrays = {k: f[k] for k in ("probabilities", "rows", "labels", "classes", "meta") if k in f}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # not a zip, cut short, pickles needed
-            raise bad(f"not a readable .npz file ({e})") from e
+            raise e if isinstance(e, TargetsError) else bad(f"not a readable .npz file ({e})") from e
         if missing := [k for k in ("probabilities", "rows", "labels", "classes", "meta") if k not in arrays]:
             raise bad(f"missing {', '.join(missing)}")
         try:
@@ -116,18 +121,24 @@ class CrossfitTargets:
             raise bad(f"each face's probabilities must sum to 1 (one is off by {worst:.3g})")
         if len(np.unique(rows)) != n:
             raise bad("a face (row) appears more than once")
-        if not isinstance(sha := meta.get("data_sha256"), str) or not isinstance(folds := meta.get("folds"), int):
-            raise bad("meta lacks data_sha256 or folds")
+        if labels.min() < 0 or labels.max() >= c:
+            raise bad(f"labels must be class indices in 0..{c - 1}")
+        sha, folds, runs = meta.get("data_sha256"), meta.get("folds"), meta.get("runs", [])
+        if not (isinstance(sha, str) and type(folds) is int and folds >= 2 and isinstance(runs, list)):
+            raise bad("meta needs data_sha256 (text), folds (a whole number >= 2) and runs (a list)")
         return cls(probs.astype(np.float32), rows.astype(np.int64), labels.astype(np.int64),
-                   [str(x) for x in classes], sha, folds, list(meta.get("runs") or []))
+                   [str(x) for x in classes], sha, folds, runs)
 
     def for_faces(self, faces: FaceData, source: str = "") -> np.ndarray:
         """(len(faces), C) probabilities of these faces (joined by source-file row), after checking that they
         come from the same data file, and that the labels agree on every face (the join is right)."""
         where = f"teacher targets (data {self.data_sha256[:12]})"
+        # FaceData.sha256 is the data file's, or under FER+ labels a digest of the file, the labels, mode and label set.
         if faces.sha256 != self.data_sha256:
-            raise TargetsError(f"{where} were computed on another data file than {source or faces.source} "
-                               f"(sha256 {faces.sha256[:12] or 'unknown'}): use the file the cross-fit runs trained on")
+            raise TargetsError(f"{where} were computed on other data than this run's {source or faces.source} "
+                               f"(data {faces.sha256[:12] or 'unknown'}): another data file, or other labels=, "
+                               "label_mode or label_set; train the cross-fit runs on the data and labels the "
+                               "student uses")
         if list(faces.label_set.classes) != self.classes:
             raise TargetsError(f"{where} predict {self.classes}, but this run trains {list(faces.label_set.classes)}")
         order = np.argsort(self.rows)
@@ -158,10 +169,10 @@ def crossfit_targets(runs: Sequence[str | os.PathLike], data: str | os.PathLike 
         if not (run / weights).is_file():
             raise FileNotFoundError(f"crossfit: {run} has no {weights} (has its training ended?)")
         try:
-            cfg = TrainConfig.from_dict(json.loads(config_file.read_text()))
+            cfg = TrainConfig.from_dict(_read_record(config_file))
             held = parse_holdout(cfg.holdout)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"crossfit: {config_file}: {e}") from e
+        except (ValueError, TypeError) as e:  # from_dict: TypeError on a key TrainConfig does not have
+            raise ValueError(f"crossfit: {config_file}: not a training config ({e})") from e
         if held is None:
             raise ValueError(f"crossfit: {run} trained on all the Training faces (no holdout=K/N): its predictions "
                              "on them are not held out")
@@ -177,17 +188,19 @@ def crossfit_targets(runs: Sequence[str | os.PathLike], data: str | os.PathLike 
         raise ValueError(f"crossfit: no run holds out fold {', '.join(map(str, missing))} of {n}")
 
     data_path = Path(data if data is not None else first.data)
-    if not data_path.is_file():
+    if not data_path.exists():  # a CSV, or an image folder's root
         raise FileNotFoundError(f"crossfit: data file {data_path} not found (pass --data)")
     dataset = load_dataset(str(data_path), first.label_set, skip_bad_rows=first.skip_bad_rows,
                            labels=first.labels or None, label_mode=first.label_mode)
     for run, _, _ in configs:
-        with_manifest = run / "manifest.json"
-        trained_on = (json.loads(with_manifest.read_text()).get("data", {}).get("sha256")
-                      if with_manifest.is_file() else None)
+        try:  # FaceData.sha256: the data file's, or under FER+ labels a digest of file, labels, mode and label set
+            recorded = _read_record(run / "manifest.json").get("data")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"crossfit: {run / 'manifest.json'}: cannot tell what the run trained on ({e})") from e
+        trained_on = recorded.get("sha256") if isinstance(recorded, dict) else None
         if trained_on != dataset.sha256:
-            raise ValueError(f"crossfit: {run} trained on data {str(trained_on)[:12]}, {data_path} is "
-                             f"{dataset.sha256[:12]}: score a run on the file it was trained on")
+            raise ValueError(f"crossfit: {run} trained on data {str(trained_on)[:12]}, {data_path} (with the runs' "
+                             f"labels settings) is {dataset.sha256[:12]}: score a run on the data it was trained on")
     faces = training_faces(dataset, replace(first, holdout=""))
     fold_of = faces.folds(n)
     total = np.zeros((len(faces), dataset.label_set.num_classes), dtype=np.float64)
@@ -211,3 +224,11 @@ def crossfit_targets(runs: Sequence[str | os.PathLike], data: str | os.PathLike 
     probabilities = (total / scored[:, None]).astype(np.float32)
     return CrossfitTargets(probabilities, faces.rows.astype(np.int64), faces.labels.astype(np.int64),
                            list(dataset.label_set.classes), dataset.sha256, n, records)
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    """A run's JSON record (config.json, manifest.json) as a dict; ValueError when it is not one."""
+    record = json.loads(path.read_text())  # json.JSONDecodeError is a ValueError
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    return record

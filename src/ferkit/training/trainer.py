@@ -356,7 +356,7 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
     # machine, with other code or for a longer time limit keeps what each part of it ran on).
     stretch = {"started": datetime.now(UTC).isoformat(timespec="milliseconds"), "command": command_line(),
                "commit": commit, "hardware": hardware(), "device": str(device), "world_size": d.world_size,
-               "precision": "fp32" if amp_dtype is None else str(amp_dtype).removeprefix("torch."),
+               "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
                "first_epoch": start_epoch + 1}
     elapsed_before = elapsed
     net = model  # what the training steps call: the model, or (several processes) its DDP wrapper
@@ -931,7 +931,8 @@ def _write_manifest(run_dir: Path, cfg: TrainConfig, data: FaceData, commit: str
     of processes that trained the run (torchrun); loss_scale: fp16's loss scale at the end (None: not fp16),
     a sign of how close the gradients came to fp16's limits; stretch: this call's part of the training (when it
     started, its command, commit, hardware, device, precision, first and last epoch, seconds), kept in the list
-    `stretches` after those of earlier calls (a manifest written before the list existed starts it here)."""
+    `stretches` after those of earlier calls (a manifest written before the list existed starts it here). An epoch
+    a kill cut off between this manifest and its checkpoint is in two stretches: it was trained twice."""
     manifest_path = run_dir / "manifest.json"
     # What earlier calls recorded, as far as it is intact: a manifest edited by hand (even into something that is
     # not JSON) must not stop a run that resumes; it is rewritten whole here.
