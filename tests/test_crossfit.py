@@ -62,6 +62,16 @@ def test_folds_are_a_fixed_function_of_rows_and_labels() -> None:
 PINNED_FOLDS = [0, 0, 0, 1, 1, 2, 2, 1, 0, 2, 0, 1, 2, 1]
 
 
+def test_five_folds_of_fer2013(real_csv: Path) -> None:
+    # The folds a 5-fold cross-fit of FER2013 trains on: 28,709 faces in folds of 5,741-5,742, each class split
+    # within one face (disgust's 436 faces: 87-88 a fold), pinned by count so a change to folds() shows.
+    faces = load_dataset(str(real_csv)).split("Training")
+    fold = faces.folds(5)
+    assert np.bincount(fold).tolist() == [5742, 5742, 5742, 5742, 5741]
+    per_class = np.stack([np.bincount(faces.labels[fold == k], minlength=7) for k in range(5)])
+    assert (per_class.max(0) - per_class.min(0) <= 1).all() and per_class[:, 1].tolist() == [88, 87, 87, 87, 87]
+
+
 @pytest.mark.parametrize("n", [0, 1, 71, 2.0, "2"])
 def test_folds_refuse_impossible_counts(tiny_csv: Path, n: object) -> None:
     faces = load_dataset(str(tiny_csv)).split("Training")
