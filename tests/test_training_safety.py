@@ -354,3 +354,17 @@ def test_resume_records_the_initial_weights_the_run_started_from(tiny_csv: Path,
     init.write_bytes(other.read_bytes())
     assert train(resume=run_dir).epochs_run == 3
     assert json.loads((run_dir / "manifest.json").read_text())["init_weights"] == started
+
+
+def test_resume_goes_on_when_the_initial_weights_and_their_record_are_both_gone(tiny_csv: Path,
+                                                                                 tmp_path: Path) -> None:
+    source = train(small_config(tiny_csv, tmp_path / "source", epochs=1)).run_dir / "last.safetensors"
+    init = tmp_path / "init.safetensors"
+    init.write_bytes(source.read_bytes())
+    run_dir = train(small_config(tiny_csv, tmp_path / "runs", epochs=2, init_weights=str(init)),
+                    stop_after_epochs=1).run_dir
+    init.unlink()
+    (run_dir / "manifest.json").write_text("{not json")
+    assert train(resume=run_dir).epochs_run == 2  # the checkpoint holds what the run learned from the file
+    record = json.loads((run_dir / "manifest.json").read_text())["init_weights"]
+    assert record["path"] == str(init) and record["sha256"] is None and "file gone" in record["note"]

@@ -774,12 +774,16 @@ def _start_weights(cfg: TrainConfig, resumed: Path | None = None) -> dict[str, d
         spec = getattr(cfg, key)
         if not spec:
             continue
+        path = resolve_weights(spec)
         if key == "init_weights" and resumed is not None:
             with contextlib.suppress(OSError, ValueError, AttributeError):  # no manifest.json: checked as new
                 if isinstance(record := _read_json(resumed / "manifest.json").get(key), dict):
                     found[key] = record
                     continue
-        path = resolve_weights(spec)
+            if not path.is_file():  # the record is lost too; the checkpoint holds what training goes on from
+                found[key] = {"path": spec, "sha256": None, "note": "file gone and no record of it in manifest.json "
+                              "when the run resumed; the run went on from its checkpoint"}
+                continue
         if not path.is_file():
             raise FileNotFoundError(f"{key} {spec}: no such weights file (nor a shipped model: "
                                     f"{', '.join(SHIPPED_MODELS)})")
