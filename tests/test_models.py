@@ -94,6 +94,29 @@ def test_mini_xception_stem_options_downsample_and_train() -> None:
     assert all(p.grad is not None for p in wide.parameters())
 
 
+def test_ferkit_vgg_s_width_and_depth() -> None:
+    # model_kwargs width / depth (the state-of-the-art issue's width/depth lever); the defaults are the shipped
+    # network, whose weights load into it unchanged.
+    shipped, _ = load_model("default")
+    assert {k: v.shape for k, v in create_model("ferkit_vgg_s").state_dict().items()} == {
+        k: v.shape for k, v in shipped.state_dict().items()}
+    wide, deep = create_model("ferkit_vgg_s", width=1.5), create_model("ferkit_vgg_s", depth=3)
+    assert [m.out_channels for m in wide.features if isinstance(m, nn.Conv2d)] == [48, 48, 96, 96, 192, 192, 384, 384]
+    assert sum(isinstance(m, nn.Conv2d) for m in deep.features) == 12
+    for model in (wide, deep):
+        assert model(batch("ferkit_vgg_s", 3)).shape == (3, 7)
+    base = count_flops(create_model("ferkit_vgg_s"), 48)
+    assert 2.1 < count_flops(wide, 48) / base < 2.4 and 1.6 < count_flops(deep, 48) / base < 1.8
+
+
+@pytest.mark.parametrize("kwargs", [{"width": 0}, {"width": -1.0}, {"width": float("nan")}, {"width": float("inf")},
+                                    {"width": "wide"}, {"width": True}, {"width": 100}, {"depth": 0}, {"depth": 2.5},
+                                    {"depth": "2"}, {"depth": 7}])
+def test_ferkit_vgg_s_refuses_bad_width_and_depth(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match=f"ferkit_vgg_s: {next(iter(kwargs))} must be"):
+        create_model("ferkit_vgg_s", **kwargs)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_count_flops(name: str) -> None:
     model = create_model(name)

@@ -64,6 +64,15 @@ def khaireddin_vgg(num_classes: int = 7, dropout: float = 0.2) -> nn.Module:
     source="ferkit: Khaireddin-style VGG at half width with a 512-unit head, sized to train on a 2-core CPU",
     reported="(ferkit's own; see weights manifest)",
 )
-def ferkit_vgg_s(num_classes: int = 7, dropout: float = 0.4) -> nn.Module:
-    """Half-width Khaireddin VGG (32/64/128/256) on full 48x48 faces with a 512-unit head; ~2.4 M params."""
-    return VGGNet((32, 64, 128, 256), num_classes, input_size=48, hidden=(512,), dropout=dropout)
+def ferkit_vgg_s(num_classes: int = 7, dropout: float = 0.4, width: float = 1.0, depth: int = 2) -> nn.Module:
+    """Half-width Khaireddin VGG (32/64/128/256) on full 48x48 faces with a 512-unit head; ~2.4 M params.
+
+    width, depth (model_kwargs, for the width/depth lever): the stages' channels times `width` (1.5: 48/96/192/384,
+    about 2.2x the compute), and `depth` conv blocks per stage (compute about depth/2 times)."""
+    if isinstance(width, bool) or not isinstance(width, int | float) or not 0.25 <= width <= 4:
+        raise ValueError(f"ferkit_vgg_s: width must be a number in [0.25, 4] (1 = 32/64/128/256 channels), "
+                         f"got {width!r}")
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= 6:
+        raise ValueError(f"ferkit_vgg_s: depth must be a whole number of conv blocks per stage in 1..6, got {depth!r}")
+    widths = tuple(max(1, round(c * width)) for c in (32, 64, 128, 256))
+    return VGGNet(widths, num_classes, input_size=48, convs_per_stage=depth, hidden=(512,), dropout=dropout)
