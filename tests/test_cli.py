@@ -35,6 +35,21 @@ def test_train_then_evaluate_the_run(tiny_csv: Path, tmp_path: Path) -> None:
     assert refused.exit_code == 2 and "got lr" in refused.output and "Traceback" not in refused.output
 
 
+def test_a_resumed_run_keeps_its_progress_setting(tiny_csv: Path, tmp_path: Path) -> None:
+    # A run started with --no-progress (under nohup, into a log) and resumed without the flag writes no progress
+    # bars into that log; --progress turns them on for the rest of the run.
+    out = tmp_path / "runs"
+    for name, flags, bars in (("quiet", [], False), ("loud", ["--progress"], True)):
+        started = runner.invoke(app, ["train", "--data", str(tiny_csv), "--model", "sixclass_cnn4", "--epochs", "2",
+                                      "--batch-size", "16", "--out", str(out), "--name", name, "--no-progress",
+                                      "precision=fp32", "time_limit=1e-9"])  # the limit stops it after one epoch
+        assert started.exit_code == 0 and "batch/s" not in started.output, started.output
+        resumed = runner.invoke(app, ["train", "--resume", str(out / name), "--time-limit", "0", *flags])
+        assert resumed.exit_code == 0 and "epoch 2/2" in resumed.output, resumed.output
+        assert ("batch/s" in resumed.output) == bars
+        assert json.loads((out / name / "config.json").read_text())["progress"] is bars
+
+
 @pytest.mark.parametrize("args, message", [
     (["--data", "missing.csv"], "missing.csv"),
     (["--model", "nope"], "unknown model"),

@@ -153,7 +153,7 @@ def _reproduce(name: str, data: str | os.PathLike, runs_dir: str | os.PathLike, 
         # removed, so that the system can be reproduced again with other overrides.
         with removed_on_failure(run_dir, changes is None and d.main, ("config.json", overrides_file.name)):
             d.from_rank0(functools.partial(write_text, overrides_file, json.dumps(extra)))
-            result = train(TrainConfig(progress=progress), resume=run_dir, changes=changes)
+            result = train(resume=run_dir, changes=(changes or {}) | {"progress": progress})
     if not d.main:
         return {}
 

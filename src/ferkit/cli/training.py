@@ -108,9 +108,11 @@ def train(
     limit_train: Annotated[int | None, typer.Option(
         show_default=_default("limit_train"), help="Use only the first N training faces.")] = None,
     resume: Annotated[Path | None, typer.Option(
-        help="Resume the run in this directory with its saved config; only --time-limit, --early-stopping and "
-             "threads=N change.")] = None,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+        help="Resume the run in this directory with its saved config; only --time-limit, --early-stopping, "
+             "--progress/--no-progress and threads=N change.")] = None,
+    progress: Annotated[bool | None, typer.Option(
+        "--progress/--no-progress", show_default=False,
+        help="Show progress bars (default: yes; a resumed run: as it started).")] = None,
 ) -> None:
     """Train a model on the Training split, selecting the best epoch on PublicTest."""
     from ferkit.data import DataError
@@ -123,15 +125,14 @@ def train(
              "label_smoothing": label_smoothing, "class_weights": class_weights, "early_stopping": early_stopping,
              "grad_clip": grad_clip, "average": average, "sam_rho": sam_rho, "mixup_alpha": mixup_alpha,
              "cutmix_alpha": cutmix_alpha, "time_limit": time_limit, "device": device, "precision": precision,
-             "seed": seed, "out_dir": out, "run_name": name, "save_every": save_every, "limit_train": limit_train}
+             "seed": seed, "out_dir": out, "run_name": name, "save_every": save_every, "limit_train": limit_train,
+             "progress": progress}
     assignments = [f"{k}={_json(v)}" for k, v in flags.items() if v is not None] + list(overrides or [])
     try:
         if resume is not None:  # the run's saved config, with only its run settings (RESUME_SETTINGS) changed
-            run_training(TrainConfig(progress=progress), resume=resume,
-                         changes=TrainConfig().resume_changes(assignments))
+            run_training(resume=resume, changes=TrainConfig().resume_changes(assignments))
             return
         cfg = TrainConfig().override(assignments)
-        cfg.progress = progress
         if not Path(cfg.data).exists():
             _fail(f"data file {cfg.data!r} not found (pass --data PATH to fer2013.csv or fer2013.csv.gz)")
         check_labels_options(cfg.labels or None, None)  # the mode is checked with the config

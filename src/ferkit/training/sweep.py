@@ -216,7 +216,7 @@ def train_trial(sweep_dir: str, i: int, settings: dict[str, str], progress: bool
     run_dir = Path(sweep_dir) / trial_name(i)
     status = trial_status(run_dir)
     if status == "partial":
-        train(TrainConfig(progress=progress), resume=run_dir, data=data, stop_after_epochs=stop_after_epochs)
+        train(resume=run_dir, data=data, stop_after_epochs=stop_after_epochs, changes={"progress": progress})
     elif status == "new":
         cfg = TrainConfig(out_dir=str(sweep_dir), run_name=run_dir.name, progress=progress).override(
             [f"{k}={v}" for k, v in settings.items()])

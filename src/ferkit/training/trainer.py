@@ -105,7 +105,6 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
             raise ValueError("changes apply to a resumed run; pass the settings in cfg for a new one")
         if cfg is None:
             raise ValueError("train() needs a TrainConfig or a run directory to resume")
-    progress = cfg.progress if cfg is not None else True
     with distributed.processes() as d, contextlib.ExitStack() as stack:
         if not d.main:  # one voice: rank 0 prints (errors still reach stderr on every process)
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
@@ -121,7 +120,7 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
             return run_dir, *_read_run(run_dir, changes)
 
         run_dir, cfg, state, history = d.from_rank0(start)
-        cfg.progress = progress and d.main
+        cfg.progress = cfg.progress and d.main  # a resumed run's: as it started, unless `changes` say otherwise
         saved_by = int(state.get("world_size", 1)) if state is not None else d.world_size
         if saved_by != d.world_size:
             raise TrainingError(
