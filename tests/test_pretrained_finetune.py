@@ -83,7 +83,7 @@ def test_fine_tuning_run_resumes_exactly(tiny_csv: Path, tmp_path: Path) -> None
 
     whole = train(config(tmp_path / "a"))
     killed = train(config(tmp_path / "b"), stop_after_epochs=1)
-    resumed = train(TrainConfig(progress=False), resume=killed.run_dir)
+    resumed = train(resume=killed.run_dir)
     assert resumed.history[-1]["val_acc"] == whole.history[-1]["val_acc"]
     a = torch.load(whole.run_dir / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(resumed.run_dir / "checkpoint.pt", weights_only=True)["model"]

@@ -45,8 +45,11 @@ def test_reproduce_writes_row_predictions_and_manifest(tiny_csv: Path, tmp_path:
         assert (results / "runs" / "sixclass_cnn4" / f).is_file()
 
     # Running it again resumes the finished run (no new epochs) and replaces the row instead of adding one;
-    # the recorded command keeps the overrides the run was started with.
-    reproduce("sixclass_cnn4", tiny_csv, runs_dir=tmp_path / "runs", results_dir=results, progress=False)
+    # the recorded command keeps the overrides the run was started with. Without a progress choice the run's
+    # config.json is left as it was (its manifest's copy of it stays the same).
+    config = (results / "runs" / "sixclass_cnn4" / "config.json").read_bytes()
+    reproduce("sixclass_cnn4", tiny_csv, runs_dir=tmp_path / "runs", results_dir=results)
+    assert (results / "runs" / "sixclass_cnn4" / "config.json").read_bytes() == config
     with open(results / "seeds.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and "epochs=1" in rows[0]["command"]

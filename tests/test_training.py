@@ -85,6 +85,12 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_csv: Path, tmp_path: P
     assert metrics_without_timing(resumed.run_dir) == metrics_without_timing(full.run_dir)
 
 
+def test_a_resumed_run_takes_no_new_config(tiny_csv: Path, tmp_path: Path) -> None:
+    killed = train(small_config(tiny_csv, tmp_path, epochs=2), stop_after_epochs=1)
+    with pytest.raises(ValueError, match="pass resume= alone, and changes= for its run settings"):
+        train(small_config(tiny_csv, tmp_path, epochs=2, lr=0.5), resume=killed.run_dir)
+
+
 def test_each_stretch_of_a_resumed_run_is_in_its_manifest(tiny_csv: Path, tmp_path: Path) -> None:
     killed = train(small_config(tiny_csv, tmp_path, epochs=5), stop_after_epochs=1)
     manifest_path = killed.run_dir / "manifest.json"
@@ -178,10 +184,10 @@ def test_early_stopping_and_snapshots(tiny_csv: Path, tmp_path: Path) -> None:
     snapshots = sorted((result.run_dir / "snapshots").glob("step*.safetensors"))
     assert len(snapshots) == 5  # 70 faces / batch 16 = 5 steps per epoch; a snapshot every 2 steps
     # Resuming a run that stopped early (as `ferkit reproduce` does to re-report it) trains nothing more.
-    resumed = train(TrainConfig(progress=False), resume=result.run_dir)
+    resumed = train(resume=result.run_dir)
     assert resumed.epochs_run == 2 and len(resumed.history) == 2
     # More patience continues it, with the epochs a run started with that patience trains.
-    patient = train(TrainConfig(progress=False), resume=result.run_dir, changes={"early_stopping": 3})
+    patient = train(resume=result.run_dir, changes={"early_stopping": 3})
     fresh = train(small_config(tiny_csv, tmp_path / "fresh", epochs=6, lr=0.0, early_stopping=3, save_every=2))
     assert patient.epochs_run == fresh.epochs_run == 4
     assert without_timing(patient.history) == without_timing(fresh.history)
@@ -194,7 +200,7 @@ def test_time_limit_ends_the_run_after_the_epoch_that_reaches_it(tiny_csv: Path,
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
     assert manifest["epochs_done"] == 1 and manifest["stopped_by"].startswith("time limit")
     # The run is finished: resuming it (to re-report it) trains nothing more.
-    resumed = train(TrainConfig(progress=False), resume=result.run_dir)
+    resumed = train(resume=result.run_dir)
     assert resumed.epochs_run == 1
     # A run that completes its epochs inside the limit records no stop reason.
     full = train(small_config(tiny_csv, tmp_path / "full", epochs=2, time_limit=60))

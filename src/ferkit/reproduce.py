@@ -126,8 +126,11 @@ def recipe_command(name: str, extra: list[str] | None = None) -> str:
 
 def reproduce(name: str, data: str | os.PathLike, *, runs_dir: str | os.PathLike = "runs",
               results_dir: str | os.PathLike = "results", extra: list[str] | None = None,
-              progress: bool = True) -> dict[str, str]:
+              progress: bool | None = None) -> dict[str, str]:
     """Train (or resume) recipe `name`, evaluate it on both test splits, and record the results row.
+
+    progress: show progress bars (None: yes for a new run; a resumed one as it last had them, so re-reporting a
+    finished run leaves its config.json as it is).
 
     Started by torchrun, the processes train the recipe together; rank 0 alone prepares the run directory,
     evaluates and records, and the other processes return an empty row."""
@@ -136,7 +139,7 @@ def reproduce(name: str, data: str | os.PathLike, *, runs_dir: str | os.PathLike
 
 
 def _reproduce(name: str, data: str | os.PathLike, runs_dir: str | os.PathLike, results_dir: str | os.PathLike,
-               extra: list[str] | None, progress: bool, d: distributed.Dist) -> dict[str, str]:
+               extra: list[str] | None, progress: bool | None, d: distributed.Dist) -> dict[str, str]:
     if name not in RECIPES:
         raise ValueError(f"unknown system {name!r}; known: {', '.join(RECIPES)}")
     recipe = RECIPES[name]
@@ -153,7 +156,8 @@ def _reproduce(name: str, data: str | os.PathLike, runs_dir: str | os.PathLike, 
         # removed, so that the system can be reproduced again with other overrides.
         with removed_on_failure(run_dir, changes is None and d.main, ("config.json", overrides_file.name)):
             d.from_rank0(functools.partial(write_text, overrides_file, json.dumps(extra)))
-            result = train(resume=run_dir, changes=(changes or {}) | {"progress": progress})
+            result = train(resume=run_dir, changes=(changes or {}) | ({} if progress is None else
+                                                                     {"progress": progress}) or None)
     if not d.main:
         return {}
 
@@ -193,7 +197,7 @@ def _reproduce(name: str, data: str | os.PathLike, runs_dir: str | os.PathLike, 
 
 
 def _start_run(recipe: Recipe, data: str | os.PathLike, runs_dir: str | os.PathLike, run_dir: Path,
-               extra: list[str], progress: bool) -> tuple[dict | None, list[str]]:
+               extra: list[str], progress: bool | None) -> tuple[dict | None, list[str]]:
     """Make `run_dir` for `recipe`, or check that its saved overrides agree with `extra` to resume it: the run
     settings to change (None for a new run) and the overrides to record."""
     overrides_file = run_dir / "reproduce_overrides.json"
@@ -212,7 +216,7 @@ def _start_run(recipe: Recipe, data: str | os.PathLike, runs_dir: str | os.PathL
     else:
         changes = None
         cfg = TrainConfig(data=str(data), out_dir=str(runs_dir), run_name=run_dir.name, model=recipe.model,
-                          progress=progress).override([*recipe.overrides, *extra])
+                          progress=progress is not False).override([*recipe.overrides, *extra])
         create_run(cfg)  # a new directory with its config.json, or an error when run_dir is taken
     return changes, extra
 

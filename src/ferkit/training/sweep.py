@@ -140,7 +140,7 @@ class SweepResult:
 
 
 def run_sweep(grid: dict[str, list[str]], sweep_dir: str | os.PathLike, *, random: int = 0, seed: int = 0,
-              data: Any = None, progress: bool = True, stop_after_epochs: int | None = None, parallel: int = 1,
+              data: Any = None, progress: bool | None = None, stop_after_epochs: int | None = None, parallel: int = 1,
               ray_address: str = "local", retry_failed: bool = False) -> SweepResult:
     """Train (or resume) the sweep in `sweep_dir`; see the module's docstring.
 
@@ -208,23 +208,25 @@ def run_sweep(grid: dict[str, list[str]], sweep_dir: str | os.PathLike, *, rando
         return SweepResult(sweep_dir, write_results(sweep_dir, grid, trials))
 
 
-def train_trial(sweep_dir: str, i: int, settings: dict[str, str], progress: bool = False, data: Any = None,
+def train_trial(sweep_dir: str, i: int, settings: dict[str, str], progress: bool | None = False, data: Any = None,
                 stop_after_epochs: int | None = None) -> str:
-    """Train (or resume, or leave as it is when done) trial `i` of the sweep in `sweep_dir`; its run directory."""
+    """Train (or resume, or leave as it is when done) trial `i` of the sweep in `sweep_dir`; its run directory.
+    progress None: bars for a new trial, a resumed one's as it last had them."""
     from ferkit.training.trainer import train
 
     run_dir = Path(sweep_dir) / trial_name(i)
     status = trial_status(run_dir)
     if status == "partial":
-        train(resume=run_dir, data=data, stop_after_epochs=stop_after_epochs, changes={"progress": progress})
+        train(resume=run_dir, data=data, stop_after_epochs=stop_after_epochs,
+              changes=None if progress is None else {"progress": progress})
     elif status == "new":
-        cfg = TrainConfig(out_dir=str(sweep_dir), run_name=run_dir.name, progress=progress).override(
+        cfg = TrainConfig(out_dir=str(sweep_dir), run_name=run_dir.name, progress=progress is not False).override(
             [f"{k}={v}" for k, v in settings.items()])
         train(cfg, data=data, stop_after_epochs=stop_after_epochs)
     return str(run_dir)
 
 
-def attempt_trial(sweep_dir: str, i: int, settings: dict[str, str], progress: bool = False, data: Any = None,
+def attempt_trial(sweep_dir: str, i: int, settings: dict[str, str], progress: bool | None = False, data: Any = None,
                   stop_after_epochs: int | None = None) -> str | None:
     """`train_trial`, with a failure of the trial's own (it diverged, its settings do not go together, its data or
     weights cannot be read) recorded in its failed.json instead of raised. The reason, or None when it trained."""

@@ -84,8 +84,8 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
           stop_after_epochs: int | None = None, changes: dict[str, Any] | None = None) -> RunResult:
     """Train `cfg.model` on the Training split, selecting on PublicTest.
 
-    cfg: the run's configuration (ignored when resuming: the run directory's config.json is used). A new run gets
-        a directory of its own (`create_run`).
+    cfg: the configuration of a new run, which gets a directory of its own (`create_run`); not with `resume` (a
+        resumed run trains with its directory's config.json, and `changes`).
     resume: a run directory; continues from its checkpoint.pt with its saved config (from the first epoch when
         no epoch was saved yet).
     changes: when resuming, new values for RESUME_SETTINGS (threads, time_limit, early_stopping, progress), e.g. from
@@ -105,6 +105,9 @@ def train(cfg: TrainConfig | None = None, resume: str | os.PathLike | None = Non
             raise ValueError("changes apply to a resumed run; pass the settings in cfg for a new one")
         if cfg is None:
             raise ValueError("train() needs a TrainConfig or a run directory to resume")
+    elif cfg is not None:
+        raise ValueError("a resumed run trains with its saved config.json: pass resume= alone, and changes= for "
+                         f"its run settings ({', '.join(RESUME_SETTINGS)})")
     with distributed.processes() as d, contextlib.ExitStack() as stack:
         if not d.main:  # one voice: rank 0 prints (errors still reach stderr on every process)
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
