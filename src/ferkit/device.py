@@ -42,16 +42,23 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """The setting that names an autocast dtype (`resolve_precision`'s result): None -> "fp32", bf16 -> "bf16"."""
+    return next(name for name, held in PRECISIONS.items() if held == dtype)
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32."""
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if cpu_has_native_bf16() else None
-    table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in table:
-        raise ValueError(f"precision {precision!r} not in {['auto', *table]}")
-    return table[precision]
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} not in {['auto', *PRECISIONS]}")
+    return PRECISIONS[precision]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.markup import escape as literal  # help texts are Rich markup: `ferkit[onnx]` would lose "[onnx]"
@@ -29,6 +30,11 @@ LABEL_MODE_HELP = ("With --labels: majority (most-voted class) | clear (only row
                    "the votes, single votes left out: FER+'s own protocol) | soft (train on the vote distribution).")
 PRIOR_HELP = ("none | uniform: divide the scores by the class frequencies the model was trained on (FER2013: "
               "happy 25 %, disgust 1.5 %), for photos not distributed like FER2013; see docs/model-card.md.")
+# --progress/--no-progress of the commands that train: unset means bars for a new run, and a resumed run's own
+# setting (as it last had it), so resuming a run started with --no-progress under nohup writes no bars to its log.
+ProgressFlag = Annotated[bool | None, typer.Option(
+    "--progress/--no-progress", show_default=False,
+    help="Show progress bars (default: yes; a resumed run: as it last had them).")]
 PRECISION_HELP = "auto (CPU: bf16 where the CPU has it natively, else fp32; CUDA: mixed) | fp32 | bf16 | fp16."
 
 app = typer.Typer(

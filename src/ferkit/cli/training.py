@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from ferkit.cli._app import LABEL_MODE_HELP, LABELS_HELP, PRECISION_HELP, _fail, app, check_labels_options
+from ferkit.cli._app import (
+    LABEL_MODE_HELP,
+    LABELS_HELP,
+    PRECISION_HELP,
+    ProgressFlag,
+    _fail,
+    app,
+    check_labels_options,
+)
 
 TRAIN_EPILOG = """
 Examples:
@@ -110,9 +118,7 @@ def train(
     resume: Annotated[Path | None, typer.Option(
         help="Resume the run in this directory with its saved config; only --time-limit, --early-stopping, "
              "--progress/--no-progress and threads=N change.")] = None,
-    progress: Annotated[bool | None, typer.Option(
-        "--progress/--no-progress", show_default=False,
-        help="Show progress bars (default: yes; a resumed run: as it last had them).")] = None,
+    progress: ProgressFlag = None,
 ) -> None:
     """Train a model on the Training split, selecting the best epoch on PublicTest."""
     from ferkit.data import DataError
@@ -245,9 +251,7 @@ def sweep(
              "data and the sweep directory).")] = "local",
     retry_failed: Annotated[bool, typer.Option(
         help="Run the trials that failed before again (by default a failed trial counts as finished).")] = False,
-    progress: Annotated[bool | None, typer.Option(
-        "--progress/--no-progress", show_default=False,
-        help="Show progress bars (default: yes; a resumed run: as it last had them).")] = None,
+    progress: ProgressFlag = None,
 ) -> None:
     """Train every combination of some settings (grid or random search), one run per trial, and compare them."""
     import time
@@ -352,9 +356,7 @@ def reproduce(
     list_systems: Annotated[bool, typer.Option("--list", help="List the systems and their recipes.")] = False,
     report: Annotated[bool, typer.Option(
         "--report", help="Only refresh docs/results.md's table and docs/results.png from results/seeds.csv.")] = False,
-    progress: Annotated[bool | None, typer.Option(
-        "--progress/--no-progress", show_default=False,
-        help="Show progress bars (default: yes; a resumed run: as it last had them).")] = None,
+    progress: ProgressFlag = None,
     labels: Annotated[str | None, typer.Option(
         help=LABELS_HELP + " The system is then recorded as NAME_ferplus.", show_default=False)] = None,
     label_mode: Annotated[str | None, typer.Option(help=LABEL_MODE_HELP, show_default=False)] = None,

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ferkit.data import FaceData, file_sha256, get_label_set, load_dataset
 from ferkit.data.augment import augment, center_crop, normalize, resize, to_float
-from ferkit.device import autocast, resolve_device, resolve_precision
+from ferkit.device import autocast, precision_name, resolve_device, resolve_precision
 from ferkit.models import count_parameters, create_model
 from ferkit.models.finetune import parameter_groups
 from ferkit.models.predict import (
@@ -358,7 +358,7 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
     # machine, with other code or for a longer time limit keeps what each part of it ran on).
     stretch = {"started": datetime.now(UTC).isoformat(timespec="milliseconds"), "command": command_line(),
                "commit": commit, "hardware": hardware(), "device": str(device), "world_size": d.world_size,
-               "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
+               "precision": precision_name(amp_dtype),
                "first_epoch": start_epoch + 1}
     elapsed_before = elapsed
     net = model  # what the training steps call: the model, or (several processes) its DDP wrapper
@@ -829,8 +829,8 @@ def _teacher_probabilities(cfg: TrainConfig, train_set: FaceData, device: torch.
     Offline targets cost one teacher pass instead of one per epoch; under the mild augmentations used here
     (flips, small crops and shifts) a face's emotion distribution does not change, so the targets still fit.
     """
-    if resolve_weights(cfg.teacher).suffix == ".npz":
-        probs = CrossfitTargets.load(resolve_weights(cfg.teacher)).for_faces(train_set, cfg.data)
+    if (path := resolve_weights(cfg.teacher)).suffix == ".npz":
+        probs = CrossfitTargets.load(path).for_faces(train_set, cfg.data)
         print(f"distilling from the cross-fitted targets {cfg.teacher}: held-out accuracy on this run's "
               f"{len(train_set)} training faces {float((probs.argmax(1) == train_set.labels).mean()):.4f}", flush=True)
         return torch.from_numpy(probs)
