@@ -334,6 +334,28 @@ def test_git_commit_outside_git_comes_from_the_environment(tmp_path: Path, monke
     assert len(git_commit().removesuffix("-dirty")) in (0, 40)  # this checkout: its HEAD (or '' without git)
 
 
+@pytest.mark.parametrize(("text", "error"), [
+    ('{"epochs": 3}', None),
+    ("", ValueError),  # empty (a kill before the first write)
+    ('{"epochs": 3', ValueError),  # truncated
+    ("[1, 2]", ValueError),  # JSON, but not a record
+    ("NaN", ValueError),
+    ('"config"', ValueError),
+])
+def test_read_json_takes_only_a_json_object(tmp_path: Path, text: str, error: type[Exception] | None) -> None:
+    from ferkit.training.report import read_json
+
+    path = tmp_path / "manifest.json"
+    path.write_text(text)
+    if error is None:
+        assert read_json(path) == {"epochs": 3}
+    else:
+        with pytest.raises(error):
+            read_json(path)
+    with pytest.raises(OSError):
+        read_json(tmp_path / "missing.json")
+
+
 def test_unknown_device_is_a_clear_error_before_any_run_directory(tiny_csv: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=re.escape("unknown device 'gpu'; use auto | cpu | cuda | cuda:N")):
         train(small_config(tiny_csv, tmp_path / "runs", device="gpu"))

@@ -30,6 +30,7 @@ from ferkit.models.predict import model_tta, predict_proba
 from ferkit.models.weights import load_model
 from ferkit.shared_files import replacing
 from ferkit.training.config import TrainConfig, parse_holdout
+from ferkit.training.report import read_json
 
 FORMAT = "ferkit-crossfit-targets/1"
 # The settings that decide which faces a run's Training split holds, and with which labels: every run of one
@@ -169,7 +170,7 @@ def crossfit_targets(runs: Sequence[str | os.PathLike], data: str | os.PathLike 
         if not (run / weights).is_file():
             raise FileNotFoundError(f"crossfit: {run} has no {weights} (has its training ended?)")
         try:
-            cfg = TrainConfig.from_dict(_read_record(config_file))
+            cfg = TrainConfig.from_dict(read_json(config_file))
             held = parse_holdout(cfg.holdout)
         except (ValueError, TypeError) as e:  # from_dict: TypeError on a key TrainConfig does not have
             raise ValueError(f"crossfit: {config_file}: not a training config ({e})") from e
@@ -194,7 +195,7 @@ def crossfit_targets(runs: Sequence[str | os.PathLike], data: str | os.PathLike 
                            labels=first.labels or None, label_mode=first.label_mode)
     for run, _, _ in configs:
         try:  # FaceData.sha256: the data file's, or under FER+ labels a digest of file, labels, mode and label set
-            recorded = _read_record(run / "manifest.json").get("data")
+            recorded = read_json(run / "manifest.json").get("data")
         except (OSError, ValueError) as e:
             raise ValueError(f"crossfit: {run / 'manifest.json'}: cannot tell what the run trained on ({e})") from e
         trained_on = recorded.get("sha256") if isinstance(recorded, dict) else None
@@ -225,10 +226,3 @@ def crossfit_targets(runs: Sequence[str | os.PathLike], data: str | os.PathLike 
     return CrossfitTargets(probabilities, faces.rows.astype(np.int64), faces.labels.astype(np.int64),
                            list(dataset.label_set.classes), dataset.sha256, n, records)
 
-
-def _read_record(path: Path) -> dict[str, Any]:
-    """A run's JSON record (config.json, manifest.json) as a dict; ValueError when it is not one."""
-    record = json.loads(path.read_text())  # json.JSONDecodeError is a ValueError
-    if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    return record

@@ -72,6 +72,15 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A run's JSON record (config.json, manifest.json) as a dict: OSError when it cannot be read, ValueError
+    when it is not JSON (json.JSONDecodeError is one) or not an object."""
+    record = json.loads(Path(path).read_text())
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
 def plot_curves(history: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
     """Loss and accuracy per epoch, train vs PublicTest, as a two-panel PNG (from metrics.csv's rows: numbers,
     and val_weights's name)."""

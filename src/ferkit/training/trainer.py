@@ -45,7 +45,15 @@ from ferkit.shared_files import claimed, replacing, write_rows
 from ferkit.training import distributed, levers
 from ferkit.training.config import RESUME_SETTINGS, TrainConfig
 from ferkit.training.crossfit import CrossfitTargets, offline_view, training_faces
-from ferkit.training.report import command_line, git_commit, hardware, library_versions, plot_curves, write_json
+from ferkit.training.report import (
+    command_line,
+    git_commit,
+    hardware,
+    library_versions,
+    plot_curves,
+    read_json,
+    write_json,
+)
 
 # val_weights: the weights PublicTest evaluated (and best/last saved): 'raw' (the trained weights), or the average
 # that `average` keeps ('ema', 'swa'; SWA's first epochs, before it averages anything, are 'raw').
@@ -235,7 +243,7 @@ def _read_run(run_dir: Path, changes: dict[str, Any] | None) -> tuple[TrainConfi
     its metrics rows up to that checkpoint; a damaged file is a TrainingError naming it."""
     config_path, ckpt_path = run_dir / "config.json", run_dir / "checkpoint.pt"
     try:
-        cfg = TrainConfig.from_dict(_read_json(config_path))
+        cfg = TrainConfig.from_dict(read_json(config_path))
         cfg.validate()
     except (OSError, ValueError, TypeError, AttributeError) as e:
         raise TrainingError(f"cannot resume {run_dir}: its config.json is missing or damaged ({e}); manifest.json "
@@ -779,7 +787,7 @@ def _start_weights(cfg: TrainConfig, resumed: Path | None = None) -> dict[str, d
         path = resolve_weights(spec)
         if key == "init_weights" and resumed is not None:
             with contextlib.suppress(OSError, ValueError, AttributeError):  # no manifest.json: checked as new
-                if isinstance(record := _read_json(resumed / "manifest.json").get(key), dict):
+                if isinstance(record := read_json(resumed / "manifest.json").get(key), dict):
                     found[key] = record
                     continue
             if not path.is_file():  # the record is lost too; the checkpoint holds what training goes on from
@@ -943,10 +951,9 @@ def _write_manifest(run_dir: Path, cfg: TrainConfig, data: FaceData, commit: str
     # What earlier calls recorded, as far as it is intact: a manifest edited by hand (even into something that is
     # not JSON) must not stop a run that resumes; it is rewritten whole here.
     try:
-        previous = _read_json(manifest_path) if manifest_path.is_file() else {}
+        previous = read_json(manifest_path) if manifest_path.is_file() else {}
     except (OSError, ValueError):
         previous = {}
-    previous = previous if isinstance(previous, dict) else {}
     commands, commits, stretches = (_entries(previous, key, kind) for key, kind in
                                     (("commands", str), ("git_commits", str), ("stretches", dict)))
     if stretch is not None:
@@ -1011,8 +1018,3 @@ def _public_test(net: torch.nn.Module, val_set: FaceData, input_size: int, cfg: 
     acc = float((probs.argmax(1) == val_set.labels).mean())
     return acc, float(-np.log(probs[np.arange(len(probs)), val_set.labels].clip(1e-12)).mean())
 
-
-def _read_json(path: Path) -> dict:
-    import json
-
-    return json.loads(Path(path).read_text())
