@@ -56,7 +56,8 @@ def test_end_to_end_pack_holds_what_the_jobs_wrote(tmp_path: Path, monkeypatch: 
     os.utime(work / "results" / "old.csv", (old_time, old_time))
     monkeypatch.chdir(work)
     job = ("ferkit models --markdown > results/models.md && mkdir -p runs/r && echo w > runs/r/best.safetensors "
-           "&& echo c > runs/r/checkpoint.pt && echo $FERKIT_GIT_COMMIT > results/commit.txt")
+           "&& echo c > runs/r/checkpoint.pt && echo v > runs/r/teacher_views.pt "
+           "&& echo $FERKIT_GIT_COMMIT > results/commit.txt")
     out = tmp_path / "out"
     rc = device_batch.main([job, "--deadline", "120", "--out", str(out), "--commit", "abc123"])
     assert rc == 0
@@ -67,6 +68,7 @@ def test_end_to_end_pack_holds_what_the_jobs_wrote(tmp_path: Path, monkeypatch: 
         assert tar.extractfile("results/commit.txt").read().decode().strip() == "abc123"
         assert "frivas_cnn3" in tar.extractfile("results/models.md").read().decode()
     assert "runs/r/best.safetensors" in names and "runs/r/checkpoint.pt" not in names
+    assert "runs/r/teacher_views.pt" not in names  # a resume file of 1 GB and more (distill_view=cached)
     assert "results/old.csv" not in names  # unchanged files stay out of the pack
     summary = json.loads((out / "summary.json").read_text())
     assert summary["commit"] == "abc123" and summary["jobs"][0]["returncode"] == 0

@@ -520,6 +520,143 @@ def test_online_distillation_refuses_bad_settings(tiny_csv: Path, tmp_path: Path
     assert result.exit_code == 2 and "distill_view" in result.output, result.output
 
 
+def test_cached_distillation_trains_on_stored_views_against_the_teacher_on_each(
+        tiny_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # distill_view=cached: the teacher runs distill_views passes over the faces before the first epoch and never
+    # again; every step trains on one stored view per face and aims at the teacher's probabilities on that very
+    # view (untempered without mixing); a resume finds the saved views instead of running the teacher again and
+    # continues exactly.
+    from ferkit.models.predict import predict_batch
+    from ferkit.training import teacher_views
+
+    teacher_path = tmp_path / "teacher.safetensors"
+    teacher = save_teacher(teacher_path)
+    built: list[tuple[torch.Tensor, torch.Tensor]] = []
+    drawn: list[tuple[torch.Tensor, torch.Tensor]] = []
+    losses: list[tuple[torch.Tensor, bool]] = []
+    real_build, real_draw, real_loss = teacher_views.build, teacher_views.draw, trainer.distillation_loss
+
+    def build(*args, **kwargs):
+        built.append(real_build(*args, **kwargs))
+        return built[-1]
+
+    def draw(*args):
+        drawn.append(real_draw(*args))
+        return drawn[-1]
+
+    def distillation_loss(student, targets, temperature, tempered=False):
+        losses.append((targets, tempered))
+        return real_loss(student, targets, temperature, tempered=tempered)
+
+    def no_augment(*args, **kwargs):
+        raise AssertionError("a cached run augmented a batch")
+
+    monkeypatch.setattr(teacher_views, "build", build)
+    monkeypatch.setattr(teacher_views, "draw", draw)
+    monkeypatch.setattr(trainer, "distillation_loss", distillation_loss)
+    monkeypatch.setattr(trainer, "augment", no_augment)
+    settings = dict(teacher=str(teacher_path), distill_view="cached", distill_views=3, epochs=2)
+    full = train(small_config(tiny_csv, tmp_path / "full", **settings))
+    assert len(built) == 1 and len(drawn) == len(losses) == 2 * STEPS_PER_EPOCH
+    views, probs = built[0]
+    assert views.dtype == torch.uint8 and views.shape == (3, 70, 1, 48, 48) and probs.shape == (3, 70, 7)
+    assert not torch.equal(views[0], views[1])  # three augmentations, not one face three times
+    # The teacher scored the stored (uint8) faces, which are what the student gets.
+    torch.testing.assert_close(probs[1, :10], predict_batch(teacher, normalize(views[1, :10].float() / 255), "none",
+                                                            48), rtol=1e-5, atol=1e-6)
+    for (x, given), (targets, tempered) in zip(drawn, losses, strict=True):
+        assert not tempered and torch.equal(targets, given)
+        torch.testing.assert_close(given, predict_batch(teacher, normalize(x), "none", 48), rtol=1e-5, atol=1e-6)
+    assert not (full.run_dir / teacher_views.FILE_NAME).exists()  # kept for resuming only: gone when the run ends
+    killed = train(small_config(tiny_csv, tmp_path / "resumed", **settings), stop_after_epochs=1)
+    assert (killed.run_dir / teacher_views.FILE_NAME).is_file()
+    built.clear()
+    assert without_timing(train(resume=killed.run_dir).history) == without_timing(full.history)
+    assert built == []  # the resume read the saved views
+    assert not (killed.run_dir / teacher_views.FILE_NAME).exists()
+    assert json.loads((full.run_dir / "config.json").read_text())["distill_views"] == 3
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "other_key", "nan", "not_a_dict"])
+def test_cached_views_file_that_does_not_fit_is_built_again(tiny_csv: Path, tmp_path: Path, damage: str,
+                                                           capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # The saved views are a resume's shortcut, not a record: a damaged one, or one made for another teacher,
+    # augmentation or seed, is rebuilt (and the run's result is the same as without it).
+    from ferkit.training import teacher_views
+
+    teacher_path = tmp_path / "teacher.safetensors"
+    save_teacher(teacher_path)
+    settings = dict(teacher=str(teacher_path), distill_view="cached", distill_views=2, epochs=2)
+    full = train(small_config(tiny_csv, tmp_path / "full", **settings))
+    killed = train(small_config(tiny_csv, tmp_path / "resumed", **settings), stop_after_epochs=1)
+    path = killed.run_dir / teacher_views.FILE_NAME
+    good = torch.load(path, weights_only=True)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "other_key":
+        torch.save({**good, "key": "0" * 64}, path)
+    elif damage == "nan":
+        torch.save({**good, "probs": good["probs"] * float("nan")}, path)
+    else:
+        torch.save([good["views"]], path)
+    rebuilt: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real_build = teacher_views.build
+
+    def build(*args, **kwargs):
+        rebuilt.append(real_build(*args, **kwargs))
+        return rebuilt[-1]
+
+    monkeypatch.setattr(teacher_views, "build", build)
+    capsys.readouterr()
+    assert without_timing(train(resume=killed.run_dir).history) == without_timing(full.history)
+    assert "building them again" in capsys.readouterr().out
+    assert len(rebuilt) == 1 and torch.equal(rebuilt[0][0], good["views"])
+
+
+def test_cached_distillation_refuses_bad_settings(tiny_csv: Path, tmp_path: Path) -> None:
+    for bad in (0, -1, 65, 1.5, True, "8", None, float("nan")):
+        with pytest.raises(ValueError, match="distill_views"):
+            TrainConfig(teacher="t.safetensors", distill_view="cached", distill_views=bad).validate()  # type: ignore
+    for value in ("0", "100000", "nan", "many"):
+        result = CliRunner().invoke(app, ["train", "--data", str(tiny_csv), "--out", str(tmp_path / "cli"),
+                                          "--no-progress", "distill_view=cached", f"distill_views={value}"])
+        assert result.exit_code == 2 and "distill_views" in result.output, result.output
+    # Cross-fitted targets are predictions on the plain faces: nothing to run on augmented views.
+    targets = tmp_path / "cf.npz"
+    np.savez(targets, probabilities=np.full((70, 7), 1 / 7))
+    with pytest.raises(ValueError, match="use distill_view=offline"):
+        train(small_config(tiny_csv, tmp_path / "runs", teacher=str(targets), distill_view="cached"))
+    crop_teacher = tmp_path / "crop.safetensors"  # a crop teacher would score the student's whole faces
+    save_teacher(crop_teacher, train_view="crop")
+    with pytest.raises(ValueError, match=r"sees crops .*distill_view=cached feeds the teacher"):
+        train(small_config(tiny_csv, tmp_path / "runs", teacher=str(crop_teacher), distill_view="cached"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cached_views_are_the_same_for_every_call_and_differ_by_seed() -> None:
+    from ferkit.data.augment import AugmentConfig
+    from ferkit.training import teacher_views
+
+    faces = torch.randint(0, 256, (20, 48, 48), dtype=torch.uint8)
+
+    def uniform(x: torch.Tensor) -> torch.Tensor:
+        return torch.full((len(x), 7), 1 / 7)
+
+    a = teacher_views.build(faces, 2, AugmentConfig(), 48, 0, 0, uniform, batch_size=8)
+    b = teacher_views.build(faces, 2, AugmentConfig(), 48, 0, 0, uniform, batch_size=8)
+    c = teacher_views.build(faces, 2, AugmentConfig(), 48, 0, 1, uniform, batch_size=8)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
+    crops = teacher_views.build(faces, 1, AugmentConfig(), 58, 48, 0, uniform)[0]
+    assert crops.shape == (1, 20, 1, 48, 48)
+    with pytest.raises(ValueError, match="not finite"):
+        teacher_views.build(faces, 1, AugmentConfig(), 48, 0, 0, lambda x: uniform(x) * float("nan"))
+    with pytest.raises(ValueError, match="distill_views"):
+        teacher_views.build(faces, 0, AugmentConfig(), 48, 0, 0, uniform)
+
+
 # ---- composition with the other options ----------------------------------------------------------------------
 
 
@@ -721,10 +858,11 @@ def test_lever_settings_on_the_command_line_and_in_sweeps(tiny_csv: Path, tmp_pa
     (dict(swa_start=0.5, average="ema"), "swa_start=0.5 does nothing with average=ema (it is average=swa's)"),
     (dict(mix_prob=0.5), "mix_prob=0.5 does nothing with mixup_alpha=0 and cutmix_alpha=0 (mixing is off)"),
     (dict(distill_view="online"), "distill_view=online does nothing without a teacher (distillation is off)"),
+    (dict(distill_views=4), "distill_views=4 does nothing without a teacher and distill_view=cached"),
     (dict(sam_rho=0.05, sam_adaptive=True, average="ema", ema_decay=0.99, mixup_alpha=0.2, mix_prob=0.5), None),
     (dict(average="swa", swa_start=0.5, cutmix_alpha=1.0, mix_prob=0.0), None),
-], ids=["sam_adaptive", "ema_decay", "ema_decay_swa", "swa_start", "mix_prob", "distill_view", "in_use",
-        "in_use_swa"])
+], ids=["sam_adaptive", "ema_decay", "ema_decay_swa", "swa_start", "mix_prob", "distill_view", "distill_views",
+        "in_use", "in_use_swa"])
 def test_lever_settings_that_do_nothing_are_noted(tiny_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                                   settings: dict, note: str | None) -> None:
     train(small_config(tiny_csv, tmp_path, epochs=1, limit_train=16, **settings))

@@ -30,6 +30,7 @@ Examples:
   ferkit train --data fer2013.csv.gz --model mini_xception teacher=runs/<big>/best.safetensors \\
       distill_weight=0.7 distill_temperature=4       (knowledge distillation from a trained model;
       distill_view=online runs the teacher on every augmented batch instead of once on the plain faces;
+      distill_view=cached distill_views=16 runs it once on 16 stored augmentations of each face;
       teacher=T.npz distils from cross-fitted targets: see `ferkit crossfit --help`)
 
   ferkit train --data fer2013.csv.gz --model ferkit_vgg_s --average ema --sam-rho 0.05 \\

@@ -10,12 +10,13 @@ from typing import Any
 
 from ferkit.data.augment import AugmentConfig
 from ferkit.data.ferplus import MODES as LABEL_MODES
+from ferkit.training.teacher_views import MAX_VIEWS
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 TRAIN_VIEWS = ("resize", "crop")
 SCHEDULES = ("none", "step", "plateau", "cosine", "onecycle")
 AVERAGES = ("none", "ema", "swa")
-DISTILL_VIEWS = ("offline", "online")
+DISTILL_VIEWS = ("offline", "online", "cached")
 MAX_FOLDS = 100  # holdout=K/N: more folds than this leave each run all but a sliver of the faces
 # Settings that say how a run trains on this machine and for how long, not what it learns: a resumed run may
 # change them (more threads on a freer machine, a longer time limit to finish a run that used up its own, more
@@ -69,6 +70,11 @@ class TrainConfig:
     # every training batch as the student sees it (augmented, mixed), a teacher forward pass per step: its answers
     # on fresh augmentations and mixed faces, where offline targets on its own training faces are near its labels.
     distill_view: str = "offline"
+    # cached: online's targets at about offline's cost (ferkit.training.teacher_views): each training face augmented
+    # `distill_views` times once, the teacher run once on each view, and every epoch the student trains on one of
+    # its face's views, drawn at random, against the teacher's answer for it. uint8 views: views x faces x size^2
+    # bytes of memory (FER2013 at 16 views: 1.06 GB), kept in the run directory for resuming.
+    distill_views: int = 16
     # Start from a trained model's weights (same model, model_kwargs and classes) instead of a random init:
     # fine-tuning, or continuing a model's training with a new teacher or schedule. Or from a user's timm or
     # torchvision state dict (.safetensors, or .pth read with weights_only=True): RGB stem kernels summed to
@@ -189,6 +195,10 @@ class TrainConfig:
             raise ValueError("distill_weight must be in [0, 1] and distill_temperature > 0")
         if self.distill_view not in DISTILL_VIEWS:
             raise ValueError(f"distill_view {self.distill_view!r} not in {DISTILL_VIEWS}")
+        if (isinstance(self.distill_views, bool) or not isinstance(self.distill_views, int)
+                or not 1 <= self.distill_views <= MAX_VIEWS):
+            raise ValueError(f"distill_views must be a whole number of views per face in 1..{MAX_VIEWS}, "
+                             f"got {self.distill_views!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be at least 1")
         if not (math.isfinite(self.backbone_lr_scale) and self.backbone_lr_scale >= 0):

@@ -39,6 +39,8 @@ def ignored_settings(cfg: TrainConfig) -> list[str]:
             notes.append(f"{setting(name)} does nothing with average={cfg.average} (it is average={average}'s)")
     if cfg.distill_view != default.distill_view and not cfg.teacher:
         notes.append(f"{setting('distill_view')} does nothing without a teacher (distillation is off)")
+    if cfg.distill_views != default.distill_views and not (cfg.teacher and cfg.distill_view == "cached"):
+        notes.append(f"{setting('distill_views')} does nothing without a teacher and distill_view=cached")
     if cfg.mix_prob != default.mix_prob and cfg.mixup_alpha <= 0 and cfg.cutmix_alpha <= 0:
         notes.append(f"{setting('mix_prob')} does nothing with mixup_alpha=0 and cutmix_alpha=0 (mixing is off)")
     return notes

@@ -42,7 +42,7 @@ from ferkit.models.predict import (
 from ferkit.models.pretrained import check_pretrained, is_ferkit_weights, load_pretrained
 from ferkit.models.weights import SHIPPED_MODELS, load_model, read_metadata, resolve_weights, save_weights
 from ferkit.shared_files import claimed, replacing, write_rows
-from ferkit.training import distributed, levers
+from ferkit.training import distributed, levers, teacher_views
 from ferkit.training.config import RESUME_SETTINGS, TrainConfig
 from ferkit.training.crossfit import CrossfitTargets, offline_view, training_faces
 from ferkit.training.report import (
@@ -325,8 +325,9 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
         counts = np.bincount(train_set.labels, minlength=num_classes).clip(min=1)
         class_weight = torch.tensor(len(train_set) / (num_classes * counts), dtype=torch.float32, device=device)
     online = bool(cfg.teacher) and cfg.distill_view == "online"
+    cached = bool(cfg.teacher) and cfg.distill_view == "cached"  # views and their targets: built before epoch 1
     teacher_probs = (_teacher_probabilities(cfg, train_set, device).to(device)
-                     if cfg.teacher and not online else None)
+                     if cfg.teacher and cfg.distill_view == "offline" else None)
     online_teacher = _online_teacher(cfg, device, amp_dtype) if online else None
     if teacher_probs is not None and levers.mixes(cfg):
         # The distillation targets are tempered distributions, and a mixed batch mixes its faces' targets: tempered
@@ -409,6 +410,18 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
     # not train on.
     finished = _stop_reason(cfg, stale, elapsed) is not None
     checked = step  # the last step whose loss was checked finite
+    views = None  # distill_view=cached: (views, faces) uint8 training faces; teacher_probs then (views, faces, C)
+    if cached and not finished:
+        teacher_key = teacher_views.view_key(
+            teacher_sha256=start_weights["teacher"]["sha256"] or "", count=cfg.distill_views, seed=cfg.seed,
+            augment_cfg=cfg.augment, face_size=face_size, crop=crop, faces=train_images)
+        views, teacher_probs = teacher_views.load_or_build(
+            run_dir, teacher_key, functools.partial(
+                teacher_views.build, train_images, cfg.distill_views, cfg.augment, face_size, crop, cfg.seed,
+                _online_teacher(cfg, device, amp_dtype), progress=cfg.progress and d.main),
+            device, save=d.main)
+        if mixing:  # tempered before mixing, as offline targets are (above)
+            teacher_probs = temper(teacher_probs, cfg.distill_temperature)
     for epoch in range(start_epoch, start_epoch if finished else cfg.epochs):
         t0 = time.perf_counter()
         net.train()
@@ -421,11 +434,13 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
                    disable=not cfg.progress, dynamic_ncols=True, leave=False)
         for b in bar:
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            x = resize(to_float(train_images[idx]), face_size)
-            x = augment(x, cfg.augment, gen, crop=crop)
             # What the loss aims at for these faces: their targets and (distillation) the teacher's probabilities.
             targets = train_targets[idx]
-            teacher = teacher_probs[idx] if teacher_probs is not None else None
+            if views is not None:  # cached: one of each face's augmented views, and the teacher's answer on it
+                x, teacher = teacher_views.draw(views, teacher_probs, idx, gen)
+            else:
+                x = augment(resize(to_float(train_images[idx]), face_size), cfg.augment, gen, crop=crop)
+                teacher = teacher_probs[idx] if teacher_probs is not None else None
             if mixing:  # as distributions, mixed on the whole batch before any process takes its share
                 x, targets, teacher, _ = levers.mix_batch(x, levers.as_distribution(targets, num_classes), teacher,
                                                           cfg, gen)
@@ -545,6 +560,10 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
         if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
             break
 
+    if views is not None and d.main and (len(history) >= cfg.epochs or _stop_reason(cfg, stale, elapsed)):
+        # The run is over: its views (a GB and more) were only kept to resume it; a longer early-stopping patience
+        # given to a resume later builds them again.
+        (run_dir / teacher_views.FILE_NAME).unlink(missing_ok=True)
     print(f"best PublicTest accuracy {best_acc:.4f} at epoch {best_epoch}; weights: {run_dir / 'best.safetensors'}",
           flush=True)
     return RunResult(run_dir, best_acc, best_epoch, len(history), history)
@@ -665,7 +684,7 @@ def _share_loss(cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor, c
         # Offline targets of mixed batches were tempered before they were mixed (see _train); online ones are the
         # teacher's probabilities on the mixed faces themselves.
         kl = distillation_loss(logits, teacher_probs[share], cfg.distill_temperature,
-                               tempered=levers.mixes(cfg) and cfg.distill_view == "offline") * (len(share) / len(batch))
+                               tempered=levers.mixes(cfg) and cfg.distill_view != "online") * (len(share) / len(batch))
         loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kl
     return loss * d.world_size
 
@@ -798,9 +817,10 @@ def _start_weights(cfg: TrainConfig, resumed: Path | None = None) -> dict[str, d
             raise FileNotFoundError(f"{key} {spec}: no such weights file (nor a shipped model: "
                                     f"{', '.join(SHIPPED_MODELS)})")
         if key == "teacher" and path.suffix == ".npz":  # cross-fitted targets (ferkit crossfit), not a network
-            if cfg.distill_view == "online":
+            if cfg.distill_view != "offline":
                 raise ValueError(f"teacher {spec} holds predictions on the plain training faces, not a network to "
-                                 "run on each batch: use distill_view=offline with it")
+                                 f"run on augmented faces (distill_view={cfg.distill_view}): use "
+                                 "distill_view=offline with it")
             if (held := CrossfitTargets.load(path).classes) != classes:
                 raise ValueError(f"teacher {spec} predicts {held}, but this run trains {classes}")
             found[key] = {"path": spec, "sha256": file_sha256(path)}
@@ -816,7 +836,7 @@ def _start_weights(cfg: TrainConfig, resumed: Path | None = None) -> dict[str, d
             raise ValueError(f"{key} {spec}: not a ferkit weights file ({e})") from e
         if key == "teacher" and list(meta.get("classes", [])) != classes:
             raise ValueError(f"teacher {spec} predicts {meta.get('classes')}, but this run trains {classes}")
-        if key == "teacher" and cfg.distill_view == "online":
+        if key == "teacher" and cfg.distill_view != "offline":  # online or cached: it sees the student's faces
             _check_online_teacher(cfg, spec, model_tta("auto", meta))
         if key == "init_weights":
             held = (meta.get("model"), meta.get("model_kwargs", {}), list(meta.get("classes", [])))
@@ -853,21 +873,24 @@ def _teacher_probabilities(cfg: TrainConfig, train_set: FaceData, device: torch.
 
 
 def _check_online_teacher(cfg: TrainConfig, spec: str, view: str) -> None:
-    """distill_view=online feeds the teacher the student's own training faces, so both must see faces alike: whole
-    faces (train_view=resize) for a teacher whose view is the whole face, input-size crops (train_view=crop) for
-    one whose view is a crop (crop-trained weights, an ensemble fitted under center or tencrop)."""
+    """distill_view=online (and cached) feeds the teacher the student's own training faces, so both must see faces
+    alike: whole faces (train_view=resize) for a teacher whose view is the whole face, input-size crops
+    (train_view=crop) for one whose view is a crop (crop-trained weights, an ensemble fitted under center or
+    tencrop)."""
     teacher_crops, student_crops = view in CROP_MODES, cfg.train_view == "crop"
     if teacher_crops != student_crops:
         seen = {True: "crops", False: "whole faces"}
         raise ValueError(f"teacher {spec} sees {seen[teacher_crops]} ({view} view), but this run trains on "
-                         f"{seen[student_crops]} (train_view={cfg.train_view}): distill_view=online feeds the teacher "
-                         "the student's faces; use distill_view=offline, or a teacher trained as this run trains")
+                         f"{seen[student_crops]} (train_view={cfg.train_view}): distill_view={cfg.distill_view} "
+                         "feeds the teacher the student's faces; use distill_view=offline, or a teacher trained as "
+                         "this run trains")
 
 
 def _online_teacher(cfg: TrainConfig, device: torch.device,
                     amp_dtype: torch.dtype | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """distill_view=online: a function from a batch of training faces as the student gets them (augmented,
-    mixed; float (B, 1, S, S) in [0, 1], not normalized) to the teacher's probabilities on them, (B, C), under
+    """distill_view=online (cached: on each stored view): a function from a batch of training faces as the student
+    gets them (augmented, mixed; float (B, 1, S, S) in [0, 1], not normalized) to the teacher's probabilities on
+    them, (B, C), under
     the teacher's own view: a saved ensemble's fitted mode, or none (no flip averaging: the batches are flipped at
     random already); a crop teacher's crops are the student's crops (`_check_online_teacher`), fed as they are.
     In bf16 when the run trains in it, else fp32 (fp16 logits can overflow, and a NaN target would read as
@@ -877,8 +900,9 @@ def _online_teacher(cfg: TrainConfig, device: torch.device,
     size, norm, view = meta["input_size"], meta.get("normalize", "dataset"), model_tta("auto", meta)
     view = "none" if view in CROP_MODES else view
     dtype = amp_dtype if amp_dtype == torch.bfloat16 else None
-    print(f"distilling from {cfg.teacher} ({meta['model']}) online: the teacher runs on every training batch "
-          f"({view} view)", flush=True)
+    when = ("online: the teacher runs on every training batch" if cfg.distill_view == "online" else
+            f"from {cfg.distill_views} cached views of each training face: the teacher runs on each once")
+    print(f"distilling from {cfg.teacher} ({meta['model']}) {when} ({view} view)", flush=True)
 
     def probabilities(x: torch.Tensor) -> torch.Tensor:
         return predict_batch(teacher, normalize(resize(x, size), norm), view, size, dtype).float()
