@@ -167,6 +167,44 @@ def test_a_killed_two_process_run_resumes_to_the_same_result(data: Path, two_pro
     assert json.loads((run / "manifest.json").read_text())["world_size"] == 2
 
 
+def test_two_processes_distil_from_cached_views_as_one_process(data: Path, tmp_path: Path) -> None:
+    # distill_view=cached under torchrun: rank 0 builds the views and saves them while the other process waits,
+    # the other reads them (the teacher runs once, not once per process), and the run is the one-process run.
+    from ferkit.data import get_label_set
+    from ferkit.models import create_model
+    from ferkit.models.weights import save_weights
+
+    teacher = tmp_path / "teacher.safetensors"
+    torch.manual_seed(0)
+    save_weights(create_model("sixclass_cnn4", num_classes=7).eval(), teacher,
+                 {"model": "sixclass_cnn4", "num_classes": 7, "label_set": "fer7", "input_size": 48,
+                  "classes": list(get_label_set("fer7").classes), "normalize": "dataset", "model_kwargs": {}})
+    cached = {"teacher": str(teacher), "distill_view": "cached", "distill_views": 2, "mixup_alpha": 0.4}
+    worker = tmp_path / "views_worker.py"
+    worker.write_text(cli_worker("""
+        from ferkit.training import teacher_views
+
+        build, builds = teacher_views.build, []
+
+        def counted_build(*args, **kwargs):
+            builds.append(1)
+            return build(*args, **kwargs)
+
+        teacher_views.build = counted_build
+    """, records="builds"))
+    args = [*train_cli(data, tmp_path / "two", "--name", "two"), *flags(cached)][2:]  # without "-m ferkit"
+    two = torchrun(2, [str(worker), *args], cwd=tmp_path)
+    assert two.returncode == 0, two.stdout[-4000:]
+    assert [json.loads((tmp_path / f"builds{rank}.json").read_text()) for rank in (0, 1)] == [[1], []]
+    one = train(TrainConfig(data=str(data), out_dir=str(tmp_path), run_name="one", progress=False,
+                            **SETTINGS, **cached))
+    two_w, one_w = load_file(str(tmp_path / "two" / "two" / "last.safetensors")), load_file(
+        str(one.run_dir / "last.safetensors"))
+    for k, v in one_w.items():
+        torch.testing.assert_close(two_w[k], v, rtol=1e-4, atol=1e-6, msg=k)
+    assert not (tmp_path / "two" / "two" / "teacher_views.pt").exists()  # the run is over
+
+
 def test_resuming_under_another_number_of_processes_is_refused(two_process_run: Path, tmp_path: Path) -> None:
     run = shutil.copytree(two_process_run, tmp_path / "copy")
     before = (run / "checkpoint.pt").read_bytes()

@@ -533,6 +533,7 @@ def test_cached_distillation_trains_on_stored_views_against_the_teacher_on_each(
     teacher = save_teacher(teacher_path)
     built: list[tuple[torch.Tensor, torch.Tensor]] = []
     drawn: list[tuple[torch.Tensor, torch.Tensor]] = []
+    picked: list[tuple[torch.Tensor, torch.Tensor]] = []  # (faces drawn, their batch)
     losses: list[tuple[torch.Tensor, bool]] = []
     real_build, real_draw, real_loss = teacher_views.build, teacher_views.draw, trainer.distillation_loss
 
@@ -542,6 +543,7 @@ def test_cached_distillation_trains_on_stored_views_against_the_teacher_on_each(
 
     def draw(*args):
         drawn.append(real_draw(*args))
+        picked.append((args[2], drawn[-1][0]))
         return drawn[-1]
 
     def distillation_loss(student, targets, temperature, tempered=False):
@@ -567,6 +569,14 @@ def test_cached_distillation_trains_on_stored_views_against_the_teacher_on_each(
     for (x, given), (targets, tempered) in zip(drawn, losses, strict=True):
         assert not tempered and torch.equal(targets, given)
         torch.testing.assert_close(given, predict_batch(teacher, normalize(x), "none", 48), rtol=1e-5, atol=1e-6)
+    # Each face of a batch is one of that face's own views, and every view gets drawn.
+    drawn_views = set()
+    for idx, x in picked:
+        stored = views[:, idx].float() / 255  # (views, B, 1, S, S)
+        match = (stored == x[None]).flatten(2).all(-1)  # (views, B): which view each row is
+        assert match.any(0).all()
+        drawn_views |= set(match.float().argmax(0).tolist())
+    assert drawn_views == {0, 1, 2}
     assert not (full.run_dir / teacher_views.FILE_NAME).exists()  # kept for resuming only: gone when the run ends
     killed = train(small_config(tiny_csv, tmp_path / "resumed", **settings), stop_after_epochs=1)
     assert (killed.run_dir / teacher_views.FILE_NAME).is_file()
@@ -575,6 +585,55 @@ def test_cached_distillation_trains_on_stored_views_against_the_teacher_on_each(
     assert built == []  # the resume read the saved views
     assert not (killed.run_dir / teacher_views.FILE_NAME).exists()
     assert json.loads((full.run_dir / "config.json").read_text())["distill_views"] == 3
+    stretches = json.loads((full.run_dir / "manifest.json").read_text())["stretches"]
+    assert stretches[0]["teacher_views_seconds"] >= 0
+    train(resume=full.run_dir)  # a run that is over: nothing to train, no views to build
+    assert built == []
+
+
+def test_cached_distillation_with_mixing_mixes_tempered_distributions(tiny_csv: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # Mixed batches aim at the mix of their faces' tempered targets, as offline: each target a distribution over
+    # the classes (tempering the (views, faces, C) table over any other axis would not sum to 1).
+    losses: list[tuple[torch.Tensor, bool]] = []
+    real_loss = trainer.distillation_loss
+
+    def distillation_loss(student, targets, temperature, tempered=False):
+        losses.append((targets, tempered))
+        return real_loss(student, targets, temperature, tempered=tempered)
+
+    monkeypatch.setattr(trainer, "distillation_loss", distillation_loss)
+    teacher_path = tmp_path / "teacher.safetensors"
+    save_teacher(teacher_path)
+    train(small_config(tiny_csv, tmp_path, teacher=str(teacher_path), distill_view="cached", distill_views=2,
+                       mixup_alpha=0.4, epochs=1))
+    assert len(losses) == STEPS_PER_EPOCH
+    for targets, tempered in losses:
+        assert tempered
+        torch.testing.assert_close(targets.sum(-1), torch.ones(len(targets)))
+
+
+def test_cached_views_that_cannot_be_saved_or_would_not_fit(tiny_csv: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from ferkit.training import teacher_views
+
+    teacher_path = tmp_path / "teacher.safetensors"
+    save_teacher(teacher_path)
+    settings = dict(teacher=str(teacher_path), distill_view="cached", distill_views=2, epochs=1)
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: (full_disk if "teacher_views" in str(f) else
+                                                                 real_save)(obj, f, *a, **k))
+    result = train(small_config(tiny_csv, tmp_path / "disk", **settings))  # the views are a shortcut: it trains
+    assert len(result.history) == 1 and "not saved" in capsys.readouterr().out
+    assert not list(result.run_dir.glob("teacher_views*"))
+    monkeypatch.setattr(teacher_views, "MAX_BYTES", 2 * 70 * 48 * 48 - 1)
+    with pytest.raises(ValueError, match=r"distill_views=2: 2 views of 70 faces at 48x48 need"):
+        train(small_config(tiny_csv, tmp_path / "big", **settings))
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "other_key", "nan", "not_a_dict"])

@@ -43,7 +43,9 @@ CHUNK_BYTES = 15 * 2**20  # under the 16 MiB a file coming back may have
 MAX_CHUNKS = 7  # 8 files may come back: the chunks and summary.json
 PACK_BUDGET_BYTES = 6 * CHUNK_BYTES  # uncompressed; weights barely compress, so leave a chunk of headroom
 PACKED_ROOTS = ("results", "docs", "runs")
-CHECKPOINT_NAMES = ("checkpoint.pt", "last.safetensors", "teacher_views.pt")  # resume files
+CHECKPOINT_NAMES = ("checkpoint.pt", "last.safetensors")
+# Never packed: distill_view=cached's views (1 GB and more) are rebuilt by a resume and never fit what comes back.
+UNPACKED_NAMES = ("teacher_views.pt",)
 LOG_ROOT = "runs/device"  # in the pack: the jobs' logs land in runs/device/batch-*/ (ignored by git) back here
 
 
@@ -117,7 +119,8 @@ def changed_files(roots: tuple[str, ...], since: float, keep_checkpoints: bool) 
     found = []
     for root in roots:
         for path in sorted(Path(root).rglob("*")):
-            if not path.is_file() or path.stat().st_mtime < since or ".tmp" in path.name:
+            if (not path.is_file() or path.stat().st_mtime < since or ".tmp" in path.name
+                    or path.name in UNPACKED_NAMES):
                 continue
             if not keep_checkpoints and (path.name in CHECKPOINT_NAMES or "snapshots" in path.parts):
                 continue
@@ -181,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "device-out")),
                     help="where the chunks and summary.json go (default $OUT)")
     ap.add_argument("--keep-checkpoints", action="store_true",
-                    help="also pack checkpoint.pt, last.safetensors, teacher_views.pt and snapshots/ (to resume "
-                         "elsewhere)")
+                    help="also pack checkpoint.pt, last.safetensors and snapshots/ (to resume elsewhere)")
     args = ap.parse_args(argv)
 
     started = time.time()

@@ -411,15 +411,12 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
     finished = _stop_reason(cfg, stale, elapsed) is not None
     checked = step  # the last step whose loss was checked finite
     views = None  # distill_view=cached: (views, faces) uint8 training faces; teacher_probs then (views, faces, C)
-    if cached and not finished:
-        teacher_key = teacher_views.view_key(
-            teacher_sha256=start_weights["teacher"]["sha256"] or "", count=cfg.distill_views, seed=cfg.seed,
-            augment_cfg=cfg.augment, face_size=face_size, crop=crop, faces=train_images)
-        views, teacher_probs = teacher_views.load_or_build(
-            run_dir, teacher_key, functools.partial(
-                teacher_views.build, train_images, cfg.distill_views, cfg.augment, face_size, crop, cfg.seed,
-                _online_teacher(cfg, device, amp_dtype), progress=cfg.progress and d.main),
-            device, save=d.main)
+    if cached and not finished and start_epoch < cfg.epochs:  # (a run over has no use for them)
+        views, teacher_probs, seconds = _cached_views(cfg, run_dir, start_weights["teacher"]["sha256"] or "",
+                                                      train_images, num_classes, face_size, crop, device,
+                                                      amp_dtype, d)
+        if seconds:  # teacher passes, not training: outside `elapsed` and time_limit, but on the record
+            stretch["teacher_views_seconds"] = round(seconds, 1)
         if mixing:  # tempered before mixing, as offline targets are (above)
             teacher_probs = temper(teacher_probs, cfg.distill_temperature)
     for epoch in range(start_epoch, start_epoch if finished else cfg.epochs):
@@ -783,8 +780,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
 
 
 def temper(probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Probabilities (N, C) at temperature T: p^(1/T) / sum, i.e. softmax(log p / T) (zeros kept at 1e-8)."""
-    return F.softmax(probs.clamp_min(1e-8).log() / temperature, dim=1)
+    """Probabilities (..., C) at temperature T: p^(1/T) / sum over the classes (the last axis), i.e.
+    softmax(log p / T) (zeros kept at 1e-8). Cached teacher views hold (views, faces, C)."""
+    return F.softmax(probs.clamp_min(1e-8).log() / temperature, dim=-1)
 
 
 def _start_weights(cfg: TrainConfig, resumed: Path | None = None) -> dict[str, dict[str, str]]:
@@ -884,6 +882,33 @@ def _check_online_teacher(cfg: TrainConfig, spec: str, view: str) -> None:
                          f"{seen[student_crops]} (train_view={cfg.train_view}): distill_view={cfg.distill_view} "
                          "feeds the teacher the student's faces; use distill_view=offline, or a teacher trained as "
                          "this run trains")
+
+
+def _cached_views(cfg: TrainConfig, run_dir: Path, teacher_sha256: str, train_images: torch.Tensor,
+                  num_classes: int, face_size: int, crop: int, device: torch.device, amp_dtype: torch.dtype | None,
+                  d: distributed.Dist) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """distill_view=cached: the run's teacher views and the teacher's probabilities on them (ferkit.training.
+    teacher_views), from the run directory or built (and saved there), and the seconds the build took. Several
+    processes: rank 0 builds and saves them while the others wait, then the others read its file (or build their
+    own, the same from the same stream, if it could not be saved)."""
+    size = crop or face_size
+    teacher_views.check_size(cfg.distill_views, len(train_images), size)
+    key = teacher_views.view_key(teacher_sha256=teacher_sha256, count=cfg.distill_views, seed=cfg.seed,
+                                 augment_cfg=cfg.augment, face_size=face_size, crop=crop, faces=train_images)
+
+    def make() -> tuple[torch.Tensor, torch.Tensor]:  # the teacher is loaded only when the views are built
+        return teacher_views.build(train_images, cfg.distill_views, cfg.augment, face_size, crop, cfg.seed,
+                                   _online_teacher(cfg, device, amp_dtype), progress=cfg.progress and d.main)
+
+    def load_or_build() -> tuple[torch.Tensor, torch.Tensor, float]:
+        return teacher_views.load_or_build(run_dir, key, (cfg.distill_views, len(train_images), num_classes, size),
+                                           make, device, save=d.main)
+
+    if not d.active:
+        return load_or_build()
+    built: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+    d.from_rank0(lambda: built.append(load_or_build()))  # the others wait here for rank 0's file
+    return built[0] if d.main else load_or_build()
 
 
 def _online_teacher(cfg: TrainConfig, device: torch.device,
