@@ -329,10 +329,6 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
     teacher_probs = (_teacher_probabilities(cfg, train_set, device).to(device)
                      if cfg.teacher and cfg.distill_view == "offline" else None)
     online_teacher = _online_teacher(cfg, device, amp_dtype) if online else None
-    if teacher_probs is not None and levers.mixes(cfg):
-        # The distillation targets are tempered distributions, and a mixed batch mixes its faces' targets: tempered
-        # once here, before any mixing (distillation_loss then takes them as they are).
-        teacher_probs = temper(teacher_probs, cfg.distill_temperature)
     optimizer = _make_optimizer(cfg, model)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     scheduler = _make_scheduler(cfg, optimizer, steps_per_epoch)
@@ -417,8 +413,10 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
                                                       amp_dtype, d)
         if seconds:  # teacher passes, not training: outside `elapsed` and time_limit, but on the record
             stretch["teacher_views_seconds"] = round(seconds, 1)
-        if mixing:  # tempered before mixing, as offline targets are (above)
-            teacher_probs = temper(teacher_probs, cfg.distill_temperature)
+    if teacher_probs is not None and mixing:  # offline or cached targets (online ones are made per batch)
+        # The distillation targets are tempered distributions, and a mixed batch mixes its faces' targets: tempered
+        # once here, before any mixing (distillation_loss then takes them as they are).
+        teacher_probs = temper(teacher_probs, cfg.distill_temperature)
     for epoch in range(start_epoch, start_epoch if finished else cfg.epochs):
         t0 = time.perf_counter()
         net.train()
@@ -678,8 +676,8 @@ def _share_loss(cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor, c
                                reduction="none")
     loss = per_face.sum() / _ce_norm(targets[batch], class_weight)
     if teacher_probs is not None:
-        # Offline targets of mixed batches were tempered before they were mixed (see _train); online ones are the
-        # teacher's probabilities on the mixed faces themselves.
+        # Offline and cached targets of mixed batches were tempered before they were mixed (see _train); online ones
+        # are the teacher's probabilities on the mixed faces themselves.
         kl = distillation_loss(logits, teacher_probs[share], cfg.distill_temperature,
                                tempered=levers.mixes(cfg) and cfg.distill_view != "online") * (len(share) / len(batch))
         loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kl
