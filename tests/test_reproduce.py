@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from ferkit.cli import app
 from ferkit.models import list_models
 from ferkit.reproduce import RECIPES, SEEDS_COLUMNS, reproduce
-from ferkit.training import TrainConfig
+from ferkit.training import RESUME_SETTINGS, TrainConfig
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -24,6 +24,24 @@ def test_every_recipe_builds_a_valid_config(name: str) -> None:
     cfg.validate()
     assert recipe.model in list_models(recipe.model)  # timm:NAME too (list_models("timm:...") asks timm)
     assert 0 < recipe.reported < 1
+
+
+
+RECORDED_RUNS = Path(__file__).resolve().parent.parent / "results" / "runs"
+
+
+@pytest.mark.parametrize("name", ["ferkit_vgg_s_e120"])
+def test_own_recipe_rebuilds_its_recorded_run(name: str) -> None:
+    """ferkit's own recipes were measured from runs trained with `ferkit train` before they became recipes: the
+    recipe must give exactly that run's config (run settings and where it ran aside), or its seeds row's command
+    would not reproduce its numbers."""
+    recorded = json.loads((RECORDED_RUNS / name / "config.json").read_text())
+    recipe = RECIPES[name]
+    cfg = TrainConfig(data=recorded["data"], model=recipe.model).override(list(recipe.overrides))
+    rebuilt = json.loads(json.dumps(cfg.__dict__, default=lambda o: o.__dict__))
+    where = {"out_dir", "run_name", "data", *RESUME_SETTINGS}
+    differ = {k for k in set(rebuilt) | set(recorded) if k not in where and rebuilt.get(k) != recorded.get(k)}
+    assert not differ, {k: (rebuilt.get(k), recorded.get(k)) for k in differ}
 
 
 def test_reproduce_writes_row_predictions_and_manifest(tiny_csv: Path, tmp_path: Path) -> None:

@@ -102,6 +102,16 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            "face at once; one random crop per face per step here), selects on the centre crop, reports ten-crop "
            "TTA as published. Their augmentation: random resized crop 0.8-1.2 (torchvision's 3:4-4:3 ratios), "
            "shifts 0.2, flips, rotation 10, erasing p 0.5 (scale 0.02-0.33).", tta="tencrop"),
+    # ferkit's own recipes toward the state of the art (docs/results.md, "Toward the state of the art"): 'reported'
+    # is the target they are measured against, the best honest published single network (Khaireddin & Chen).
+    Recipe("ferkit_vgg_s_e120", "ferkit: shipped default's network, 120 cosine epochs, EMA (target: state of the art)",
+           "ferkit_vgg_s", 0.733,
+           ("optimizer=sgd", "lr=0.03", "momentum=0.9", "nesterov=true", "weight_decay=5e-4", "schedule=cosine",
+            "warmup_epochs=1", "label_smoothing=0.1", "batch_size=64", "epochs=120", "average=ema", "ema_decay=0.999"),
+           "The shipped default's recipe (80 epochs) over 120 cosine epochs with an exponential moving average of the "
+           "weights (decay 0.999) selected on PublicTest; ferkit's default augmentation. Reported: the issue's target "
+           "for one network, Khaireddin & Chen's 73.28 % (selected on PrivateTest there), not a published figure of "
+           "this recipe."),
     # ImageNet architectures through the timm bridge (the timm extra), trained from scratch: no ImageNet weights
     # can be fetched here. 'reported' is the published number of the project whose recipe they borrow, for scale.
     Recipe("efficientnet_b0", "EfficientNet-B0 (Tan & Le 2019, timm) with F-Riv's recipe, 10 epochs",
