@@ -1,4 +1,5 @@
-"""Training levers (issue #24): weight averaging (EMA, SWA), SAM / ASAM, mixup / CutMix and the CUDA RNG state in
+"""Training levers (issue #24): weight averaging (EMA, SWA), SAM / ASAM, mixup / CutMix, the squared-hinge loss and
+the CUDA RNG state in
 checkpoints: each against a hand computation, exact resume, their settings' checks, and their composition with the
 other options (bf16, grad_clip, distillation, soft FER+ labels, class weights, torchrun)."""
 
@@ -35,6 +36,7 @@ from ferkit.training.levers import (
     mix_batch,
     recompute_batchnorm,
     sam_gradient,
+    squared_hinge,
     swa_averages,
 )
 
@@ -367,6 +369,55 @@ def test_class_weights_mean_the_same_for_distributions_as_for_labels(smoothing: 
         part = trainer._share_loss(cfg, logits[share], soft, weight, None, batch, share, Dist(rank, 2))
         averaged += torch.autograd.grad(part, logits)[0] / 2
     torch.testing.assert_close(averaged, whole)
+
+
+
+# ---- the squared-hinge loss -----------------------------------------------------------------------------------
+
+
+def test_squared_hinge_is_the_one_vs_rest_l2_svm_loss() -> None:
+    # Face 0, class 0, logits (2, -0.5, 0.3): its class is past the margin (0); the others pay (1 - 0.5)^2 and
+    # (1 + 0.3)^2. Face 1, class 2, all logits 0: a unit for each class.
+    logits = torch.tensor([[2.0, -0.5, 0.3], [0.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 2])
+    torch.testing.assert_close(squared_hinge(logits, labels), torch.tensor([0.25 + 1.69, 3.0]))
+    # A one-hot distribution is its label; class weights scale each face by its class's weight.
+    torch.testing.assert_close(squared_hinge(logits, as_distribution(labels, 3)), squared_hinge(logits, labels))
+    torch.testing.assert_close(squared_hinge(logits, labels, torch.tensor([2.0, 1.0, 5.0])),
+                               torch.tensor([2 * 1.94, 5 * 3.0]))
+    # A distribution is the expectation over the face's class; smoothing is that of its smoothed labels.
+    soft = torch.tensor([[0.5, 0.0, 0.5]])
+    expected = 0.5 * squared_hinge(logits[:1], torch.tensor([0])) + 0.5 * squared_hinge(logits[:1], torch.tensor([2]))
+    torch.testing.assert_close(squared_hinge(logits[:1], soft), expected)
+    smoothed = as_distribution(labels, 3) * 0.9 + 0.1 / 3
+    torch.testing.assert_close(squared_hinge(logits, labels, label_smoothing=0.1), squared_hinge(logits, smoothed))
+    # bf16 logits are scored in fp32.
+    assert squared_hinge(logits.bfloat16(), labels).dtype == torch.float32
+
+
+def test_the_batch_loss_with_squared_hinge_is_its_weighted_mean() -> None:
+    cfg = TrainConfig(loss="squared_hinge")
+    logits = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    labels, weight = torch.tensor([0, 0, 1]), torch.tensor([1.0, 5.0])
+    per_face = squared_hinge(logits, labels)
+    batch = trainer._batch_loss(cfg, logits, labels, weight, None, slice(None), SINGLE)
+    torch.testing.assert_close(batch, (per_face[0] + per_face[1] + 5 * per_face[2]) / 7)
+    torch.testing.assert_close(trainer._batch_loss(cfg, logits, labels, None, None, slice(None), SINGLE),
+                               per_face.mean())
+
+
+@pytest.mark.parametrize("extra", [{}, {"mixup_alpha": 0.4, "class_weights": "balanced", "label_smoothing": 0.1}],
+                         ids=["labels", "mixed_weighted_smoothed"])
+def test_training_with_squared_hinge(tiny_csv: Path, tmp_path: Path, extra: dict) -> None:
+    # lr 0.01: the squared hinge's gradients grow with the logits (cross-entropy's are bounded by 1), and this small
+    # network without BatchNorm diverges on it at the other tests' 0.05.
+    hinge = train(small_config(tiny_csv, tmp_path / "hinge", epochs=2, lr=0.01, loss="squared_hinge", **extra))
+    plain = train(small_config(tiny_csv, tmp_path / "plain", epochs=2, lr=0.01, **extra))
+    assert all(math.isfinite(h["train_loss"]) for h in hinge.history)
+    assert hinge.history[0]["train_loss"] != plain.history[0]["train_loss"]
+    assert json.loads((hinge.run_dir / "config.json").read_text())["loss"] == "squared_hinge"
+    _, meta = load_model(hinge.run_dir / "best.safetensors")  # evaluation reads its scores as logits, as any model's
+    assert meta["num_classes"] == 7
 
 
 def save_teacher(path: Path, **meta: object) -> torch.nn.Module:
@@ -854,6 +905,11 @@ BAD_SETTINGS = [
     ("cutmix_alpha", float("inf"), "cutmix_alpha must be .*got inf"),
     ("mix_prob", 1.5, "mix_prob must be a probability in .0, 1., got 1.5"),
     ("mix_prob", float("nan"), "mix_prob must be .*got nan"),
+    ("loss", "hinge", "loss 'hinge' not in .'cross_entropy', 'squared_hinge'."),
+    ("loss", "", "loss '' not in"),
+    ("label_smoothing", float("nan"), "label_smoothing must be a fraction in .0, 1. .0 = off., e.g. 0.1, got nan"),
+    ("label_smoothing", -0.1, "label_smoothing must be .*got -0.1"),
+    ("label_smoothing", 1.5, "label_smoothing must be .*got 1.5"),
 ]
 
 

@@ -36,6 +36,9 @@ Examples:
   ferkit train --data fer2013.csv.gz --model ferkit_vgg_s --average ema --sam-rho 0.05 \\
       --mixup-alpha 0.2 --cutmix-alpha 1.0 mix_prob=0.5   (weight averaging, SAM, mixup/CutMix; README)
 
+  ferkit train --data fer2013.csv.gz --model ferkit_vgg_s --lr 0.01 loss=squared_hinge
+      (Tang's one-vs-rest L2-SVM loss instead of cross-entropy; it wants a lower lr)
+
   ferkit train --resume runs/ferkit_vgg_s-20261123-101500     (continue a killed run)
   ferkit train --resume runs/<name> --time-limit 240 threads=2 (resume with a longer limit, more threads)
 
@@ -80,7 +83,7 @@ def train(
     schedule: Annotated[str | None, typer.Option(
         show_default=_default("schedule"), help="none | step | plateau | cosine | onecycle.")] = None,
     label_smoothing: Annotated[float | None, typer.Option(
-        show_default=_default("label_smoothing"), help="Label smoothing for cross-entropy.")] = None,
+        show_default=_default("label_smoothing"), help="Label smoothing of the targets, in [0, 1] (0 = off).")] = None,
     class_weights: Annotated[str | None, typer.Option(
         show_default=_default("class_weights"), help="none | balanced.")] = None,
     early_stopping: Annotated[int | None, typer.Option(

@@ -17,6 +17,7 @@ TRAIN_VIEWS = ("resize", "crop")
 SCHEDULES = ("none", "step", "plateau", "cosine", "onecycle")
 AVERAGES = ("none", "ema", "swa")
 DISTILL_VIEWS = ("offline", "online", "cached")
+LOSSES = ("cross_entropy", "squared_hinge")
 MAX_FOLDS = 100  # holdout=K/N: more folds than this leave each run all but a sliver of the faces
 # Settings that say how a run trains on this machine and for how long, not what it learns: a resumed run may
 # change them (more threads on a freer machine, a longer time limit to finish a run that used up its own, more
@@ -53,6 +54,9 @@ class TrainConfig:
     plateau_factor: float = 0.75  # ReduceLROnPlateau on PublicTest accuracy
     plateau_patience: int = 5
     label_smoothing: float = 0.0
+    # The loss on the labels: cross_entropy, or squared_hinge (one-vs-rest L2-SVM on the logits, Tang 2013,
+    # the FER2013 challenge's winner: ferkit.training.levers.squared_hinge). Distillation's term is KL either way.
+    loss: str = "cross_entropy"
     class_weights: str = "none"  # 'none' or 'balanced' (inverse class frequency)
     early_stopping: int = 0  # stop after this many epochs without a better PublicTest accuracy; 0 = off
     # Stop after the first epoch that brings the run's training time (all calls together) to this many minutes;
@@ -189,6 +193,8 @@ class TrainConfig:
             raise ValueError(f"label_mode {self.label_mode!r} not in {LABEL_MODES}")
         if self.label_mode != "majority" and not self.labels:
             raise ValueError(f"label_mode {self.label_mode!r} needs FER+ labels (labels=fer2013new.csv)")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss {self.loss!r} not in {LOSSES}")
         if self.class_weights not in ("none", "balanced"):
             raise ValueError(f"class_weights {self.class_weights!r} must be 'none' or 'balanced'")
         if self.teacher and not (0.0 <= self.distill_weight <= 1.0 and self.distill_temperature > 0):
@@ -220,6 +226,7 @@ class TrainConfig:
             "mixup_alpha": (lambda v: 0 <= v < math.inf, "a finite number >= 0 (0 = off), e.g. 0.2"),
             "cutmix_alpha": (lambda v: 0 <= v < math.inf, "a finite number >= 0 (0 = off), e.g. 1.0"),
             "mix_prob": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+            "label_smoothing": (lambda v: 0 <= v <= 1, "a fraction in [0, 1] (0 = off), e.g. 0.1"),
         }
         for name, (ok, what) in ranges.items():
             value = getattr(self, name)

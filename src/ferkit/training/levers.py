@@ -1,7 +1,8 @@
-"""Training levers beyond the plain loop: weight averaging (EMA, SWA), sharpness-aware minimization (SAM, ASAM)
-and mixup / CutMix. Torch only (timm is optional and torchvision is not a dependency); each piece is small
-enough to read against its paper. The trainer turns them on from TrainConfig (average, ema_decay, swa_start,
-sam_rho, sam_adaptive, mixup_alpha, cutmix_alpha, mix_prob); with their defaults it runs none of this code.
+"""Training levers beyond the plain loop: weight averaging (EMA, SWA), sharpness-aware minimization (SAM, ASAM),
+mixup / CutMix, and the loss on the labels (cross-entropy or Tang's squared hinge). Torch only (timm is optional
+and torchvision is not a dependency); each piece is small enough to read against its paper. The trainer turns them
+on from TrainConfig (average, ema_decay, swa_start, sam_rho, sam_adaptive, mixup_alpha, cutmix_alpha, mix_prob,
+loss); with their defaults it runs none of this code but the cross-entropy.
 """
 
 from __future__ import annotations
@@ -197,6 +198,40 @@ def sam_gradient(model: nn.Module, recompute: Callable[[], None], rho: float, ad
             p.copy_(w)
         for b, kept in zip(statistics, saved, strict=True):
             b.copy_(kept)
+
+
+# ---- the loss on the labels ---------------------------------------------------------------------------------
+
+
+def face_losses(loss: str, logits: torch.Tensor, targets: torch.Tensor, class_weight: torch.Tensor | None = None,
+                label_smoothing: float = 0.0) -> torch.Tensor:
+    """Each face's loss, (B,), for labels (B,) or target distributions (B, C) (FER+ votes, mixed batches):
+    `loss` is 'cross_entropy' (torch's, with its class weights and label smoothing) or 'squared_hinge'."""
+    if loss == "squared_hinge":
+        return squared_hinge(logits, targets, class_weight, label_smoothing)
+    if loss != "cross_entropy":
+        raise ValueError(f"unknown loss {loss!r}")
+    return F.cross_entropy(logits, targets, weight=class_weight, label_smoothing=label_smoothing, reduction="none")
+
+
+def squared_hinge(logits: torch.Tensor, targets: torch.Tensor, class_weight: torch.Tensor | None = None,
+                  label_smoothing: float = 0.0) -> torch.Tensor:
+    """One-vs-rest L2-SVM loss per face (Tang 2013, 'Deep Learning using Linear Support Vector Machines', the
+    FER2013 challenge's winning entry): sum_c max(0, 1 - t_c s_c)^2 over the logits s, t_c = +1 for the face's
+    class and -1 for the others; the weight decay on the last layer is the SVM's margin term.
+
+    For a target distribution y it is the expectation over the face's class, sum_c y_c max(0, 1 - s_c)^2 +
+    (1 - y_c) max(0, 1 + s_c)^2, which for a one-hot y is the loss of the label; label smoothing smooths y as
+    cross-entropy does ((1 - eps) y + eps / C). Class weights scale a face by sum_c w_c y_c (before smoothing),
+    its class's weight for a label, as cross-entropy's do. Computed in fp32 (bf16 logits square poorly)."""
+    num_classes = logits.shape[1]
+    y = as_distribution(targets, num_classes).float()
+    face_weight = None if class_weight is None else y @ class_weight.float()
+    if label_smoothing:
+        y = y * (1 - label_smoothing) + label_smoothing / num_classes
+    s = logits.float()
+    per_face = (y * F.relu(1 - s).square() + (1 - y) * F.relu(1 + s).square()).sum(dim=1)
+    return per_face if face_weight is None else per_face * face_weight
 
 
 # ---- mixup / CutMix -----------------------------------------------------------------------------------------

@@ -672,8 +672,7 @@ def _share_loss(cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor, c
 
     The normalizer is the one-process loss's (`_ce_norm`), of the whole batch; distillation's batchmean divides
     by the batch size."""
-    per_face = F.cross_entropy(logits, targets[share], weight=class_weight, label_smoothing=cfg.label_smoothing,
-                               reduction="none")
+    per_face = levers.face_losses(cfg.loss, logits, targets[share], class_weight, cfg.label_smoothing)
     loss = per_face.sum() / _ce_norm(targets[batch], class_weight)
     if teacher_probs is not None:
         # Offline and cached targets of mixed batches were tempered before they were mixed (see _train); online ones
