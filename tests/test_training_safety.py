@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,10 @@ from typer.testing import CliRunner
 
 from ferkit.cli import app
 from ferkit.data import DataError, file_sha256
+from ferkit.data.augment import AugmentConfig
 from ferkit.models.weights import shipped_weights_path
 from ferkit.shared_files import claimed
-from ferkit.training import TrainingError, create_run, train
+from ferkit.training import TrainConfig, TrainingError, create_run, train
 
 
 def run_files(run_dir: Path) -> dict[str, bytes]:
@@ -224,6 +226,32 @@ def test_shipped_names_work_as_teacher_and_init_weights(tiny_csv: Path, tmp_path
     ({"init_weights": "default"}, "init_weights default holds model ferkit_vgg_s"),
     ({"model": "nope"}, "unknown model 'nope'"),
     ({"model_kwargs": {"depth": 3}}, "model_kwargs {'depth': 3} do not fit model sixclass_cnn4"),
+    # Numeric settings a run cannot use: torch crashed on these (a segfault at a million threads), trained nothing
+    # and reported success (early_stopping=-1), divided by zero, or wrote NaN into config.json (not JSON).
+    ({"threads": -1}, r"threads must be a number of CPU threads, 1 to 1024 \(0 = torch's default\), got -1"),
+    ({"threads": 1_000_000}, "threads must be .*got 1000000"),
+    ({"early_stopping": -1}, r"early_stopping must be epochs >= 0 \(0 = off\), got -1"),
+    ({"step_every": 0}, "step_every must be optimizer steps >= 1, got 0"),
+    ({"step_every": -1}, "step_every must be .*got -1"),
+    ({"time_limit": math.nan}, "time_limit must be .*got nan"),
+    ({"grad_clip": math.inf}, "grad_clip must be .*got inf"),
+    ({"weight_decay": math.nan}, "weight_decay must be .*got nan"),
+    ({"lr": -0.1}, "lr must be a learning rate >= 0"),
+    ({"momentum": 1.0}, r"momentum must be in \[0, 1\), got 1.0"),
+    ({"seed": -1}, r"seed must be a whole number in \[0, 2\^32\), got -1"),
+    ({"warmup_epochs": math.inf}, "warmup_epochs must be .*got inf"),
+    ({"plateau_factor": 1.5}, "plateau_factor must be a factor in .0, 1.. got 1.5"),
+    ({"backbone_lr_scale": math.nan}, "backbone_lr_scale must be >= 0"),
+    ({"threads": "2"}, "threads must be int, got '2'"),
+    ({"lr": "abc"}, "lr must be int or float, got 'abc'"),
+    ({"nesterov": 1}, "nesterov must be bool, got 1"),
+    ({"model_kwargs": "x"}, "model_kwargs must be dict, got 'x'"),
+    ({"augment": AugmentConfig(rotation=math.nan)}, "augment.rotation must be a finite number >= 0"),
+    ({"augment": AugmentConfig(hflip=1.5)}, r"augment.hflip must be a probability in \[0, 1\], got 1.5"),
+    ({"augment": AugmentConfig(crop_scale=(1.0, 0.5))}, "augment.crop_scale must be a range .lo, hi. with 0 < lo"),
+    ({"augment": AugmentConfig(erasing_scale=(0.0, 0.2))}, "augment.erasing_scale must be a range"),
+    ({"run_name": "../escape"}, "run name '../escape' must be a folder name without a path"),
+    ({"run_name": ".."}, "run name '..' must be a folder name"),
 ])
 def test_bad_settings_fail_before_any_run_directory(tiny_csv: Path, tmp_path: Path, setting: dict,
                                                     message: str) -> None:
@@ -231,6 +259,35 @@ def test_bad_settings_fail_before_any_run_directory(tiny_csv: Path, tmp_path: Pa
     with pytest.raises((FileNotFoundError, ValueError), match=message):
         train(small_config(tiny_csv, tmp_path / "runs", **setting))
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_out_folder_that_is_a_file_is_refused_and_kept(tiny_csv: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results.txt"
+    out.write_text("someone's notes")
+    with pytest.raises(ValueError, match="--out .*results.txt is a file, not a folder"):
+        train(small_config(tiny_csv, out))
+    assert out.read_text() == "someone's notes"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("threads", "2", "threads must be int, got '2'"),
+    ("lr", "abc", "lr must be int or float, got 'abc'"),
+    ("model_kwargs", "x", "model_kwargs must be dict, got 'x'"),
+    ("threads", -1, "threads must be a number of CPU threads"),
+    ("augment", "x", "augment must be a mapping"),
+])
+def test_resuming_a_config_json_with_bad_values_is_refused_naming_the_setting(
+        tiny_csv: Path, tmp_path: Path, key: str, value: object, message: str) -> None:
+    run = train(small_config(tiny_csv, tmp_path, epochs=2), stop_after_epochs=1).run_dir
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(config | {key: value}))
+    with pytest.raises(TrainingError, match=f"cannot resume .*config.json is missing or damaged .{message}"):
+        train(resume=run)
+    # A resume's own bad run setting is refused before it is saved, so the next plain resume still works.
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="threads must be"):
+        train(resume=run, changes=TrainConfig().resume_changes(["threads=-1"]))
+    assert json.loads((run / "config.json").read_text())["threads"] == config["threads"]
 
 
 # ---- review: a new run that fails before its first checkpoint frees its name -----------------------------------

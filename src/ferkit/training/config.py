@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ferkit.data.augment import AugmentConfig
@@ -24,6 +25,29 @@ MAX_FOLDS = 100  # holdout=K/N: more folds than this leave each run all but a sl
 # early-stopping patience to continue a run that stopped on a noisy plateau: the epochs it goes on with are
 # those a run started with that patience would have trained, as training is deterministic).
 RESUME_SETTINGS = ("threads", "time_limit", "early_stopping", "progress")
+MAX_THREADS = 1024  # torch crashes (a segfault, no message) on a thread pool of a million
+# What each numeric setting must be besides finite (every float setting must be: NaN passes any `<` test and
+# would reach config.json as invalid JSON), checked by `validate` with the setting named. The levers' settings are
+# checked in `_validate_levers`.
+SETTING_RANGES: dict[str, tuple[Any, str]] = {
+    "lr": (lambda v: v >= 0, "a learning rate >= 0 (0 leaves the weights as they start)"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "warmup_epochs": (lambda v: v >= 0, "epochs >= 0"),
+    "step_every": (lambda v: v >= 1, "optimizer steps >= 1"),
+    "gamma": (lambda v: v > 0, "a factor > 0"),
+    "plateau_factor": (lambda v: 0 < v < 1, "a factor in (0, 1)"),
+    "plateau_patience": (lambda v: v >= 0, "epochs >= 0"),
+    "early_stopping": (lambda v: v >= 0, "epochs >= 0 (0 = off)"),
+    "time_limit": (lambda v: v >= 0, "minutes >= 0 (0 = off)"),
+    "grad_clip": (lambda v: v >= 0, "a gradient norm >= 0 (0 = off)"),
+    "distill_temperature": (lambda v: v > 0, "> 0"),
+    "distill_weight": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "threads": (lambda v: 0 <= v <= MAX_THREADS, f"a number of CPU threads, 1 to {MAX_THREADS} (0 = torch's default)"),
+    "seed": (lambda v: 0 <= v < 2**32, "a whole number in [0, 2^32)"),
+    "limit_train": (lambda v: v >= 0, "a number of faces >= 0 (0 = all)"),
+    "save_every": (lambda v: v >= 0, "optimizer steps >= 0 (0 = off)"),
+}
 
 
 @dataclass
@@ -142,6 +166,8 @@ class TrainConfig:
         aug = d.pop("augment", None)
         cfg = cls(**d)
         if aug is not None:
+            if not isinstance(aug, dict):
+                raise ValueError(f"augment must be a mapping of augmentation settings, got {aug!r}")
             cfg.augment = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()})
         return cfg
 
@@ -183,6 +209,11 @@ class TrainConfig:
         return {k: getattr(changed, k) for k in dict.fromkeys(keys)}
 
     def validate(self) -> None:
+        self._validate_types()
+        for name, (ok, what) in SETTING_RANGES.items():
+            value = getattr(self, name)
+            if not (math.isfinite(value) and ok(value)):
+                raise ValueError(f"{name} must be {what}, got {value!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer {self.optimizer!r} not in {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:
@@ -197,8 +228,6 @@ class TrainConfig:
             raise ValueError(f"loss {self.loss!r} not in {LOSSES}")
         if self.class_weights not in ("none", "balanced"):
             raise ValueError(f"class_weights {self.class_weights!r} must be 'none' or 'balanced'")
-        if self.teacher and not (0.0 <= self.distill_weight <= 1.0 and self.distill_temperature > 0):
-            raise ValueError("distill_weight must be in [0, 1] and distill_temperature > 0")
         if self.distill_view not in DISTILL_VIEWS:
             raise ValueError(f"distill_view {self.distill_view!r} not in {DISTILL_VIEWS}")
         if (isinstance(self.distill_views, bool) or not isinstance(self.distill_views, int)
@@ -210,10 +239,40 @@ class TrainConfig:
         if not (math.isfinite(self.backbone_lr_scale) and self.backbone_lr_scale >= 0):
             raise ValueError(f"backbone_lr_scale must be >= 0 (1 = lr for all, 0 = backbone frozen), "
                              f"got {self.backbone_lr_scale}")
+        if self.run_name and (Path(self.run_name).name != self.run_name or self.run_name in (".", "..")):
+            # One folder inside out_dir: a name with a path (../x) would put the run somewhere else.
+            raise ValueError(f"run name {self.run_name!r} must be a folder name without a path (no / or ..)")
         parse_holdout(self.holdout)
-        if self.time_limit < 0:
-            raise ValueError(f"time_limit must be minutes >= 0 (0 = off), got {self.time_limit}")
         self._validate_levers()
+        self._validate_finite()
+
+    def _validate_types(self) -> None:
+        """Every setting of the type of its default (a float setting takes a whole number too): a config.json
+        edited by hand or damaged is refused naming the setting, not met by a traceback mid-run."""
+        for f in dataclasses.fields(self):
+            value, default = getattr(self, f.name), getattr(TrainConfig, f.name, None)
+            if f.name == "augment":
+                _validate_augment(value)
+                continue
+            if f.name == "model_kwargs":
+                kinds: tuple[type, ...] = (dict,)
+            elif isinstance(default, bool):
+                kinds = (bool,)
+            elif isinstance(default, int):
+                kinds = (int,)
+            elif isinstance(default, float):
+                kinds = (int, float)
+            else:
+                kinds = (str,)
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise ValueError(f"{f.name} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+
+    def _validate_finite(self) -> None:
+        """Float settings without a range of their own (those with one name it in their message) are finite."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value!r}")
 
     def _validate_levers(self) -> None:
         """The training levers' settings; NaN fails every range test, so it is refused with the value named."""
@@ -232,6 +291,29 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
                 raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def _validate_augment(augment: Any) -> None:
+    """The augmentation settings: probabilities in [0, 1], strengths >= 0, ranges (lo, hi) with 0 < lo <= hi; all
+    finite."""
+    if not isinstance(augment, AugmentConfig):
+        raise ValueError(f"augment must be a mapping of augmentation settings, got {augment!r}")
+
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+    for name in ("hflip", "erasing"):
+        v = getattr(augment, name)
+        if not (number(v) and 0 <= v <= 1):
+            raise ValueError(f"augment.{name} must be a probability in [0, 1], got {v!r}")
+    for name in ("rotation", "translate"):
+        v = getattr(augment, name)
+        if not (number(v) and v >= 0):
+            raise ValueError(f"augment.{name} must be a finite number >= 0 (0 = off), got {v!r}")
+    for name in ("crop_scale", "crop_ratio", "erasing_scale"):
+        v = getattr(augment, name)
+        if not (isinstance(v, tuple | list) and len(v) == 2 and all(number(x) for x in v) and 0 < v[0] <= v[1]):
+            raise ValueError(f"augment.{name} must be a range [lo, hi] with 0 < lo <= hi, got {v!r}")
 
 
 def parse_holdout(holdout: str) -> tuple[int, int] | None:

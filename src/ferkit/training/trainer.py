@@ -214,6 +214,8 @@ def create_run(cfg: TrainConfig) -> Path:
     resolve_precision(cfg.precision, resolve_device(cfg.device))
     _start_weights(cfg)
     out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder for run directories")
     if cfg.run_name:
         run_dir = out / cfg.run_name
         run_dir.parent.mkdir(parents=True, exist_ok=True)
