@@ -433,6 +433,43 @@ def test_prediction_file_mismatches_name_the_file(tmp_path: Path, prediction_fil
         load_prediction_files([good, tmp_path / "missing.npz"])
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("sum20", r"PublicTest rows are not probabilities \(face 0: .*sum 20"),
+    ("negative", "PublicTest rows are not probabilities"),
+    ("strings", "PublicTest probabilities are <U.*, not floating-point numbers"),
+    ("complex", "PublicTest probabilities are complex128, not floating-point numbers"),
+    ("float_labels", "PublicTest labels are float64, not whole numbers"),
+    ("label_range", r"PublicTest labels hold class indices outside 0..1"),
+    ("no_faces", "no PublicTest faces"),
+])
+def test_prediction_files_that_are_not_probabilities_are_refused(tmp_path: Path, prediction_files: list[Path],
+                                                                 damage: str, message: str) -> None:
+    # Accepted before, they combined into silently wrong ensembles: a member whose rows sum to 20 dropped the
+    # accuracy-weighted ensemble from 0.95 to 0.07; files without faces scored 0.0000 with exit status 0.
+    pub, labels, rows = PUB[1].astype(np.float64), np.asarray(PUB_LABELS), np.arange(len(PUB[1]))
+    if damage == "sum20":
+        pub = pub * 20
+    elif damage == "negative":
+        pub = pub - 0.5
+    elif damage == "strings":
+        pub = pub.astype(str)
+    elif damage == "complex":
+        pub = pub.astype(np.complex128)
+    elif damage == "float_labels":
+        labels = labels.astype(np.float64)
+    elif damage == "label_range":
+        labels = labels + 5
+    else:
+        pub, labels, rows = pub[:0], labels[:0], rows[:0]
+    path = tmp_path / f"{damage}.npz"
+    np.savez(path, classes=np.array(["a", "b"]), model="toy", tta="none", public_probs=pub, public_labels=labels,
+             public_rows=rows, private_probs=PRIV[1], private_labels=np.asarray(PRIV_LABELS),
+             private_rows=np.arange(100, 100 + len(PRIV[1])))
+    members = [path] if damage in ("no_faces", "label_range") else [prediction_files[0], path]
+    with pytest.raises(ValueError, match=f"{damage}.npz: {message}"):
+        load_prediction_files(members)
+
+
 def test_cli_from_predictions_json(prediction_files: list[Path]) -> None:
     # As the shell expands results/predictions/*.npz: the first file follows the option, the rest are arguments.
     result = runner.invoke(app, ["ensemble", "--from-predictions", *map(str, prediction_files),

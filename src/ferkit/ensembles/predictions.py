@@ -106,8 +106,7 @@ def build_member_set(members: Sequence[MemberPredictions]) -> MemberSet:
             if not np.array_equal(labels, ref_labels):
                 raise ValueError(f"{m.source}: its {split} labels differ from {first.source}'s for the same rows; "
                                  "were the members evaluated on different data files?")
-            if not np.all(np.isfinite(probs)):
-                raise ValueError(f"{m.source}: {split} probabilities hold NaN or infinite values")
+            _check_probabilities(m.source, split, probs, labels, rows, len(m.classes))
 
     def stack(split: str) -> SplitProbs:
         _, labels, rows = first.splits[split]
@@ -117,6 +116,33 @@ def build_member_set(members: Sequence[MemberPredictions]) -> MemberSet:
     return MemberSet(names=[m.name for m in members], classes=list(first.classes), public=stack("PublicTest"),
                      private=stack("PrivateTest"), sources=[m.source for m in members],
                      models=[m.model for m in members], ttas=[m.tta for m in members])
+
+
+PROB_ROW_TOLERANCE = 1e-2  # float16 probabilities of a few classes sum to 1 within ~2e-3, float32 ones within 1e-6
+
+
+def _check_probabilities(source: str, split: str, probs: np.ndarray, labels: np.ndarray, rows: np.ndarray,
+                         num_classes: int) -> None:
+    """One member's split is class probabilities of some faces: real numbers in [0, 1] summing to 1 per face,
+    integer labels of its classes and integer rows. Anything else would combine into a silently wrong ensemble (a
+    member whose rows sum to 20 outweighs the others in every average)."""
+    if not len(probs):
+        raise ValueError(f"{source}: no {split} faces; an ensemble is fitted on PublicTest and scored on PrivateTest")
+    if probs.dtype.kind != "f":
+        raise ValueError(f"{source}: {split} probabilities are {probs.dtype}, not floating-point numbers")
+    for what, values in (("labels", labels), ("rows", rows)):
+        if values.dtype.kind not in "iu":
+            raise ValueError(f"{source}: {split} {what} are {values.dtype}, not whole numbers")
+    if not np.all(np.isfinite(probs)):
+        raise ValueError(f"{source}: {split} probabilities hold NaN or infinite values")
+    sums = probs.astype(np.float64).sum(axis=1)
+    if probs.min() < 0 or probs.max() > 1 + PROB_ROW_TOLERANCE or np.abs(sums - 1).max() > PROB_ROW_TOLERANCE:
+        i = int(np.argmax(np.abs(sums - 1) + (probs.min(axis=1) < 0)))
+        raise ValueError(f"{source}: {split} rows are not probabilities (face {i}: values "
+                         f"{np.array2string(probs[i], precision=3)}, sum {sums[i]:.4g}); expected values in [0, 1] "
+                         "summing to 1, as `ferkit ensemble --save-predictions` and `ferkit reproduce` write")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"{source}: {split} labels hold class indices outside 0..{num_classes - 1}")
 
 
 def _read_prediction_file(path: Path, name: str) -> MemberPredictions:
