@@ -82,6 +82,61 @@ def test_reproduce_writes_row_predictions_and_manifest(tiny_csv: Path, tmp_path:
     assert command.endswith("epochs=1 precision=fp32 threads=1 time_limit=30"), command
 
 
+GOOD_SEEDS = ("name,system,registry_name,classes,reported,public_test,private_test,epochs,planned_epochs,"
+              "train_minutes,hardware,command\n"
+              "frivas_cnn1,F-Riv 1,frivas_cnn1,7,0.6350,0.6503,0.6545,50,50,38.3,cpu,x\n")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (b"\xff\xfe\x00binary", "seeds.csv is not a readable CSV table"),
+    (GOOD_SEEDS.encode() + b"tan_mlp,a,b,7,0.25,0.4,0.4,20,20,0.5,cpu,x,EXTRA\n", "seeds.csv line 3 is damaged"),
+    (GOOD_SEEDS.encode() + b"tan_mlp,a,b,7\n", "seeds.csv line 3 is damaged .'tan_mlp'"),
+    (GOOD_SEEDS.encode() + b"tan_mlp,a,b,7,abc,0.4,0.4,20,20,0.5,cpu,x\n", "seeds.csv line 3 is damaged"),
+    (b"name,system\nx,y\n", "seeds.csv lacks the columns registry_name"),
+    ("folder", "seeds.csv is not a file"),
+])
+def test_a_damaged_results_table_stops_reproduce_before_training(tiny_csv: Path, tmp_path: Path, damage: object,
+                                                                message: str) -> None:
+    # Before, the error came after training, with the predictions and run record already rewritten beside a table
+    # that could not take the row, and --list / --report failed with tracebacks.
+    results = tmp_path / "results"
+    results.mkdir()
+    if damage == "folder":
+        (results / "seeds.csv").mkdir()
+    else:
+        (results / "seeds.csv").write_bytes(damage)
+    before = (results / "seeds.csv").read_bytes() if damage != "folder" else None
+    with pytest.raises(ValueError, match=message):
+        reproduce("sixclass_cnn4", tiny_csv, runs_dir=tmp_path / "runs", results_dir=results,
+                  extra=["epochs=1", "precision=fp32"], progress=False)
+    assert not (tmp_path / "runs").exists() and not (results / "predictions").exists()
+    if before is not None:
+        assert (results / "seeds.csv").read_bytes() == before
+    for args in (["--list"], ["--report"]):
+        listed = CliRunner().invoke(app, ["reproduce", *args, "--results", str(results)])
+        assert listed.exit_code == 2 and "seeds.csv" in listed.output and "Traceback" not in listed.output, args
+
+
+def test_reproduce_refuses_destinations_that_are_files_before_training(tiny_csv: Path, tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("notes")
+    for kwargs, message in (({"runs_dir": afile, "results_dir": tmp_path / "r"}, "--runs .*afile is a file"),
+                            ({"runs_dir": tmp_path / "runs", "results_dir": afile}, "--results .*afile is a file")):
+        with pytest.raises(ValueError, match=message):
+            reproduce("sixclass_cnn4", tiny_csv, extra=["epochs=1"], progress=False, **kwargs)
+    assert afile.read_text() == "notes" and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("content, message", [("[1, 2]", "must hold a JSON list of key=value strings"),
+                                              ("[\"epochs=1\"", "reproduce_overrides.json is damaged")])
+def test_a_damaged_overrides_file_is_named(tiny_csv: Path, tmp_path: Path, content: str, message: str) -> None:
+    kwargs = dict(runs_dir=tmp_path / "runs", results_dir=tmp_path / "results", progress=False)
+    reproduce("sixclass_cnn4", tiny_csv, extra=["epochs=1", "precision=fp32"], **kwargs)
+    (tmp_path / "runs" / "repro-sixclass_cnn4" / "reproduce_overrides.json").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        reproduce("sixclass_cnn4", tiny_csv, **kwargs)
+
+
 def test_reproduce_evaluates_with_the_runs_skip_bad_rows(tmp_path: Path, cache_dir: Path) -> None:
     # A CSV with a malformed row trains with skip_bad_rows=true; the evaluation must read it the same way.
     rows = synthetic_rows({"Training": 70, "PublicTest": 35, "PrivateTest": 35})

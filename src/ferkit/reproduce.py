@@ -11,6 +11,7 @@ code behind `ferkit evaluate`), and records everything a reviewer needs under `r
 from __future__ import annotations
 
 import contextlib
+import csv
 import functools
 import json
 import os
@@ -159,6 +160,7 @@ def _reproduce(name: str, data: str | os.PathLike, runs_dir: str | os.PathLike, 
     key = f"{name}{FERPLUS_SUFFIX}" if TrainConfig().override(_split_settings(extra)[0]).labels else name
     run_dir = Path(runs_dir) / f"repro-{key}"
     overrides_file = run_dir / "reproduce_overrides.json"
+    d.from_rank0(functools.partial(_check_destinations, runs_dir, results_dir))  # before hours of training
     changes, extra = d.from_rank0(functools.partial(_start_run, recipe, data, runs_dir, run_dir, extra, progress))
     with contextlib.ExitStack() as stack:
         d.from_rank0(lambda: stack.enter_context(hold_run(run_dir)))  # no writes into a run another process trains
@@ -215,7 +217,7 @@ def _start_run(recipe: Recipe, data: str | os.PathLike, runs_dir: str | os.PathL
         # Resume (from the first epoch when none was saved). What the run learns with must be what it started
         # with, so those overrides must agree; run settings (threads, time_limit) may change, and the recorded
         # command carries their latest values.
-        started_with = json.loads(overrides_file.read_text()) if overrides_file.is_file() else []
+        started_with = _read_overrides(overrides_file) if overrides_file.is_file() else []
         learned, settings = _split_settings(started_with)
         given_learned, given_settings = _split_settings(extra)
         if given_learned and given_learned != learned:
@@ -231,6 +233,56 @@ def _start_run(recipe: Recipe, data: str | os.PathLike, runs_dir: str | os.PathL
     return changes, extra
 
 
+def _read_overrides(path: Path) -> list[str]:
+    """The `key=value` overrides a reproduced run was started with (its reproduce_overrides.json)."""
+    try:
+        overrides = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is damaged ({e}); it lists the overrides the run was started with: restore it "
+                         "(e.g. [] for none) or delete the run directory to start over") from e
+    if not (isinstance(overrides, list) and all(isinstance(o, str) and "=" in o for o in overrides)):
+        raise ValueError(f"{path} must hold a JSON list of key=value strings, got {overrides!r}")
+    return overrides
+
+
+def _check_destinations(runs_dir: str | os.PathLike, results_dir: str | os.PathLike) -> None:
+    """Fail before training, not after it: folders that are files, and a results table that cannot be updated
+    (read_seeds names what is wrong with it), would otherwise stop a finished run half-recorded."""
+    for what, folder in (("--runs", Path(runs_dir)), ("--results", Path(results_dir))):
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{what} {folder} is a file, not a folder")
+    results = Path(results_dir)
+    for sub in ("predictions", "runs"):
+        if (results / sub).exists() and not (results / sub).is_dir():
+            raise ValueError(f"{results / sub} is a file, not a folder")
+    read_seeds(results / "seeds.csv")
+
+
+def read_seeds(path: str | os.PathLike) -> list[dict[str, str]]:
+    """results/seeds.csv's rows ([] when it does not exist), checked: a file that is not a table of SEEDS_COLUMNS
+    with numeric accuracies is a ValueError naming it and the first bad line, so that nothing is recorded beside a
+    table that cannot take the row (and `--list`, `--report` say what is wrong instead of a traceback)."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path} is not a file")
+    try:
+        rows = read_rows(path)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{path} is not a readable CSV table ({e}); repair or remove it") from e
+    if rows and (missing := [c for c in SEEDS_COLUMNS if c not in rows[0]]):
+        raise ValueError(f"{path} lacks the columns {', '.join(missing)}; repair or remove it")
+    for line, row in enumerate(rows, start=2):
+        bad = None in row or any(v is None for v in row.values())  # a line with too many or too few fields
+        try:
+            bad = bad or not all(0 <= float(row[c]) <= 1 for c in ("reported", "public_test", "private_test"))
+        except ValueError:
+            bad = True
+        if bad:
+            raise ValueError(f"{path} line {line} is damaged ({row.get('name')!r}: fields missing, extra or not "
+                             "accuracies); repair or remove it")
+    return rows
+
+
 def _split_settings(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
     """`key=value` overrides split into those that shape what a run learns (in order) and its run settings
     (RESUME_SETTINGS, the last value of each key)."""
@@ -242,7 +294,7 @@ def _split_settings(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
 def upsert_row(path: Path, name: str, row: dict[str, str]) -> None:
     """Replace (or add) the row for `name`, keeping the rows in recipe order; safe when runs finish together."""
     with locked(path):
-        rows = {r.get("name") or r["registry_name"]: r for r in read_rows(path)}
+        rows = {r.get("name") or r["registry_name"]: r for r in read_seeds(path)}
         rows[name] = {"name": name, **row}
         order = [n for n in RECIPES if n in rows] + [n for n in rows if n not in RECIPES]
         write_rows(path, ("name", *SEEDS_COLUMNS), (rows[n] for n in order))
@@ -299,7 +351,7 @@ def write_report(results_dir: str | os.PathLike = "results", doc: str | os.PathL
     shipped = shipped or shipped_model_accuracy()
     doc = Path(doc)
     with locked(doc):  # runs that end together each refresh the page: one at a time, from the latest tables
-        rows = read_rows(Path(results_dir) / "seeds.csv")
+        rows = read_seeds(Path(results_dir) / "seeds.csv")
         text = doc.read_text() if doc.is_file() else f"# Results\n\n{TABLE_START}\n{TABLE_END}\n"
         text = _replace_between(text, TABLE_START, TABLE_END, render_table(rows), doc)
         if ENSEMBLES_START in text:

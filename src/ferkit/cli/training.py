@@ -372,14 +372,20 @@ def reproduce(
     from ferkit.training import TrainingError
 
     if report:
-        write_report(results)
+        try:
+            write_report(results)
+        except ValueError as e:
+            _fail(str(e))
         typer.echo("refreshed docs/results.md and docs/results.png")
         return
 
     if list_systems or system is None:
-        from ferkit.shared_files import read_rows
+        from ferkit.reproduce import read_seeds
 
-        measured = {row["name"]: row for row in read_rows(results / "seeds.csv")}
+        try:
+            measured = {row["name"]: row for row in read_seeds(results / "seeds.csv")}
+        except ValueError as e:
+            _fail(str(e))
         for r in RECIPES.values():
             row = measured.get(r.name)
             status = (f"measured {float(row['private_test']):.3f} ({epochs_label(row)} epochs)" if row
