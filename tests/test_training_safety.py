@@ -153,6 +153,10 @@ def test_a_full_disk_at_a_checkpoint_is_a_clear_error_and_the_run_resumes(
     ({"checkpoint.pt": b""}, "checkpoint.pt or metrics.csv is damaged"),
     ({"checkpoint.pt": b"not a checkpoint at all"}, "checkpoint.pt or metrics.csv is damaged"),
     ({"metrics.csv": b"epoch,step\nx,y\n"}, "checkpoint.pt or metrics.csv is damaged"),
+    # A file cut to its header (or emptied) resumed before, dropping the trained epochs from the run's record.
+    ({"metrics.csv": b"epoch,step,lr,train_loss,train_acc,val_loss,val_acc\n"},
+     r"checkpoint.pt or metrics.csv is damaged \(metrics.csv holds epochs \[\] where checkpoint.pt has trained 1\)"),
+    ({"metrics.csv": b""}, "checkpoint.pt or metrics.csv is damaged"),
     ({"config.json": b"{\"epochs\": 2,"}, "config.json is missing or damaged"),
     ({"config.json": b"{\"epochz\": 2}"}, "config.json is missing or damaged"),
     ({"config.json": b"{\"epochs\": \"two\"}"}, "config.json is missing or damaged"),

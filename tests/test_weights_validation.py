@@ -87,6 +87,41 @@ def test_resaving_replaces_a_stale_digest(small: Path, tmp_path: Path) -> None:
     load_model(out)
 
 
+@pytest.mark.parametrize("damage", ["empty", "truncated", "text", "metadata_not_json"])
+def test_unreadable_weights_files_are_weights_errors_naming_the_file(small: Path, tmp_path: Path,
+                                                                     damage: str) -> None:
+    # safetensors raises its own error type, which callers catching ValueError missed: `ferkit crossfit` over a
+    # run with a damaged best.safetensors ended in a traceback.
+    path = tmp_path / f"{damage}.safetensors"
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(small.read_bytes()[:200])
+    elif damage == "text":
+        path.write_text("not weights")
+    else:
+        save_file(load_file(str(small)), str(path), metadata={"ferkit": "{not json"})
+    with pytest.raises(WeightsError, match=f"{damage}.safetensors: "):
+        load_model(path)
+
+
+def test_cli_output_files_that_cannot_be_written_fail_before_the_work(small: Path, tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("notes")
+    (tmp_path / "adir.npz").mkdir()
+    runner = CliRunner()
+    for args, message in (
+            (["crossfit", str(tmp_path / "no-run"), "--out", str(afile / "t.npz")], "cannot write a file into"),
+            (["crossfit", str(tmp_path / "no-run"), "--out", str(tmp_path / "adir.npz")], "is a folder, not a file"),
+            (["ensemble", "--weights", str(small), "--data", str(tmp_path / "none.csv"), "--method", "mean",
+              "--save", str(afile / "e.safetensors")], "--save .* cannot write a file into")):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and message.split(" .* ")[-1] in result.output, (args, result.output)
+        # Checked before the runs are read or the members run: the missing run and data are not what it says.
+        assert "Traceback" not in result.output and "no-run" not in result.output and "none.csv" not in result.output
+    assert afile.read_text() == "notes"
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_tensors_are_refused_naming_the_tensor(small: Path, tmp_path: Path, bad: float) -> None:
     bias = load_file(str(small))["net.3.bias"].clone()

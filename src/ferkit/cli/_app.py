@@ -81,3 +81,18 @@ def check_labels_options(labels: str | os.PathLike | None, label_mode: str | Non
 def _fail(message: str, code: int = 2) -> None:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code)
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """Fail before the long work a command writes `path` after (scoring, fitting) when it could not be written:
+    a folder in its place, a file where its folder should be, a folder that refuses new files."""
+    import tempfile
+
+    if path.is_dir():
+        _fail(f"{option} {path} is a folder, not a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        _fail(f"{option} {path}: cannot write a file into {path.parent} ({e.strerror or e})")

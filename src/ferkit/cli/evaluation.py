@@ -18,6 +18,7 @@ from ferkit.cli._app import (
     _fail,
     app,
     check_labels_options,
+    check_output_file,
 )
 
 TTA_SELECT = "select"  # evaluate's extra --tta: choose the mode on PublicTest (evaluation.select_tta)
@@ -272,6 +273,8 @@ def ensemble(
         _fail(f"unknown --tta {tta!r}; choose one of {', '.join(TTA_CHOICES)}")
     if batch_size < 1:
         _fail(f"--batch-size must be positive, got {batch_size}")
+    if save is not None:
+        check_output_file(save, "--save")
     if max_members is not None and max_members < 1:
         _fail(f"--max-members must be positive, got {max_members}")
     extra = list(files or [])

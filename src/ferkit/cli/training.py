@@ -15,6 +15,7 @@ from ferkit.cli._app import (
     _fail,
     app,
     check_labels_options,
+    check_output_file,
 )
 
 TRAIN_EPILOG = """
@@ -325,12 +326,15 @@ def crossfit(
 
     if out.suffix != ".npz":
         _fail(f"--out {out}: the targets file must end in .npz (teacher=FILE tells targets from weights by it)")
+    check_output_file(out, "--out")
     try:
         targets = crossfit_targets(runs, data, weights)
     except (DataError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    targets.save(out)
+    try:
+        targets.save(out)
+    except OSError as e:
+        _fail(f"cannot write {out}: {e}")
     typer.echo(f"wrote {out}: {len(targets.rows)} training faces, {targets.folds} folds, held-out accuracy "
                f"{targets.accuracy():.4f}")
 

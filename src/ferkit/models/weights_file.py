@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -62,9 +62,20 @@ def write_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike, m
         save_file(state, str(tmp), metadata={"ferkit": json.dumps(meta, allow_nan=False)})
 
 
+def _unreadable(path: str | os.PathLike, error: Exception) -> WeightsError:
+    """A file safetensors cannot parse (truncated, empty, not safetensors at all): its own error type, which
+    callers catching ValueError would miss, becomes a WeightsError naming the file."""
+    return WeightsError(f"{path}: not a readable .safetensors weights file ({error})")
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("ferkit", "{}"))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("ferkit", "{}"))
+    except SafetensorError as e:
+        raise _unreadable(path, e) from e
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path}: the ferkit metadata is not JSON ({e})") from e
     if not isinstance(meta, dict):
         raise WeightsError(f"{path}: the ferkit metadata is a JSON {type(meta).__name__}, not an object")
     return meta
@@ -193,7 +204,10 @@ def check_forward(model: nn.Module, meta: Mapping[str, Any], source: Any) -> Non
 def read_tensors(path: str | os.PathLike, meta: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The file's tensors, refusing NaN/infinite values and, when the metadata records `tensors_sha256`, any
     tensor that differs from what was saved."""
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except SafetensorError as e:
+        raise _unreadable(path, e) from e
     for name, t in state.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise WeightsError(f"{path}: tensor {name} holds NaN or infinite values")

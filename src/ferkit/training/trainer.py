@@ -263,6 +263,11 @@ def _read_run(run_dir: Path, changes: dict[str, Any] | None) -> tuple[TrainConfi
         if missing := sorted(CHECKPOINT_KEYS - set(state)):
             raise ValueError(f"it lacks {', '.join(missing)}")
         history = _read_metrics(run_dir / "metrics.csv")[:int(state["epoch"])]
+        # metrics.csv is written before each checkpoint, so it holds a row for every epoch the checkpoint has:
+        # fewer (a truncated or edited file) would silently drop those epochs from the run's record.
+        if [row["epoch"] for row in history] != list(range(1, int(state["epoch"]) + 1)):
+            raise ValueError(f"metrics.csv holds epochs {[row['epoch'] for row in history][:12]} where checkpoint.pt "
+                             f"has trained {int(state['epoch'])}")
     except Exception as e:
         raise TrainingError(f"cannot resume {run_dir}: its checkpoint.pt or metrics.csv is damaged ({e}); delete "
                             f"checkpoint.pt to train the run again from its first epoch") from e
