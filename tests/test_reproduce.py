@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from ferkit.cli import app
 from ferkit.models import list_models
-from ferkit.reproduce import RECIPES, SEEDS_COLUMNS, reproduce
+from ferkit.reproduce import RECIPES, SEEDS_COLUMNS, read_seeds, reproduce
 from ferkit.training import RESUME_SETTINGS, TrainConfig
 
 
@@ -38,7 +38,7 @@ def test_own_recipe_rebuilds_its_recorded_run(name: str) -> None:
     # Read as a resume reads it: a setting added since the run was trained takes its default.
     recorded = TrainConfig.from_dict(json.loads((RECORDED_RUNS / name / "config.json").read_text())).to_dict()
     recipe = RECIPES[name]
-    rebuilt = TrainConfig(data=recorded["data"], model=recipe.model).override(list(recipe.overrides)).to_dict()
+    rebuilt = TrainConfig(model=recipe.model).override(list(recipe.overrides)).to_dict()
     where = {"out_dir", "run_name", "data", *RESUME_SETTINGS}
     differ = {k for k in set(rebuilt) | set(recorded) if k not in where and rebuilt.get(k) != recorded.get(k)}
     assert not differ, {k: (rebuilt.get(k), recorded.get(k)) for k in differ}
@@ -93,6 +93,7 @@ GOOD_SEEDS = ("name,system,registry_name,classes,reported,public_test,private_te
     (GOOD_SEEDS.encode() + b"tan_mlp,a,b,7\n", "seeds.csv line 3 is damaged .'tan_mlp'"),
     (GOOD_SEEDS.encode() + b"tan_mlp,a,b,7,abc,0.4,0.4,20,20,0.5,cpu,x\n", "seeds.csv line 3 is damaged"),
     (b"name,system\nx,y\n", "seeds.csv lacks the columns registry_name"),
+    (GOOD_SEEDS.replace("0.6350", "63.50").encode(), "seeds.csv line 2 is damaged .'frivas_cnn1'"),
     ("folder", "seeds.csv is not a file"),
 ])
 def test_a_damaged_results_table_stops_reproduce_before_training(tiny_csv: Path, tmp_path: Path, damage: object,
@@ -117,6 +118,22 @@ def test_a_damaged_results_table_stops_reproduce_before_training(tiny_csv: Path,
         assert listed.exit_code == 2 and "seeds.csv" in listed.output and "Traceback" not in listed.output, args
 
 
+def test_a_results_table_from_before_the_newer_columns_still_reads_and_gains_them(tiny_csv: Path,
+                                                                                   tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    old = GOOD_SEEDS.replace(",planned_epochs", "").replace(",command", "").replace(",50,50,38.3,cpu,x", ",50,38.3,cpu")
+    (results / "seeds.csv").write_text(old)
+    assert [r["name"] for r in read_seeds(results / "seeds.csv")] == ["frivas_cnn1"]
+    assert CliRunner().invoke(app, ["reproduce", "--list", "--results", str(results)]).exit_code == 0
+    reproduce("sixclass_cnn4", tiny_csv, runs_dir=tmp_path / "runs", results_dir=results,
+              extra=["epochs=1", "precision=fp32"], progress=False)
+    rows = {r["name"]: r for r in read_seeds(results / "seeds.csv")}
+    assert list(rows) == ["frivas_cnn1", "sixclass_cnn4"]  # recipe order
+    assert rows["sixclass_cnn4"]["planned_epochs"] == "1" and rows["frivas_cnn1"]["planned_epochs"] == ""
+    assert rows["frivas_cnn1"]["private_test"] == "0.6545"
+
+
 def test_reproduce_refuses_destinations_that_are_files_before_training(tiny_csv: Path, tmp_path: Path) -> None:
     afile = tmp_path / "afile"
     afile.write_text("notes")
@@ -125,6 +142,12 @@ def test_reproduce_refuses_destinations_that_are_files_before_training(tiny_csv:
         with pytest.raises(ValueError, match=message):
             reproduce("sixclass_cnn4", tiny_csv, extra=["epochs=1"], progress=False, **kwargs)
     assert afile.read_text() == "notes" and not (tmp_path / "runs").exists()
+    (tmp_path / "r2").mkdir()
+    (tmp_path / "r2" / "predictions").write_text("not a folder")
+    with pytest.raises(ValueError, match="predictions is a file, not a folder"):
+        reproduce("sixclass_cnn4", tiny_csv, runs_dir=tmp_path / "runs", results_dir=tmp_path / "r2",
+                  extra=["epochs=1"], progress=False)
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("content, message", [("[1, 2]", "must hold a JSON list of key=value strings"),

@@ -1,7 +1,7 @@
-"""Training levers (issue #24): weight averaging (EMA, SWA), SAM / ASAM, mixup / CutMix, the squared-hinge loss and
-the CUDA RNG state in
-checkpoints: each against a hand computation, exact resume, their settings' checks, and their composition with the
-other options (bf16, grad_clip, distillation, soft FER+ labels, class weights, torchrun)."""
+"""Training levers (issue #24): weight averaging (EMA, SWA), SAM / ASAM, mixup / CutMix, the squared-hinge loss
+and the CUDA RNG state in checkpoints: each against a hand computation, exact resume, their settings' checks, and
+their composition with the other options (bf16, grad_clip, distillation, soft FER+ labels, class weights,
+torchrun)."""
 
 from __future__ import annotations
 
@@ -391,6 +391,19 @@ def test_squared_hinge_is_the_one_vs_rest_l2_svm_loss() -> None:
     torch.testing.assert_close(squared_hinge(logits[:1], soft), expected)
     smoothed = as_distribution(labels, 3) * 0.9 + 0.1 / 3
     torch.testing.assert_close(squared_hinge(logits, labels, label_smoothing=0.1), squared_hinge(logits, smoothed))
+    # With class weights, each class k's term is weighted by w_k, as in cross-entropy's -sum_k w_k y_k log p_k: the
+    # loss of any (smoothed) distribution is sum_k w_k y_k (the loss of label k). Face 0 of (0.5, 0, 0.5), weights
+    # (2, 1, 5): 0.5 * 2 * 1.94 + 0.5 * 5 * (0.7^2 + 3^2 + 0.5^2) = 26.29.
+    weight = torch.tensor([2.0, 1.0, 5.0])
+    torch.testing.assert_close(squared_hinge(logits[:1], soft, weight), torch.tensor([26.29]))
+    gen = torch.Generator().manual_seed(0)
+    scores, dist = torch.randn(5, 4, generator=gen), torch.softmax(torch.randn(5, 4, generator=gen), 1)
+    weight = torch.rand(4, generator=gen) + 0.5
+    per_label = torch.stack([squared_hinge(scores, torch.full((5,), k)) for k in range(4)], 1)  # (faces, k)
+    for eps in (0.0, 0.3):
+        y = dist * (1 - eps) + eps / 4
+        torch.testing.assert_close(squared_hinge(scores, dist, weight, label_smoothing=eps),
+                                   (y * weight * per_label).sum(1))
     # bf16 logits are scored in fp32.
     assert squared_hinge(logits.bfloat16(), labels).dtype == torch.float32
 

@@ -114,12 +114,18 @@ def test_cli_output_files_that_cannot_be_written_fail_before_the_work(small: Pat
             (["crossfit", str(tmp_path / "no-run"), "--out", str(afile / "t.npz")], "cannot write a file into"),
             (["crossfit", str(tmp_path / "no-run"), "--out", str(tmp_path / "adir.npz")], "is a folder, not a file"),
             (["ensemble", "--weights", str(small), "--data", str(tmp_path / "none.csv"), "--method", "mean",
-              "--save", str(afile / "e.safetensors")], "--save .* cannot write a file into")):
+              "--save", str(afile / "e.safetensors")], "--save .* cannot write a file into"),
+            (["ensemble", "--weights", str(small), "--data", str(tmp_path / "none.csv"), "--method", "mean",
+              "--save", str(tmp_path / "adir.npz")], "is a folder, not a file")):
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and message.split(" .* ")[-1] in result.output, (args, result.output)
         # Checked before the runs are read or the members run: the missing run and data are not what it says.
         assert "Traceback" not in result.output and "no-run" not in result.output and "none.csv" not in result.output
     assert afile.read_text() == "notes"
+    # The check makes no folders: a command refused by a later check leaves nothing behind.
+    result = runner.invoke(app, ["ensemble", "--weights", str(small), "--data", str(tmp_path / "none.csv"),
+                                 "--method", "all", "--save", str(tmp_path / "new" / "sub" / "e.safetensors")])
+    assert result.exit_code == 2 and not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

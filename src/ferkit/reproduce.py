@@ -34,6 +34,10 @@ from ferkit.training.trainer import removed_on_failure
 # limit ended the run).
 SEEDS_COLUMNS = ("system", "registry_name", "classes", "reported", "public_test", "private_test", "epochs",
                  "planned_epochs", "train_minutes", "hardware", "command")
+# The columns the table, figure and --list read: a table written before planned_epochs, name or command existed
+# still reads, and its next row adds them.
+SEEDS_READ_COLUMNS = ("system", "registry_name", "classes", "reported", "public_test", "private_test", "epochs",
+                      "train_minutes", "hardware")
 
 # Augmentation the papers either describe as "flips and shifts" or do not describe at all; recipes
 # that name stronger augmentation override it.
@@ -269,7 +273,7 @@ def read_seeds(path: str | os.PathLike) -> list[dict[str, str]]:
         rows = read_rows(path)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise ValueError(f"{path} is not a readable CSV table ({e}); repair or remove it") from e
-    if rows and (missing := [c for c in SEEDS_COLUMNS if c not in rows[0]]):
+    if rows and (missing := [c for c in SEEDS_READ_COLUMNS if c not in rows[0]]):
         raise ValueError(f"{path} lacks the columns {', '.join(missing)}; repair or remove it")
     for line, row in enumerate(rows, start=2):
         bad = None in row or any(v is None for v in row.values())  # a line with too many or too few fields

@@ -90,9 +90,11 @@ def check_output_file(path: Path, option: str) -> None:
 
     if path.is_dir():
         _fail(f"{option} {path} is a folder, not a file")
+    existing = next(p for p in path.absolute().parents if p.exists())  # the folders below it are made on writing
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        with tempfile.TemporaryFile(dir=existing):  # nothing is left behind, even when a later check fails
             pass
     except OSError as e:
-        _fail(f"{option} {path}: cannot write a file into {path.parent} ({e.strerror or e})")
+        _fail(f"{option} {path}: cannot write a file into {existing} ({e.strerror or e})")

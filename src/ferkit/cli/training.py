@@ -332,6 +332,7 @@ def crossfit(
     except (DataError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         targets.save(out)
     except OSError as e:
         _fail(f"cannot write {out}: {e}")

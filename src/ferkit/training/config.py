@@ -26,10 +26,11 @@ MAX_FOLDS = 100  # holdout=K/N: more folds than this leave each run all but a sl
 # those a run started with that patience would have trained, as training is deterministic).
 RESUME_SETTINGS = ("threads", "time_limit", "early_stopping", "progress")
 MAX_THREADS = 1024  # torch crashes (a segfault, no message) on a thread pool of a million
-# What each numeric setting must be besides finite (every float setting must be: NaN passes any `<` test and
-# would reach config.json as invalid JSON), checked by `validate` with the setting named. The levers' settings are
-# checked in `_validate_levers`.
+# What each numeric setting must be, and finite (NaN passes any `<` test and would reach config.json as invalid
+# JSON), checked by `validate` with the setting named; the levers' settings are checked alike in `_validate_levers`,
+# backbone_lr_scale and distill_views in `validate`. A test sets every float setting to NaN and expects a refusal.
 SETTING_RANGES: dict[str, tuple[Any, str]] = {
+    "label_smoothing": (lambda v: 0 <= v <= 1, "a fraction in [0, 1] (0 = off), e.g. 0.1"),
     "lr": (lambda v: v >= 0, "a learning rate >= 0 (0 leaves the weights as they start)"),
     "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "weight_decay": (lambda v: v >= 0, ">= 0"),
@@ -92,7 +93,7 @@ class TrainConfig:
     # on the un-augmented training faces (flip TTA, or the teacher's own view: trainer._teacher_probabilities)
     # are computed once and used as soft targets. Or from cross-fitted targets (.npz, `ferkit crossfit`).
     teacher: str = ""
-    distill_weight: float = 0.7  # loss = (1 - w) * CE(labels) + w * T^2 * KL(teacher_T || student_T)
+    distill_weight: float = 0.7  # loss = (1 - w) * loss(labels) + w * T^2 * KL(teacher_T || student_T)
     distill_temperature: float = 4.0
     # offline: the teacher's probabilities on the un-augmented faces, once (above). online: the teacher run on
     # every training batch as the student sees it (augmented, mixed), a teacher forward pass per step: its answers
@@ -235,16 +236,18 @@ class TrainConfig:
             raise ValueError(f"distill_views must be a whole number of views per face in 1..{MAX_VIEWS}, "
                              f"got {self.distill_views!r}")
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be at least 1")
+            raise ValueError(f"epochs and batch_size must be at least 1, got {self.epochs} and {self.batch_size}")
         if not (math.isfinite(self.backbone_lr_scale) and self.backbone_lr_scale >= 0):
             raise ValueError(f"backbone_lr_scale must be >= 0 (1 = lr for all, 0 = backbone frozen), "
                              f"got {self.backbone_lr_scale}")
-        if self.run_name and (Path(self.run_name).name != self.run_name or self.run_name in (".", "..")):
-            # One folder inside out_dir: a name with a path (../x) would put the run somewhere else.
-            raise ValueError(f"run name {self.run_name!r} must be a folder name without a path (no / or ..)")
+        if self.run_name and (Path(self.run_name).is_absolute() or ".." in Path(self.run_name).parts
+                              or Path(self.run_name).name in ("", ".")):
+            # A folder inside out_dir (exp/seed0 is one): an absolute name or one climbing out with .. would put the
+            # run somewhere else.
+            raise ValueError(f"run name {self.run_name!r} must be a folder inside the output folder (no absolute "
+                             "path, no ..)")
         parse_holdout(self.holdout)
         self._validate_levers()
-        self._validate_finite()
 
     def _validate_types(self) -> None:
         """Every setting of the type of its default (a float setting takes a whole number too): a config.json
@@ -267,13 +270,6 @@ class TrainConfig:
             if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
                 raise ValueError(f"{f.name} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
 
-    def _validate_finite(self) -> None:
-        """Float settings without a range of their own (those with one name it in their message) are finite."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{f.name} must be a finite number, got {value!r}")
-
     def _validate_levers(self) -> None:
         """The training levers' settings; NaN fails every range test, so it is refused with the value named."""
         if self.average not in AVERAGES:
@@ -285,7 +281,6 @@ class TrainConfig:
             "mixup_alpha": (lambda v: 0 <= v < math.inf, "a finite number >= 0 (0 = off), e.g. 0.2"),
             "cutmix_alpha": (lambda v: 0 <= v < math.inf, "a finite number >= 0 (0 = off), e.g. 1.0"),
             "mix_prob": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
-            "label_smoothing": (lambda v: 0 <= v <= 1, "a fraction in [0, 1] (0 = off), e.g. 0.1"),
         }
         for name, (ok, what) in ranges.items():
             value = getattr(self, name)

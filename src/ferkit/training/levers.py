@@ -218,20 +218,21 @@ def squared_hinge(logits: torch.Tensor, targets: torch.Tensor, class_weight: tor
                   label_smoothing: float = 0.0) -> torch.Tensor:
     """One-vs-rest L2-SVM loss per face (Tang 2013, 'Deep Learning using Linear Support Vector Machines', the
     FER2013 challenge's winning entry): sum_c max(0, 1 - t_c s_c)^2 over the logits s, t_c = +1 for the face's
-    class and -1 for the others; the weight decay on the last layer is the SVM's margin term.
+    class k and -1 for the others; the weight decay on the last layer is the SVM's margin term.
 
-    For a target distribution y it is the expectation over the face's class, sum_c y_c max(0, 1 - s_c)^2 +
-    (1 - y_c) max(0, 1 + s_c)^2, which for a one-hot y is the loss of the label; label smoothing smooths y as
-    cross-entropy does ((1 - eps) y + eps / C). Class weights scale a face by sum_c w_c y_c (before smoothing),
-    its class's weight for a label, as cross-entropy's do. Computed in fp32 (bf16 logits square poorly)."""
+    For a target distribution y (FER+ votes, mixed batches; label smoothing makes (1 - eps) y + eps / C of it, as
+    cross-entropy's) it is the expectation over the face's class k ~ y, and class weights weight each class k's
+    term by w_k, as cross-entropy's -sum_k w_k y_k log p_k does:
+        sum_k w_k y_k [max(0, 1 - s_k)^2 + sum_{c != k} max(0, 1 + s_c)^2]
+      = sum_c [v_c max(0, 1 - s_c)^2 + (V - v_c) max(0, 1 + s_c)^2],  v = w * y, V = sum_c v_c.
+    For a label without weights that is the loss of the label. Computed in fp32 (bf16 logits square poorly)."""
     num_classes = logits.shape[1]
     y = as_distribution(targets, num_classes).float()
-    face_weight = None if class_weight is None else y @ class_weight.float()
     if label_smoothing:
         y = y * (1 - label_smoothing) + label_smoothing / num_classes
+    v = y if class_weight is None else y * class_weight.float()
     s = logits.float()
-    per_face = (y * F.relu(1 - s).square() + (1 - y) * F.relu(1 + s).square()).sum(dim=1)
-    return per_face if face_weight is None else per_face * face_weight
+    return (v * F.relu(1 - s).square() + (v.sum(dim=1, keepdim=True) - v) * F.relu(1 + s).square()).sum(dim=1)
 
 
 # ---- mixup / CutMix -----------------------------------------------------------------------------------------

@@ -215,7 +215,7 @@ def create_run(cfg: TrainConfig) -> Path:
     _start_weights(cfg)
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder for run directories")
+        raise ValueError(f"out_dir (--out) {out} is a file, not a folder for run directories")
     if cfg.run_name:
         run_dir = out / cfg.run_name
         run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -629,8 +629,8 @@ def _batch_loss(cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor, c
                 teacher: torch.Tensor | None, rows: slice, d: distributed.Dist) -> torch.Tensor:
     """The training loss of this process's `rows` of a batch (its `logits`), whose targets (class indices, or
     distributions: FER+ votes, mixed batches) and teacher probabilities (distillation; None: off) are `targets`
-    and `teacher`: (1 - w) * CE(targets) + w * distillation_loss. One process is the case of `_share_loss` whose
-    share is the whole batch, so both follow one formula."""
+    and `teacher`: (1 - w) * loss(targets) + w * distillation_loss, the loss being cfg.loss's. One process is the
+    case of `_share_loss` whose share is the whole batch, so both follow one formula."""
     pos = torch.arange(len(targets), device=targets.device)
     return _share_loss(cfg, logits, targets, class_weight, teacher, pos, pos[rows], d)
 
@@ -691,8 +691,9 @@ def _share_loss(cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor, c
 
 
 def _ce_norm(targets: torch.Tensor, class_weight: torch.Tensor | None) -> torch.Tensor | int:
-    """What a batch's summed cross-entropy terms are divided by: the number of faces; with class weights, the sum
-    of the faces' weights, as F.cross_entropy's mean for class targets (each face its class's weight). For
+    """What a batch's summed per-face loss terms (cross-entropy or squared hinge) are divided by: the number of
+    faces; with class weights, the sum of the faces' weights, as F.cross_entropy's mean for class targets (each face
+    its class's weight). For
     distributions (FER+ votes, mixed batches) a face's weight is its targets' sum_c w_c y_c (before label
     smoothing), so that one-hot distributions give exactly the loss of their labels: torch's own mean divides
     them by the number of faces, which changed what class weights mean when mixing turned labels into
