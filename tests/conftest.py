@@ -30,6 +30,22 @@ def synthetic_rows(n_per_split: dict[str, int], seed: int = 0, num_classes: int 
     return rows
 
 
+FILE_DAMAGES = ("empty", "truncated", "text")
+
+
+def damage_file(path: Path, how: str, text: str = "not the file you want") -> None:
+    """Damage a file as disks and users do: `how` is one of FILE_DAMAGES (emptied, cut after 200 bytes, replaced
+    by text)."""
+    if how == "empty":
+        path.write_bytes(b"")
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    elif how == "text":
+        path.write_text(text)
+    else:
+        raise ValueError(f"unknown damage {how!r}; one of {FILE_DAMAGES}")
+
+
 def write_csv(path: Path, rows: list[tuple], header: str = "emotion,pixels,Usage", gz: bool = False) -> Path:
     text = header + "\n" + "".join(",".join(str(f) for f in r) + "\n" for r in rows)
     if gz:

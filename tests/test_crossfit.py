@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import synthetic_rows, write_csv
+from conftest import damage_file, synthetic_rows, write_csv
 from test_training import small_config
 from typer.testing import CliRunner
 
@@ -262,12 +262,8 @@ def test_a_bad_targets_file_is_refused_before_training(tiny_csv: Path, tmp_path:
                                                        case: str) -> None:
     probs = np.load(targets_file)["probabilities"]
     rows = np.load(targets_file)["rows"]
-    if case == "empty":
-        targets_file.write_bytes(b"")
-    elif case == "truncated":
-        targets_file.write_bytes(targets_file.read_bytes()[:200])
-    elif case == "not npz":
-        targets_file.write_text("probabilities\n0.5,0.5\n")
+    if case in ("empty", "truncated", "not npz"):
+        damage_file(targets_file, "text" if case == "not npz" else case, "probabilities\n0.5,0.5\n")
     elif case == "npy":
         with open(targets_file, "wb") as f:
             np.save(f, probs)

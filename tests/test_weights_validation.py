@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import FILE_DAMAGES, damage_file
 from safetensors.torch import load_file, save_file
 from torch import nn
 from typer.testing import CliRunner
@@ -93,12 +94,9 @@ def test_unreadable_weights_files_are_weights_errors_naming_the_file(small: Path
     # safetensors raises its own error type, which callers catching ValueError missed: `ferkit crossfit` over a
     # run with a damaged best.safetensors ended in a traceback.
     path = tmp_path / f"{damage}.safetensors"
-    if damage == "empty":
-        path.write_bytes(b"")
-    elif damage == "truncated":
-        path.write_bytes(small.read_bytes()[:200])
-    elif damage == "text":
-        path.write_text("not weights")
+    if damage in FILE_DAMAGES:
+        path.write_bytes(small.read_bytes())
+        damage_file(path, damage)
     else:
         save_file(load_file(str(small)), str(path), metadata={"ferkit": "{not json"})
     with pytest.raises(WeightsError, match=f"{damage}.safetensors: "):
