@@ -27,8 +27,8 @@ MAX_FOLDS = 100  # holdout=K/N: more folds than this leave each run all but a sl
 RESUME_SETTINGS = ("threads", "time_limit", "early_stopping", "progress")
 MAX_THREADS = 1024  # torch crashes (a segfault, no message) on a thread pool of a million
 # What each numeric setting must be, and finite (NaN passes any `<` test and would reach config.json as invalid
-# JSON), checked by `validate` with the setting named; the levers' settings are checked alike in `_validate_levers`,
-# backbone_lr_scale and distill_views in `validate`. A test sets every float setting to NaN and expects a refusal.
+# JSON), checked by `validate` with the setting named (after `_validate_types`, so every value is a number). A test
+# sets every float setting to NaN and expects a refusal.
 SETTING_RANGES: dict[str, tuple[Any, str]] = {
     "label_smoothing": (lambda v: 0 <= v <= 1, "a fraction in [0, 1] (0 = off), e.g. 0.1"),
     "lr": (lambda v: v >= 0, "a learning rate >= 0 (0 leaves the weights as they start)"),
@@ -48,6 +48,15 @@ SETTING_RANGES: dict[str, tuple[Any, str]] = {
     "seed": (lambda v: 0 <= v < 2**32, "a whole number in [0, 2^32)"),
     "limit_train": (lambda v: v >= 0, "a number of faces >= 0 (0 = all)"),
     "save_every": (lambda v: v >= 0, "optimizer steps >= 0 (0 = off)"),
+    "distill_views": (lambda v: 1 <= v <= MAX_VIEWS, f"a whole number of views per face in 1..{MAX_VIEWS}"),
+    "backbone_lr_scale": (lambda v: v >= 0, ">= 0 (1 = lr for all, 0 = backbone frozen)"),
+    # the training levers (ferkit.training.levers)
+    "ema_decay": (lambda v: 0 < v < 1, "in (0, 1), e.g. 0.999"),
+    "swa_start": (lambda v: 0 <= v < 1, "a fraction of the epochs in [0, 1)"),
+    "sam_rho": (lambda v: v >= 0, "a finite number >= 0 (0 = off), e.g. 0.05"),
+    "mixup_alpha": (lambda v: v >= 0, "a finite number >= 0 (0 = off), e.g. 0.2"),
+    "cutmix_alpha": (lambda v: v >= 0, "a finite number >= 0 (0 = off), e.g. 1.0"),
+    "mix_prob": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
 }
 
 
@@ -231,15 +240,8 @@ class TrainConfig:
             raise ValueError(f"class_weights {self.class_weights!r} must be 'none' or 'balanced'")
         if self.distill_view not in DISTILL_VIEWS:
             raise ValueError(f"distill_view {self.distill_view!r} not in {DISTILL_VIEWS}")
-        if (isinstance(self.distill_views, bool) or not isinstance(self.distill_views, int)
-                or not 1 <= self.distill_views <= MAX_VIEWS):
-            raise ValueError(f"distill_views must be a whole number of views per face in 1..{MAX_VIEWS}, "
-                             f"got {self.distill_views!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be at least 1, got {self.epochs} and {self.batch_size}")
-        if not (math.isfinite(self.backbone_lr_scale) and self.backbone_lr_scale >= 0):
-            raise ValueError(f"backbone_lr_scale must be >= 0 (1 = lr for all, 0 = backbone frozen), "
-                             f"got {self.backbone_lr_scale}")
         if self.run_name and (Path(self.run_name).is_absolute() or ".." in Path(self.run_name).parts
                               or Path(self.run_name).name in ("", ".")):
             # A folder inside out_dir (exp/seed0 is one): an absolute name or one climbing out with .. would put the
@@ -247,7 +249,8 @@ class TrainConfig:
             raise ValueError(f"run name {self.run_name!r} must be a folder inside the output folder (no absolute "
                              "path, no ..)")
         parse_holdout(self.holdout)
-        self._validate_levers()
+        if self.average not in AVERAGES:
+            raise ValueError(f"average {self.average!r} not in {AVERAGES}")
 
     def _validate_types(self) -> None:
         """Every setting of the type of its default (a float setting takes a whole number too): a config.json
@@ -270,22 +273,6 @@ class TrainConfig:
             if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
                 raise ValueError(f"{f.name} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
 
-    def _validate_levers(self) -> None:
-        """The training levers' settings; NaN fails every range test, so it is refused with the value named."""
-        if self.average not in AVERAGES:
-            raise ValueError(f"average {self.average!r} not in {AVERAGES}")
-        ranges = {  # setting: (test, what it must be)
-            "ema_decay": (lambda v: 0 < v < 1, "in (0, 1), e.g. 0.999"),
-            "swa_start": (lambda v: 0 <= v < 1, "a fraction of the epochs in [0, 1)"),
-            "sam_rho": (lambda v: 0 <= v < math.inf, "a finite number >= 0 (0 = off), e.g. 0.05"),
-            "mixup_alpha": (lambda v: 0 <= v < math.inf, "a finite number >= 0 (0 = off), e.g. 0.2"),
-            "cutmix_alpha": (lambda v: 0 <= v < math.inf, "a finite number >= 0 (0 = off), e.g. 1.0"),
-            "mix_prob": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
-        }
-        for name, (ok, what) in ranges.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
-                raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
 def _validate_augment(augment: Any) -> None:
