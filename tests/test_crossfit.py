@@ -16,6 +16,7 @@ from conftest import damage_file, synthetic_rows, write_csv
 from test_training import small_config
 from typer.testing import CliRunner
 
+import ferkit.training.distill as distill
 import ferkit.training.trainer as trainer
 from ferkit.cli import app
 from ferkit.data import load_dataset
@@ -138,8 +139,8 @@ def test_a_student_distils_from_the_targets_of_its_own_faces(tiny_csv: Path, tmp
     crossfit_targets(runs).save(out)
     targets = CrossfitTargets.load(out)
     seen: list[torch.Tensor] = []
-    real = trainer._teacher_probabilities
-    monkeypatch.setattr(trainer, "_teacher_probabilities", lambda *a: seen.append(real(*a)) or seen[-1])
+    real = distill.teacher_probabilities
+    monkeypatch.setattr(distill, "teacher_probabilities", lambda *a: seen.append(real(*a)) or seen[-1])
     student = train(small_config(tiny_csv, tmp_path, run_name="student", epochs=1, teacher=str(out),
                                  limit_train=40))
     faces = load_dataset(str(tiny_csv)).split("Training").subset(np.arange(40))

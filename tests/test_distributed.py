@@ -26,8 +26,9 @@ from conftest import synthetic_rows, write_csv
 from safetensors.torch import load_file
 
 from ferkit.training import TrainConfig, TrainingError, train
+from ferkit.training.distill import distillation_loss
 from ferkit.training.distributed import Dist
-from ferkit.training.trainer import _check_shares, _share_loss, distillation_loss
+from ferkit.training.trainer import _check_shares, _share_loss
 
 LAUNCH_TIMEOUT = 120  # seconds for one torchrun launch (a few seconds when the machine is free)
 # The run both sides train: augmentation on (each process keeps its share of the globally augmented batch),

@@ -17,7 +17,7 @@ from ferkit.data.augment import AugmentConfig
 from ferkit.data.labels import FER2013_NAMES
 from ferkit.models.weights import load_model
 from ferkit.training import TrainConfig, train
-from ferkit.training.trainer import distillation_loss
+from ferkit.training.distill import distillation_loss
 
 SMALL_MODEL = "sixclass_cnn4"  # the cheapest CNN in the registry keeps these tests fast
 
@@ -368,7 +368,7 @@ def test_teacher_targets_use_the_teachers_view(tiny_csv: Path, tmp_path: Path, t
     from ferkit.models import create_model
     from ferkit.models.predict import predict_proba
     from ferkit.models.weights import save_weights
-    from ferkit.training.trainer import _teacher_probabilities
+    from ferkit.training.distill import teacher_probabilities
 
     torch.manual_seed(0)
     meta = {"model": SMALL_MODEL, "num_classes": 7, "classes": list(FER2013_NAMES), "label_set": "fer7",
@@ -376,6 +376,6 @@ def test_teacher_targets_use_the_teachers_view(tiny_csv: Path, tmp_path: Path, t
     model = create_model(SMALL_MODEL, num_classes=7).eval()
     save_weights(model, tmp_path / "teacher.safetensors", meta)
     faces = load_dataset(str(tiny_csv)).split("Training")
-    got = _teacher_probabilities(TrainConfig(teacher=str(tmp_path / "teacher.safetensors")), faces,
+    got = teacher_probabilities(TrainConfig(teacher=str(tmp_path / "teacher.safetensors")), faces,
                                  torch.device("cpu"))
     assert np.allclose(got.numpy(), predict_proba(model, faces.images, input_size=48, tta=tta), atol=1e-6)

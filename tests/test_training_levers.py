@@ -21,6 +21,7 @@ from test_training import small_config, without_timing
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from typer.testing import CliRunner
 
+import ferkit.training.distill as distill
 import ferkit.training.trainer as trainer
 from ferkit.cli import app
 from ferkit.data import load_dataset
@@ -458,7 +459,7 @@ def test_distillation_with_mixing_mixes_the_tempered_teacher_distributions(tiny_
     probs: list[torch.Tensor] = []
     mixes: list[tuple[torch.Tensor, torch.Tensor]] = []
     losses: list[tuple[torch.Tensor, bool]] = []
-    real_probs, real_mix, real_loss = trainer._teacher_probabilities, levers.mix_batch, trainer.distillation_loss
+    real_probs, real_mix, real_loss = distill.teacher_probabilities, levers.mix_batch, distill.distillation_loss
 
     def teacher_probabilities(*args):
         probs.append(real_probs(*args))
@@ -473,9 +474,9 @@ def test_distillation_with_mixing_mixes_the_tempered_teacher_distributions(tiny_
         losses.append((teacher, tempered))
         return real_loss(student, teacher, temperature, **({"tempered": True} if tempered else {}))
 
-    monkeypatch.setattr(trainer, "_teacher_probabilities", teacher_probabilities)
+    monkeypatch.setattr(distill, "teacher_probabilities", teacher_probabilities)
     monkeypatch.setattr(levers, "mix_batch", mix_batch)
-    monkeypatch.setattr(trainer, "distillation_loss", distillation_loss)
+    monkeypatch.setattr(distill, "distillation_loss", distillation_loss)
     settings = dict(teacher=str(teacher_path), distill_temperature=4.0, mixup_alpha=0.4, epochs=2)
     full = train(small_config(tiny_csv, tmp_path / "full", **settings))
     tempered = F.softmax(probs[0].clamp_min(1e-8).log() / 4.0, 1)
@@ -506,7 +507,7 @@ def test_online_distillation_targets_are_the_teacher_on_each_mixed_batch(tiny_cs
     teacher = save_teacher(teacher_path, normalize=teacher_norm)
     seen: list[torch.Tensor] = []
     losses: list[tuple[torch.Tensor, bool]] = []
-    real_mix, real_loss = levers.mix_batch, trainer.distillation_loss
+    real_mix, real_loss = levers.mix_batch, distill.distillation_loss
 
     def mix_batch(x, targets, given, cfg, gen):
         assert given is None  # online: nothing precomputed to mix
@@ -522,8 +523,8 @@ def test_online_distillation_targets_are_the_teacher_on_each_mixed_batch(tiny_cs
         raise AssertionError("online distillation computed offline targets")
 
     monkeypatch.setattr(levers, "mix_batch", mix_batch)
-    monkeypatch.setattr(trainer, "distillation_loss", distillation_loss)
-    monkeypatch.setattr(trainer, "_teacher_probabilities", no_offline_pass)
+    monkeypatch.setattr(distill, "distillation_loss", distillation_loss)
+    monkeypatch.setattr(distill, "teacher_probabilities", no_offline_pass)
     settings = dict(teacher=str(teacher_path), distill_view="online", mixup_alpha=0.4, epochs=2)
     full = train(small_config(tiny_csv, tmp_path / "full", **settings))
     assert len(seen) == len(losses) == 2 * STEPS_PER_EPOCH
@@ -555,7 +556,7 @@ def test_online_distillation_teacher_and_student_see_faces_alike(tiny_csv: Path,
         assert not (tmp_path / "runs").exists()
     crops: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
-    real_augment, real_loss = trainer.augment, trainer.distillation_loss
+    real_augment, real_loss = trainer.augment, distill.distillation_loss
 
     def augment(*args, **kwargs):  # the student's training faces: 48-pixel crops of 58-pixel faces
         crops.append(real_augment(*args, **kwargs))
@@ -566,7 +567,7 @@ def test_online_distillation_teacher_and_student_see_faces_alike(tiny_csv: Path,
         return real_loss(student, given, temperature, tempered=tempered)
 
     monkeypatch.setattr(trainer, "augment", augment)
-    monkeypatch.setattr(trainer, "distillation_loss", distillation_loss)
+    monkeypatch.setattr(distill, "distillation_loss", distillation_loss)
     train(small_config(tiny_csv, tmp_path / "crop", teacher=str(crop_teacher), distill_view="online",
                        train_view="crop", epochs=1))
     assert len(crops) == len(targets) == STEPS_PER_EPOCH
@@ -599,7 +600,7 @@ def test_cached_distillation_trains_on_stored_views_against_the_teacher_on_each(
     drawn: list[tuple[torch.Tensor, torch.Tensor]] = []
     picked: list[tuple[torch.Tensor, torch.Tensor]] = []  # (faces drawn, their batch)
     losses: list[tuple[torch.Tensor, bool]] = []
-    real_build, real_draw, real_loss = teacher_views.build, teacher_views.draw, trainer.distillation_loss
+    real_build, real_draw, real_loss = teacher_views.build, teacher_views.draw, distill.distillation_loss
 
     def build(*args, **kwargs):
         built.append(real_build(*args, **kwargs))
@@ -619,7 +620,7 @@ def test_cached_distillation_trains_on_stored_views_against_the_teacher_on_each(
 
     monkeypatch.setattr(teacher_views, "build", build)
     monkeypatch.setattr(teacher_views, "draw", draw)
-    monkeypatch.setattr(trainer, "distillation_loss", distillation_loss)
+    monkeypatch.setattr(distill, "distillation_loss", distillation_loss)
     monkeypatch.setattr(trainer, "augment", no_augment)
     settings = dict(teacher=str(teacher_path), distill_view="cached", distill_views=3, epochs=2)
     full = train(small_config(tiny_csv, tmp_path / "full", **settings))
@@ -660,13 +661,13 @@ def test_cached_distillation_with_mixing_mixes_tempered_distributions(tiny_csv: 
     # Mixed batches aim at the mix of their faces' tempered targets, as offline: each target a distribution over
     # the classes (tempering the (views, faces, C) table over any other axis would not sum to 1).
     losses: list[tuple[torch.Tensor, bool]] = []
-    real_loss = trainer.distillation_loss
+    real_loss = distill.distillation_loss
 
     def distillation_loss(student, targets, temperature, tempered=False):
         losses.append((targets, tempered))
         return real_loss(student, targets, temperature, tempered=tempered)
 
-    monkeypatch.setattr(trainer, "distillation_loss", distillation_loss)
+    monkeypatch.setattr(distill, "distillation_loss", distillation_loss)
     teacher_path = tmp_path / "teacher.safetensors"
     save_teacher(teacher_path)
     train(small_config(tiny_csv, tmp_path, teacher=str(teacher_path), distill_view="cached", distill_views=2,

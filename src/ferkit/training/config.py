@@ -99,7 +99,7 @@ class TrainConfig:
     time_limit: float = 0.0
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     # Knowledge distillation from a trained teacher (a .safetensors model or saved ensemble): its probabilities
-    # on the un-augmented training faces (flip TTA, or the teacher's own view: trainer._teacher_probabilities)
+    # on the un-augmented training faces (flip TTA, or the teacher's own view: distill.teacher_probabilities)
     # are computed once and used as soft targets. Or from cross-fitted targets (.npz, `ferkit crossfit`).
     teacher: str = ""
     distill_weight: float = 0.7  # loss = (1 - w) * loss(labels) + w * T^2 * KL(teacher_T || student_T)

@@ -15,7 +15,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ferkit.data import FaceData, file_sha256, get_label_set, load_dataset
@@ -32,19 +31,17 @@ from ferkit.device import autocast, precision_name, resolve_device, resolve_prec
 from ferkit.models import count_parameters, create_model
 from ferkit.models.finetune import parameter_groups
 from ferkit.models.predict import (
-    CROP_MODES,
     NonFiniteOutputError,
     model_tta,
-    predict_batch,
     predict_proba,
     tencrop_source_size,
 )
 from ferkit.models.pretrained import check_pretrained, is_ferkit_weights, load_pretrained
 from ferkit.models.weights import SHIPPED_MODELS, load_model, read_metadata, resolve_weights, save_weights
 from ferkit.shared_files import claimed, replacing, write_rows
-from ferkit.training import distributed, levers, teacher_views
+from ferkit.training import distill, distributed, levers, teacher_views
 from ferkit.training.config import RESUME_SETTINGS, TrainConfig
-from ferkit.training.crossfit import CrossfitTargets, offline_view, training_faces
+from ferkit.training.crossfit import CrossfitTargets, training_faces
 from ferkit.training.report import (
     command_line,
     git_commit,
@@ -333,9 +330,9 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
         class_weight = torch.tensor(len(train_set) / (num_classes * counts), dtype=torch.float32, device=device)
     online = bool(cfg.teacher) and cfg.distill_view == "online"
     cached = bool(cfg.teacher) and cfg.distill_view == "cached"  # views and their targets: built before epoch 1
-    teacher_probs = (_teacher_probabilities(cfg, train_set, device).to(device)
+    teacher_probs = (distill.teacher_probabilities(cfg, train_set, device).to(device)
                      if cfg.teacher and cfg.distill_view == "offline" else None)
-    online_teacher = _online_teacher(cfg, device, amp_dtype) if online else None
+    online_teacher = distill.online_teacher(cfg, device, amp_dtype) if online else None
     optimizer = _make_optimizer(cfg, model)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     scheduler = _make_scheduler(cfg, optimizer, steps_per_epoch)
@@ -415,7 +412,7 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
     checked = step  # the last step whose loss was checked finite
     views = None  # distill_view=cached: (views, faces) uint8 training faces; teacher_probs then (views, faces, C)
     if cached and not finished and start_epoch < cfg.epochs:  # (a run over has no use for them)
-        views, teacher_probs, seconds = _cached_views(cfg, run_dir, start_weights["teacher"]["sha256"] or "",
+        views, teacher_probs, seconds = distill.cached_views(cfg, run_dir, start_weights["teacher"]["sha256"] or "",
                                                       train_images, num_classes, face_size, crop, device,
                                                       amp_dtype, d)
         if seconds:  # teacher passes, not training: outside `elapsed` and time_limit, but on the record
@@ -423,7 +420,7 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
     if teacher_probs is not None and mixing:  # offline or cached targets (online ones are made per batch)
         # The distillation targets are tempered distributions, and a mixed batch mixes its faces' targets: tempered
         # once here, before any mixing (distillation_loss then takes them as they are).
-        teacher_probs = temper(teacher_probs, cfg.distill_temperature)
+        teacher_probs = distill.temper(teacher_probs, cfg.distill_temperature)
     for epoch in range(start_epoch, start_epoch if finished else cfg.epochs):
         t0 = time.perf_counter()
         net.train()
@@ -684,7 +681,7 @@ def _share_loss(cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor, c
     if teacher_probs is not None:
         # Offline and cached targets of mixed batches were tempered before they were mixed (see _train); online ones
         # are the teacher's probabilities on the mixed faces themselves.
-        kl = distillation_loss(logits, teacher_probs[share], cfg.distill_temperature,
+        kl = distill.distillation_loss(logits, teacher_probs[share], cfg.distill_temperature,
                                tempered=levers.mixes(cfg) and cfg.distill_view != "online") * (len(share) / len(batch))
         loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kl
     return loss * d.world_size
@@ -771,25 +768,6 @@ def _saving(run_dir: Path, epoch: int) -> Iterator[None]:
                          f"space and resume it (ferkit train --resume {run_dir})") from e
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float,
-                      tempered: bool = False) -> torch.Tensor:
-    """T^2 * KL(teacher_T || student_T) (Hinton et al. 2015), from the teacher's probabilities.
-
-    Tempering probabilities p -> p^(1/T) / sum equals softmax(teacher_logits / T), so saved probabilities
-    serve as well as logits (`temper`). The T^2 factor keeps the gradient scale independent of T.
-    tempered: `teacher_probs` are tempered already (mixed batches mix the tempered distributions, see _train).
-    """
-    teacher_t = teacher_probs if tempered else temper(teacher_probs, temperature)
-    student_log_t = F.log_softmax(student_logits / temperature, dim=1)
-    return F.kl_div(student_log_t, teacher_t, reduction="batchmean") * temperature ** 2
-
-
-def temper(probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Probabilities (..., C) at temperature T: p^(1/T) / sum over the classes (the last axis), i.e.
-    softmax(log p / T) (zeros kept at 1e-8). Cached teacher views hold (views, faces, C)."""
-    return F.softmax(probs.clamp_min(1e-8).log() / temperature, dim=-1)
-
-
 def _start_weights(cfg: TrainConfig, resumed: Path | None = None) -> dict[str, dict[str, str]]:
     """The run's teacher and initial weights as the manifest records them ({"teacher": {"path", "sha256"}}), after
     checking that each is a ferkit weights file (a path or a shipped model's name) that fits the run: the teacher
@@ -840,7 +818,7 @@ def _start_weights(cfg: TrainConfig, resumed: Path | None = None) -> dict[str, d
         if key == "teacher" and list(meta.get("classes", [])) != classes:
             raise ValueError(f"teacher {spec} predicts {meta.get('classes')}, but this run trains {classes}")
         if key == "teacher" and cfg.distill_view != "offline":  # online or cached: it sees the student's faces
-            _check_online_teacher(cfg, spec, model_tta("auto", meta))
+            distill.check_online_teacher(cfg, spec, model_tta("auto", meta))
         if key == "init_weights":
             held = (meta.get("model"), meta.get("model_kwargs", {}), list(meta.get("classes", [])))
             wanted = (cfg.model, cfg.model_kwargs, classes)
@@ -849,95 +827,6 @@ def _start_weights(cfg: TrainConfig, resumed: Path | None = None) -> dict[str, d
                                  f"but this run trains {wanted[0]} {wanted[1] or ''} predicting {wanted[2]}")
         found[key] = {"path": spec, "sha256": file_sha256(path)}
     return found
-
-
-def _teacher_probabilities(cfg: TrainConfig, train_set: FaceData, device: torch.device) -> torch.Tensor:
-    """The teacher's probabilities on the un-augmented training faces, (N, C), computed once, under its own
-    view (`--tta auto`: a saved ensemble's fitted mode, the centre crop for crop-trained weights), or with
-    flip TTA where that view is the plain whole face; or, for a cross-fitted targets file (.npz, `ferkit
-    crossfit`), its rows for these faces.
-
-    Offline targets cost one teacher pass instead of one per epoch; under the mild augmentations used here
-    (flips, small crops and shifts) a face's emotion distribution does not change, so the targets still fit.
-    """
-    if (path := resolve_weights(cfg.teacher)).suffix == ".npz":
-        probs = CrossfitTargets.load(path).for_faces(train_set, cfg.data)
-        print(f"distilling from the cross-fitted targets {cfg.teacher}: held-out accuracy on this run's "
-              f"{len(train_set)} training faces {float((probs.argmax(1) == train_set.labels).mean()):.4f}", flush=True)
-        return torch.from_numpy(probs)
-    teacher, meta = load_model(cfg.teacher, device)
-    print(f"distilling from {cfg.teacher} ({meta['model']}): computing its probabilities on {len(train_set)} "
-          "training faces", flush=True)
-    probs = predict_proba(teacher, train_set.images, input_size=meta["input_size"],
-                          norm=meta.get("normalize", "dataset"), tta=offline_view(meta))
-    acc = float((probs.argmax(1) == train_set.labels).mean())
-    print(f"teacher accuracy on the training faces: {acc:.4f}", flush=True)
-    return torch.from_numpy(probs)
-
-
-def _check_online_teacher(cfg: TrainConfig, spec: str, view: str) -> None:
-    """distill_view=online (and cached) feeds the teacher the student's own training faces, so both must see faces
-    alike: whole faces (train_view=resize) for a teacher whose view is the whole face, input-size crops
-    (train_view=crop) for one whose view is a crop (crop-trained weights, an ensemble fitted under center or
-    tencrop)."""
-    teacher_crops, student_crops = view in CROP_MODES, cfg.train_view == "crop"
-    if teacher_crops != student_crops:
-        seen = {True: "crops", False: "whole faces"}
-        raise ValueError(f"teacher {spec} sees {seen[teacher_crops]} ({view} view), but this run trains on "
-                         f"{seen[student_crops]} (train_view={cfg.train_view}): distill_view={cfg.distill_view} "
-                         "feeds the teacher the student's faces; use distill_view=offline, or a teacher trained as "
-                         "this run trains")
-
-
-def _cached_views(cfg: TrainConfig, run_dir: Path, teacher_sha256: str, train_images: torch.Tensor,
-                  num_classes: int, face_size: int, crop: int, device: torch.device, amp_dtype: torch.dtype | None,
-                  d: distributed.Dist) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """distill_view=cached: the run's teacher views and the teacher's probabilities on them (ferkit.training.
-    teacher_views), from the run directory or built (and saved there), and the seconds the build took. Several
-    processes: rank 0 builds and saves them while the others wait, then the others read its file (or build their
-    own, the same from the same stream, if it could not be saved)."""
-    size = crop or face_size
-    teacher_views.check_size(cfg.distill_views, len(train_images), size)
-    key = teacher_views.view_key(teacher_sha256=teacher_sha256, count=cfg.distill_views, seed=cfg.seed,
-                                 augment_cfg=cfg.augment, face_size=face_size, crop=crop, faces=train_images)
-
-    def make() -> tuple[torch.Tensor, torch.Tensor]:  # the teacher is loaded only when the views are built
-        return teacher_views.build(train_images, cfg.distill_views, cfg.augment, face_size, crop, cfg.seed,
-                                   _online_teacher(cfg, device, amp_dtype), progress=cfg.progress and d.main)
-
-    def load_or_build() -> tuple[torch.Tensor, torch.Tensor, float]:
-        return teacher_views.load_or_build(run_dir, key, (cfg.distill_views, len(train_images), num_classes, size),
-                                           make, device, save=d.main)
-
-    if not d.active:
-        return load_or_build()
-    built: list[tuple[torch.Tensor, torch.Tensor, float]] = []
-    d.from_rank0(lambda: built.append(load_or_build()))  # the others wait here for rank 0's file
-    return built[0] if d.main else load_or_build()
-
-
-def _online_teacher(cfg: TrainConfig, device: torch.device,
-                    amp_dtype: torch.dtype | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """distill_view=online (cached: on each stored view): a function from a batch of training faces as the student
-    gets them (augmented, mixed; float (B, 1, S, S) in [0, 1], not normalized) to the teacher's probabilities on
-    them, (B, C), under
-    the teacher's own view: a saved ensemble's fitted mode, or none (no flip averaging: the batches are flipped at
-    random already); a crop teacher's crops are the student's crops (`_check_online_teacher`), fed as they are.
-    In bf16 when the run trains in it, else fp32 (fp16 logits can overflow, and a NaN target would read as
-    divergence). The teacher is in eval mode and draws no random numbers: a resumed run gets the same targets."""
-    teacher, meta = load_model(cfg.teacher, device)
-    teacher.eval()
-    size, norm, view = meta["input_size"], meta.get("normalize", "dataset"), model_tta("auto", meta)
-    view = "none" if view in CROP_MODES else view
-    dtype = amp_dtype if amp_dtype == torch.bfloat16 else None
-    when = ("online: the teacher runs on every training batch" if cfg.distill_view == "online" else
-            f"from {cfg.distill_views} cached views of each training face: the teacher runs on each once")
-    print(f"distilling from {cfg.teacher} ({meta['model']}) {when} ({view} view)", flush=True)
-
-    def probabilities(x: torch.Tensor) -> torch.Tensor:
-        return predict_batch(teacher, normalize(resize(x, size), norm), view, size, dtype).float()
-
-    return probabilities
 
 
 def _load_initial_weights(model: torch.nn.Module, cfg: TrainConfig) -> None:
