@@ -105,3 +105,62 @@ def test_reproduce_list_marks_measured_and_missing_rows(tmp_path: Path) -> None:
     lines = {line.split()[0]: line for line in result.output.splitlines() if line and not line.startswith(" ")}
     assert "measured 0.678 (50 epochs)" in lines["frivas_cnn2"]
     assert "not run yet" in lines["frivas_cnn3"]
+
+
+class _Exited(Exception):
+    """os._exit, caught: the test process goes on."""
+
+
+@pytest.mark.parametrize(("argv", "status", "printed"), [
+    (["ferkit", "models", "frivas*"], 0, "frivas_cnn5"),  # a command that succeeds
+    (["ferkit", "train", "--data", "no/such.csv"], 2, "no/such.csv"),  # a user error: its status and message
+    (["ferkit", "no-such-command"], 2, "No such command"),  # click's own usage error
+])
+def test_a_torchrun_worker_ends_with_its_commands_status_and_output(argv: list[str], status: int, printed: str,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # Launched by torchrun, the command ends the process itself (os._exit, past the interpreter's teardown, where
+    # gloo aborted finished runs now and then), with the status the command gave and its output flushed.
+    import ferkit.cli as cli
+
+    exits: list[int] = []
+
+    def fake_exit(code: int) -> None:
+        exits.append(code)
+        raise _Exited
+
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    monkeypatch.setattr("sys.argv", argv)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(_Exited):
+        cli.main()
+    out = capsys.readouterr()
+    assert exits == [status]
+    assert printed in out.out + out.err
+
+
+def test_a_torchrun_worker_turns_an_exit_message_into_status_1(monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import ferkit.cli as cli
+
+    def app() -> None:
+        raise SystemExit("stopped: a reason")
+
+    exits: list[int] = []
+    monkeypatch.setattr(cli, "app", app)
+    monkeypatch.setattr(cli.os, "_exit", lambda code: exits.append(code))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cli.main()
+    assert exits == [1] and "stopped: a reason" in capsys.readouterr().err
+
+
+def test_one_process_exits_as_python_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No torchrun: no os._exit; click's SystemExit goes up as usual.
+    import ferkit.cli as cli
+
+    monkeypatch.setattr(cli.os, "_exit", lambda code: pytest.fail("os._exit outside torchrun"))
+    monkeypatch.setattr("sys.argv", ["ferkit", "models", "frivas*"])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 0

@@ -161,6 +161,8 @@ def processes() -> Iterator[Dist]:
         # Leave together: a process that tears its group down while a peer is still writing its last files closes
         # the peer's gloo connections under it, and the peer then aborted at exit ("terminate called without an
         # active exception", seen twice in CI). After an error the peers may never get here, so no barrier then.
+        # (A rarer abort of the same words, in the interpreter's teardown after the group is gone, is why the CLI
+        # ends torchrun's workers with os._exit: `ferkit.cli.main`.)
         dist.barrier()
     finally:
         dist.destroy_process_group()
