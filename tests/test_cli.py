@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,8 +110,26 @@ def test_reproduce_list_marks_measured_and_missing_rows(tmp_path: Path) -> None:
     assert "not run yet" in lines["frivas_cnn3"]
 
 
+
 class _Exited(Exception):
     """os._exit, caught: the test process goes on."""
+
+
+@pytest.fixture
+def torchrun_worker(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """This process as a torchrun worker whose command made a process group; the statuses os._exit was given."""
+    import ferkit.cli as cli
+    from ferkit.training import distributed
+
+    exits: list[int] = []
+
+    def fake_exit(code: int) -> None:
+        exits.append(code)
+        raise _Exited
+
+    monkeypatch.setattr(distributed, "_made_group", True)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    return exits
 
 
 @pytest.mark.parametrize(("argv", "status", "printed"), [
@@ -117,50 +138,71 @@ class _Exited(Exception):
     (["ferkit", "no-such-command"], 2, "No such command"),  # click's own usage error
 ])
 def test_a_torchrun_worker_ends_with_its_commands_status_and_output(argv: list[str], status: int, printed: str,
+                                                                     torchrun_worker: list[int],
                                                                      monkeypatch: pytest.MonkeyPatch,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    # Launched by torchrun, the command ends the process itself (os._exit, past the interpreter's teardown, where
-    # gloo aborted finished runs now and then), with the status the command gave and its output flushed.
+    # A worker ends the process itself (os._exit, past the interpreter's teardown, where gloo aborted finished runs
+    # now and then), with the status the command gave and its output.
     import ferkit.cli as cli
 
-    exits: list[int] = []
-
-    def fake_exit(code: int) -> None:
-        exits.append(code)
-        raise _Exited
-
-    monkeypatch.setattr(cli.os, "_exit", fake_exit)
     monkeypatch.setattr("sys.argv", argv)
-    monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(_Exited):
         cli.main()
     out = capsys.readouterr()
-    assert exits == [status]
+    assert torchrun_worker == [status]
     assert printed in out.out + out.err
 
 
-def test_a_torchrun_worker_turns_an_exit_message_into_status_1(monkeypatch: pytest.MonkeyPatch,
+def test_a_torchrun_worker_turns_an_exit_message_into_status_1(torchrun_worker: list[int],
+                                                                monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     import ferkit.cli as cli
 
     def app() -> None:
         raise SystemExit("stopped: a reason")
 
-    exits: list[int] = []
     monkeypatch.setattr(cli, "app", app)
-    monkeypatch.setattr(cli.os, "_exit", lambda code: exits.append(code))
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    cli.main()
-    assert exits == [1] and "stopped: a reason" in capsys.readouterr().err
+    with pytest.raises(_Exited):
+        cli.main()
+    assert torchrun_worker == [1] and "stopped: a reason" in capsys.readouterr().err
 
 
-def test_one_process_exits_as_python_does(monkeypatch: pytest.MonkeyPatch) -> None:
-    # No torchrun: no os._exit; click's SystemExit goes up as usual.
+def test_a_torchrun_workers_crash_keeps_its_traceback(torchrun_worker: list[int],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     import ferkit.cli as cli
 
-    monkeypatch.setattr(cli.os, "_exit", lambda code: pytest.fail("os._exit outside torchrun"))
+    def app() -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "app", app)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main()
+    assert torchrun_worker == []
+
+
+def test_a_process_that_made_no_group_exits_as_python_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    # WORLD_SIZE alone (a cluster job's environment, `ferkit serve` in it) is no torchrun worker: click's SystemExit
+    # goes up as usual, so atexit handlers and thread joins still run.
+    import ferkit.cli as cli
+    from ferkit.training import distributed
+
+    monkeypatch.setattr(distributed, "_made_group", False)
+    monkeypatch.setattr(cli.os, "_exit", lambda code: pytest.fail("os._exit in a process that made no group"))
     monkeypatch.setattr("sys.argv", ["ferkit", "models", "frivas*"])
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit) as e:
         cli.main()
     assert e.value.code == 0
+
+
+def test_a_torchrun_workers_piped_output_is_flushed_before_it_ends() -> None:
+    # Into a pipe, stdout is block-buffered: os._exit without the flush would lose what the command printed
+    # (a command that prints without flushing, and writes to stderr, then exits 3).
+    script = ("import sys\nimport ferkit.cli as cli\nfrom ferkit.training import distributed\n"
+              "distributed._made_group = True\n"
+              "def app():\n    print('said and not flushed')\n    sys.stderr.write('warned')\n    sys.exit(3)\n"
+              "cli.app = app\ncli.main()\nprint('not reached')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as a plain launch is
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert done.stdout == "said and not flushed\n" and done.stderr.endswith("warned")

@@ -20,23 +20,30 @@ __all__ = ["app", "main"]
 def main() -> None:
     """The `ferkit` command (and `python -m ferkit`).
 
-    A process that torchrun started (WORLD_SIZE > 1) ends with os._exit once its command has returned: its process
-    group is gone by then (`ferkit.training.distributed.processes`), but in about one launch in thirty under load a
-    worker still aborted in the interpreter's teardown, after the last Python frame ("terminate called without an
-    active exception", SIGABRT: torch's gloo threads and C++ static destructors), which failed a run that had
-    finished and saved everything. Its output is flushed first; an exception other than SystemExit ends the process
-    as usual, with its traceback."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        app()
-        return
+    A torchrun worker (a process whose command made a process group with torchrun's others:
+    `ferkit.training.distributed.processes`) ends with os._exit once its command has returned. Its group is gone by
+    then, but in about one launch in thirty under load a worker still aborted in the interpreter's teardown, after
+    the last Python frame ("terminate called without an active exception", SIGABRT: torch's gloo threads and C++
+    static destructors), which failed a run that had finished and saved everything. Its output is flushed first;
+    an exception other than SystemExit ends the process as usual, with its traceback. Every other process exits as
+    Python does."""
     try:
         app()
-        code: object = 0
     except SystemExit as e:
-        code = e.code
-    if code is not None and not isinstance(code, int):  # sys.exit("message"): printed, and status 1, as Python does
+        distributed = sys.modules.get("ferkit.training.distributed")  # not imported: no group was made
+        if distributed is None or not distributed.made_process_group():
+            raise
+        _exit_now(e.code)
+
+
+def _exit_now(code: object) -> None:
+    """os._exit with the status Python would give SystemExit(code): None is 0, a message is printed and is 1."""
+    if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
+            pass
     os._exit(code or 0)

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 T = TypeVar("T")
 _CPU = torch.device("cpu")
+_made_group = False  # set once `processes()` joined torchrun's processes into a group: see made_process_group
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,8 @@ def processes() -> Iterator[Dist]:
     if torch.cuda.is_available():
         torch.cuda.set_device(d.local_rank % torch.cuda.device_count())
     dist.init_process_group(backend=backend)
+    global _made_group
+    _made_group = True
     try:
         yield d
         # Leave together: a process that tears its group down while a peer is still writing its last files closes
@@ -166,6 +169,12 @@ def processes() -> Iterator[Dist]:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def made_process_group() -> bool:
+    """Whether this process made a process group with torchrun's other processes (`processes()`), at any time:
+    such a process ends with os._exit (`ferkit.cli.main`)."""
+    return _made_group
 
 
 def _portable(error: Exception | None) -> Exception | None:

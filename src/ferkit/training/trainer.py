@@ -412,9 +412,9 @@ def _train(cfg: TrainConfig, run_dir: Path, state: dict | None, history: list[di
     checked = step  # the last step whose loss was checked finite
     views = None  # distill_view=cached: (views, faces) uint8 training faces; teacher_probs then (views, faces, C)
     if cached and not finished and start_epoch < cfg.epochs:  # (a run over has no use for them)
-        views, teacher_probs, seconds = distill.cached_views(cfg, run_dir, start_weights["teacher"]["sha256"] or "",
-                                                      train_images, num_classes, face_size, crop, device,
-                                                      amp_dtype, d)
+        views, teacher_probs, seconds = distill.cached_views(cfg, run_dir,
+                                                             start_weights["teacher"]["sha256"] or "", train_images,
+                                                             num_classes, face_size, crop, device, amp_dtype, d)
         if seconds:  # teacher passes, not training: outside `elapsed` and time_limit, but on the record
             stretch["teacher_views_seconds"] = round(seconds, 1)
     if teacher_probs is not None and mixing:  # offline or cached targets (online ones are made per batch)
@@ -681,8 +681,9 @@ def _share_loss(cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor, c
     if teacher_probs is not None:
         # Offline and cached targets of mixed batches were tempered before they were mixed (see _train); online ones
         # are the teacher's probabilities on the mixed faces themselves.
+        tempered = levers.mixes(cfg) and cfg.distill_view != "online"
         kl = distill.distillation_loss(logits, teacher_probs[share], cfg.distill_temperature,
-                               tempered=levers.mixes(cfg) and cfg.distill_view != "online") * (len(share) / len(batch))
+                                       tempered=tempered) * (len(share) / len(batch))
         loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kl
     return loss * d.world_size
 
