@@ -121,14 +121,14 @@ def test_two_processes_train_the_one_process_run(data: Path, two_process_run: Pa
 def cli_worker(patch: str, records: str | None = None) -> str:
     """Source of a torchrun worker script: `patch` (Python source) wraps some ferkit function, then the worker runs
     the ferkit CLI with the script's arguments. With `records`, the list of that name (filled by the patch) is
-    written to `<records><RANK>.json` in the working directory however the run ends."""
+    written to `<records><RANK>.json` in the working directory however the command ends: when the CLI's app returns
+    or raises, since a worker then ends with os._exit (`ferkit.cli.main`), past any `finally` around main()."""
     run = 'sys.argv = ["ferkit", *sys.argv[1:]]\n'
-    if records is None:
-        run += "main()\n"
-    else:
-        run += (f"try:\n    main()\nfinally:\n    with open(f\"{records}{{os.environ['RANK']}}.json\", \"w\") as f:\n"
-                f"        json.dump({records}, f)\n")
-    return "import json, os, sys\n" + textwrap.dedent(patch) + "\nfrom ferkit.cli import main\n" + run
+    if records is not None:
+        run += ("import ferkit.cli as cli\ncommand = cli.app\n\ndef recorded():\n    try:\n        command()\n"
+                f"    finally:\n        with open(f\"{records}{{os.environ['RANK']}}.json\", \"w\") as f:\n"
+                f"            json.dump({records}, f)\n\ncli.app = recorded\n")
+    return "import json, os, sys\n" + textwrap.dedent(patch) + "\nfrom ferkit.cli import main\n" + run + "main()\n"
 
 
 KILLED_WORKER = cli_worker("""
