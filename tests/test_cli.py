@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import ferkit.cli as cli
 from ferkit.cli import app
 
 runner = CliRunner()
@@ -118,7 +119,6 @@ class _Exited(Exception):
 @pytest.fixture
 def torchrun_worker(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """This process as a torchrun worker whose command made a process group; the statuses os._exit was given."""
-    import ferkit.cli as cli
     from ferkit.training import distributed
 
     exits: list[int] = []
@@ -143,7 +143,6 @@ def test_a_torchrun_worker_ends_with_its_commands_status_and_output(argv: list[s
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     # A worker ends the process itself (os._exit, past the interpreter's teardown, where gloo aborted finished runs
     # now and then), with the status the command gave and its output.
-    import ferkit.cli as cli
 
     monkeypatch.setattr("sys.argv", argv)
     with pytest.raises(_Exited):
@@ -156,7 +155,6 @@ def test_a_torchrun_worker_ends_with_its_commands_status_and_output(argv: list[s
 def test_a_torchrun_worker_turns_an_exit_message_into_status_1(torchrun_worker: list[int],
                                                                 monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    import ferkit.cli as cli
 
     def app() -> None:
         raise SystemExit("stopped: a reason")
@@ -169,7 +167,6 @@ def test_a_torchrun_worker_turns_an_exit_message_into_status_1(torchrun_worker: 
 
 def test_a_torchrun_workers_crash_keeps_its_traceback(torchrun_worker: list[int],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import ferkit.cli as cli
 
     def app() -> None:
         raise RuntimeError("a bug")
@@ -183,7 +180,6 @@ def test_a_torchrun_workers_crash_keeps_its_traceback(torchrun_worker: list[int]
 def test_a_process_that_made_no_group_exits_as_python_does(monkeypatch: pytest.MonkeyPatch) -> None:
     # WORLD_SIZE alone (a cluster job's environment, `ferkit serve` in it) is no torchrun worker: click's SystemExit
     # goes up as usual, so atexit handlers and thread joins still run.
-    import ferkit.cli as cli
     from ferkit.training import distributed
 
     monkeypatch.setattr(distributed, "_made_group", False)

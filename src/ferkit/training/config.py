@@ -274,7 +274,6 @@ class TrainConfig:
                 raise ValueError(f"{f.name} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
 
 
-
 def _validate_augment(augment: Any) -> None:
     """The augmentation settings: probabilities in [0, 1], strengths >= 0, ranges (lo, hi) with 0 < lo <= hi; all
     finite."""

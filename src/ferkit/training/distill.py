@@ -85,8 +85,8 @@ def check_online_teacher(cfg: TrainConfig, spec: str, view: str) -> None:
 
 
 def cached_views(cfg: TrainConfig, run_dir: Path, teacher_sha256: str, train_images: torch.Tensor,
-                  num_classes: int, face_size: int, crop: int, device: torch.device, amp_dtype: torch.dtype | None,
-                  d: distributed.Dist) -> tuple[torch.Tensor, torch.Tensor, float]:
+                 num_classes: int, face_size: int, crop: int, device: torch.device, amp_dtype: torch.dtype | None,
+                 d: distributed.Dist) -> tuple[torch.Tensor, torch.Tensor, float]:
     """distill_view=cached: the run's teacher views and the teacher's probabilities on them (ferkit.training.
     teacher_views), from the run directory or built (and saved there), and the seconds the build took. Several
     processes: rank 0 builds and saves them while the others wait, then the others read its file (or build their
@@ -112,7 +112,7 @@ def cached_views(cfg: TrainConfig, run_dir: Path, teacher_sha256: str, train_ima
 
 
 def online_teacher(cfg: TrainConfig, device: torch.device,
-                    amp_dtype: torch.dtype | None) -> Callable[[torch.Tensor], torch.Tensor]:
+                   amp_dtype: torch.dtype | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """distill_view=online (cached: on each stored view): a function from a batch of training faces as the student
     gets them (augmented, mixed; float (B, 1, S, S) in [0, 1], not normalized) to the teacher's probabilities on
     them, (B, C), under
